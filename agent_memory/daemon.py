@@ -1,0 +1,213 @@
+"""The long-running service: HTTP API (main thread), model serving, scheduled jobs.
+
+Start order: check what can be checked at once (config, API port, model files), bring the API up
+(so /livez answers during the minute vLLM boots), then boot vLLM and the scheduler in a thread.
+systemd hears READY only when all three are up. A failure while booting stops the daemon with
+one line and a non-zero exit; it never hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import sdnotify
+import uvicorn
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from . import __version__
+from .api import create_app
+from .config import Config
+from .errors import UserError
+from .serving import Serving, ServingError, ensure_port_free
+from .store import Store
+
+log = logging.getLogger("agent_memory")
+
+WATCHDOG_INTERVAL_S = 10.0
+SERVING_CHECK_INTERVAL_S = 5.0
+
+
+class Daemon:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        for path in (cfg.state_path, cfg.adapters_dir, cfg.logs_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        self.store = Store(cfg.db_path)
+        self.serving: Serving | None = None
+        self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
+        self.notifier = sdnotify.SystemdNotifier()
+        self.started_at = time.time()
+        self.booted = threading.Event()
+        self.fatal: str | None = None  # set when booting or serving fails for good
+        self.on_fatal = lambda: None  # how to stop the main loop (set by run_daemon)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def boot(self) -> None:
+        """Bring up serving and the scheduler (runs in a thread while the API already answers)."""
+        try:
+            self.store.requeue_stale_baking()  # a bake cut off by a crash gives its items back
+            if self.cfg.vllm.mode != "off":
+                self.notify(f"STATUS=starting vLLM ({self.cfg.vllm.mode})")
+                self.serving = Serving(self.cfg, self.zero_adapter())
+                self.serving.start(self.live_adapter())
+            self.schedule_jobs()
+            self.scheduler.start()
+            self.booted.set()
+            self.notify("READY=1", f"STATUS=ready; live adapter {self.live_version()}")
+            log.info("ready: API %s, model %s", self.cfg.api_url, ", ".join(self.cfg.vllm_urls) or "off")
+        except (UserError, ServingError) as e:
+            self.fail(str(e))
+        except Exception as e:  # an unexpected bug: still stop cleanly with a readable line
+            log.exception("boot failed")
+            self.fail(f"boot failed: {e.__class__.__name__}: {e}")
+
+    def schedule_jobs(self) -> None:
+        if self.serving is not None:
+            self.scheduler.add_job(self.check_serving, "interval", seconds=SERVING_CHECK_INTERVAL_S,
+                                   id="serving-check")
+
+    def check_serving(self) -> None:
+        try:
+            self.serving.check()
+        except (ServingError, UserError) as e:
+            self.fail(str(e))
+
+    def fail(self, message: str) -> None:
+        log.error("%s", message)
+        self.fatal = message
+        self.notify(f"STATUS=failed: {message}")
+        self.on_fatal()
+
+    def stop(self) -> None:
+        self.notify("STOPPING=1")
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+        if self.serving is not None:
+            self.serving.stop()
+
+    def notify(self, *lines: str) -> None:
+        self.notifier.notify("\n".join(lines))  # a no-op outside systemd (no NOTIFY_SOCKET)
+
+    # -- adapters --------------------------------------------------------------------------
+
+    def zero_adapter(self) -> Path:
+        """The all-zero adapter `base` is served as (see serving.py for why)."""
+        from .adapters import write_zero_adapter
+
+        path = self.cfg.adapters_dir / "zero"
+        if not (path / "adapter_config.json").exists():
+            write_zero_adapter(self.cfg.model_dir, path)
+        return path
+
+    @property
+    def live_pointer(self) -> Path:
+        return self.cfg.adapters_dir / "live" / "CURRENT"
+
+    def live_version(self) -> str:
+        try:
+            return self.live_pointer.read_text().strip()
+        except FileNotFoundError:
+            return "v0000"
+
+    def live_adapter(self) -> Path:
+        """Directory of the live composed adapter; v0000 (zero) before the first bake."""
+        version = self.live_version()
+        path = self.cfg.adapters_dir / "live" / version
+        if version == "v0000" and not (path / "adapter_config.json").exists():
+            import shutil
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(self.zero_adapter(), path, dirs_exist_ok=True)
+        return path
+
+    # -- what the API reports ----------------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.fatal:
+            return False, self.fatal
+        if not self.booted.is_set():
+            return False, "starting"
+        if self.serving is not None and not self.serving.healthy():
+            return False, "vLLM is not healthy"
+        return True, "ready"
+
+    def status(self) -> dict:
+        ready, reason = self.readiness()
+        managed = self.serving.managed if self.serving else None
+        return {
+            "version": __version__,
+            "ready": ready,
+            "state": reason,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "state_dir": str(self.cfg.state_path),
+            "model": str(self.cfg.model_dir),
+            "live_version": self.live_version(),
+            "vllm": {
+                "mode": self.cfg.vllm.mode,
+                "urls": ",".join(self.cfg.vllm_urls),
+                "healthy": bool(self.serving and self.serving.healthy()),
+                "pid": managed.process.pid if managed and managed.process else None,
+                "restarts": len(managed.restarts) if managed else 0,
+            },
+            "queue": self.store.counts_by_status(),
+        }
+
+
+def run_daemon(cfg: Config) -> None:
+    """Run until SIGTERM/SIGINT; raise UserError (one line, exit 1) if it cannot run."""
+    _setup_logging(cfg)
+    ensure_port_free(cfg.api.host, cfg.api.port, "api.port")
+    if cfg.vllm.mode == "managed" and not (cfg.model_dir / "config.json").exists():
+        raise UserError(f"no model checkpoint in {cfg.model_dir}: run `agent-memory model prepare` first")
+    daemon = Daemon(cfg)
+    app = create_app(daemon)
+    app.router.lifespan_context = _lifespan(daemon)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=cfg.api.host, port=cfg.api.port, log_level=cfg.log_level, access_log=False,
+        timeout_graceful_shutdown=10,
+    ))
+    daemon.on_fatal = lambda: setattr(server, "should_exit", True)
+    try:
+        server.run()  # uvicorn handles SIGTERM/SIGINT by finishing in-flight requests, then returns
+    finally:
+        daemon.stop()
+    if daemon.fatal:
+        raise UserError(daemon.fatal)
+
+
+def _lifespan(daemon: Daemon):
+    @asynccontextmanager
+    async def lifespan(app):
+        threading.Thread(target=daemon.boot, name="boot", daemon=True).start()
+        watchdog = asyncio.create_task(_watchdog(daemon))
+        yield
+        watchdog.cancel()
+
+    return lifespan
+
+
+async def _watchdog(daemon: Daemon) -> None:
+    """WATCHDOG=1 from the event loop itself: if the loop hangs, systemd restarts us."""
+    while True:
+        if daemon.fatal is None:
+            daemon.notify("WATCHDOG=1")
+        await asyncio.sleep(WATCHDOG_INTERVAL_S)
+
+
+def _setup_logging(cfg: Config) -> None:
+    cfg.logs_dir.mkdir(parents=True, exist_ok=True)
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handlers = [logging.StreamHandler(), logging.FileHandler(cfg.logs_dir / "daemon.log")]
+    for h in handlers:
+        h.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    root.handlers[:] = handlers
+    root.setLevel(cfg.log_level.upper())
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)

