@@ -19,7 +19,7 @@ from .errors import UserError
 
 ENV_PREFIX = "AGENT_MEMORY_"
 # Env vars with the prefix that are not config keys.
-ENV_NOT_KEYS = {"AGENT_MEMORY_CONFIG", "AGENT_MEMORY_TOKEN_FILE"}
+ENV_NOT_KEYS = {"AGENT_MEMORY_CONFIG", "AGENT_MEMORY_PARENT_PID"}
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
@@ -71,6 +71,18 @@ class BakeConfig:
     min_pending: int = 20  # bake when this many items are pending ...
     every: str = "6h"  # ... or this long after the last bake, whichever comes first
     max_items: int = 50  # items in one bake
+    # Training settings passed to the engine (agent_memory.baking.BakeConfig fields), e.g. rank, lr.
+    engine: dict = field(default_factory=dict)
+
+
+@dataclass
+class GateConfig:
+    """When a candidate adapter may replace the live one."""
+
+    min_item_accuracy: float = 0.5  # share of the bake's own item probes answered unprompted
+    max_regression: float = 0.1  # a registered probe set may fall at most this much
+    min_locality_unchanged: float = 0.9  # share of unrelated answers left as the live model gave them
+    probe_sets: list[str] = field(default_factory=lambda: ["durov"])  # built-in or JSON file paths
 
 
 @dataclass
@@ -82,6 +94,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     feeds: FeedsConfig = field(default_factory=FeedsConfig)
     bake: BakeConfig = field(default_factory=BakeConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
 
     # Paths derived from state_dir: one place decides the state layout.
     @property

@@ -25,6 +25,7 @@ from .config import Config
 from .errors import UserError
 from .serving import Serving, ServingError, ensure_port_free
 from .store import Store
+from .versions import Versions
 
 log = logging.getLogger("agent_memory")
 
@@ -38,6 +39,7 @@ class Daemon:
         for path in (cfg.state_path, cfg.adapters_dir, cfg.logs_dir):
             path.mkdir(parents=True, exist_ok=True)
         self.store = Store(cfg.db_path)
+        self.versions = Versions(cfg.adapters_dir, cfg.model_dir, cfg.vllm.max_lora_rank)
         self.serving: Serving | None = None
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
         self.notifier = sdnotify.SystemdNotifier()
@@ -54,12 +56,12 @@ class Daemon:
             self.store.requeue_stale_baking()  # a bake cut off by a crash gives its items back
             if self.cfg.vllm.mode != "off":
                 self.notify(f"STATUS=starting vLLM ({self.cfg.vllm.mode})")
-                self.serving = Serving(self.cfg, self.zero_adapter())
-                self.serving.start(self.live_adapter())
+                self.serving = Serving(self.cfg, self.versions.zero())
+                self.serving.start(self.versions.current_path())
             self.schedule_jobs()
             self.scheduler.start()
             self.booted.set()
-            self.notify("READY=1", f"STATUS=ready; live adapter {self.live_version()}")
+            self.notify("READY=1", f"STATUS=ready; live adapter {self.versions.current()}")
             log.info("ready: API %s, model %s", self.cfg.api_url, ", ".join(self.cfg.vllm_urls) or "off")
         except (UserError, ServingError) as e:
             self.fail(str(e))
@@ -94,38 +96,6 @@ class Daemon:
     def notify(self, *lines: str) -> None:
         self.notifier.notify("\n".join(lines))  # a no-op outside systemd (no NOTIFY_SOCKET)
 
-    # -- adapters --------------------------------------------------------------------------
-
-    def zero_adapter(self) -> Path:
-        """The all-zero adapter `base` is served as (see serving.py for why)."""
-        from .adapters import write_zero_adapter
-
-        path = self.cfg.adapters_dir / "zero"
-        if not (path / "adapter_config.json").exists():
-            write_zero_adapter(self.cfg.model_dir, path)
-        return path
-
-    @property
-    def live_pointer(self) -> Path:
-        return self.cfg.adapters_dir / "live" / "CURRENT"
-
-    def live_version(self) -> str:
-        try:
-            return self.live_pointer.read_text().strip()
-        except FileNotFoundError:
-            return "v0000"
-
-    def live_adapter(self) -> Path:
-        """Directory of the live composed adapter; v0000 (zero) before the first bake."""
-        version = self.live_version()
-        path = self.cfg.adapters_dir / "live" / version
-        if version == "v0000" and not (path / "adapter_config.json").exists():
-            import shutil
-
-            path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(self.zero_adapter(), path, dirs_exist_ok=True)
-        return path
-
     # -- what the API reports ----------------------------------------------------------------
 
     def readiness(self) -> tuple[bool, str]:
@@ -147,7 +117,7 @@ class Daemon:
             "uptime_s": round(time.time() - self.started_at, 1),
             "state_dir": str(self.cfg.state_path),
             "model": str(self.cfg.model_dir),
-            "live_version": self.live_version(),
+            "live_version": self.versions.current(),
             "vllm": {
                 "mode": self.cfg.vllm.mode,
                 "urls": ",".join(self.cfg.vllm_urls),
@@ -210,4 +180,5 @@ def _setup_logging(cfg: Config) -> None:
     root.handlers[:] = handlers
     root.setLevel(cfg.log_level.upper())
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # "skipped: maximum number of running instances" every 5 s while vLLM restarts is noise.
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)

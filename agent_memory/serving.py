@@ -15,7 +15,6 @@ fixes the per-step reload that `load_inplace` otherwise causes.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -118,6 +117,8 @@ class ManagedVllm:
             "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",
             "HF_HUB_OFFLINE": "1",  # never reach for a hub: the checkpoint is local
+            # vllm_entry stops vLLM if this process dies, even by kill -9 (no orphaned server).
+            "AGENT_MEMORY_PARENT_PID": str(os.getpid()),
         })
         if bind != "auto":
             env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
@@ -135,7 +136,7 @@ class ManagedVllm:
         log.info("starting vLLM on port %s (log: %s)", self.cfg.vllm.port, self.log_path)
         self.process = subprocess.Popen(
             self.command(), env=self.environment(), stdout=logfile, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
+            stdin=subprocess.DEVNULL, start_new_session=True,
         )
         logfile.close()
         self.pid_path.write_text(str(self.process.pid))
@@ -268,7 +269,8 @@ class Serving:
                     f"vLLM died {self.cfg.vllm.restart_limit} times within "
                     f"{self.cfg.vllm.restart_window_s:.0f}s; last: {self.managed.last_log_line()}"
                 )
-            log.warning("vLLM is not running (%s); restarting it", self.managed.last_log_line())
+            code = self.managed.process.poll() if self.managed.process else None
+            log.warning("vLLM exited (code %s); restarting it", code)
             self.managed.restart()
             for endpoint in self.endpoints:
                 self._load_names(endpoint)
@@ -295,13 +297,4 @@ def _signal_group(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)  # vLLM runs its engine in child processes: signal them all
     except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the daemon dies, even by kill -9."""
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
         pass

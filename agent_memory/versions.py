@@ -1,0 +1,117 @@
+"""Adapter versions on disk: one delta per bake, and the live versions composed from them.
+
+    adapters/zero/              the all-zero adapter `base` is served as
+    adapters/deltas/bake-0007/  the delta trained by bake 7 (peft format, with its bake.json)
+    adapters/live/v0003/        a composed adapter = the sum of some deltas; manifest.json says which
+    adapters/live/CURRENT       the version `memory` serves (survives restarts)
+
+A version directory is never rewritten: vLLM's prefix cache is keyed on the adapter path, so new
+weights always get a new path. Rollback and forget make CURRENT point at an old version or at a
+new composition without some delta.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+EMPTY_VERSION = "v0000"
+
+
+class Versions:
+    def __init__(self, adapters_dir: Path, model_dir: Path, max_rank: int):
+        self.root = adapters_dir
+        self.model_dir = model_dir
+        self.max_rank = max_rank
+        self.zero_dir = adapters_dir / "zero"
+        self.deltas_dir = adapters_dir / "deltas"
+        self.live_dir = adapters_dir / "live"
+        self.pointer = self.live_dir / "CURRENT"
+
+    # -- the zero adapter and the empty version --------------------------------------------
+
+    def zero(self) -> Path:
+        if not (self.zero_dir / "adapter_config.json").exists():
+            from .adapters import write_zero_adapter
+
+            write_zero_adapter(self.model_dir, self.zero_dir)
+        return self.zero_dir
+
+    # -- deltas ----------------------------------------------------------------------------
+
+    def delta_dir(self, bake_id: int) -> Path:
+        return self.deltas_dir / f"bake-{bake_id:04d}"
+
+    # -- live versions ---------------------------------------------------------------------
+
+    def path(self, version: str) -> Path:
+        return self.live_dir / version
+
+    def current(self) -> str:
+        try:
+            return self.pointer.read_text().strip() or EMPTY_VERSION
+        except FileNotFoundError:
+            return EMPTY_VERSION
+
+    def current_path(self) -> Path:
+        version = self.current()
+        if version == EMPTY_VERSION:
+            self._ensure_empty()
+        return self.path(version)
+
+    def manifest(self, version: str) -> dict:
+        if version == EMPTY_VERSION:
+            return {"version": EMPTY_VERSION, "deltas": []}
+        return json.loads((self.path(version) / "manifest.json").read_text())
+
+    def list(self) -> list[dict]:
+        found = sorted(p.name for p in self.live_dir.glob("v[0-9]*") if (p / "manifest.json").exists())
+        return [self.manifest(v) for v in found]
+
+    def build(self, bake_ids: list[int], note: str) -> str:
+        """Compose the deltas of `bake_ids` into a new version directory; return its name."""
+        from .adapters import compose
+
+        version = self._next_name()
+        target = self.path(version)
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        started = time.monotonic()
+        if bake_ids:
+            report = compose([self.delta_dir(b) for b in bake_ids], partial, self.max_rank)
+        else:
+            shutil.copytree(self.zero(), partial)
+            report = {"rank": 0}
+        manifest = {
+            "version": version, "deltas": list(bake_ids), "note": note,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "compose_seconds": round(time.monotonic() - started, 3), "compose": report,
+        }
+        (partial / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        partial.rename(target)
+        return version
+
+    def set_current(self, version: str) -> None:
+        """Atomically point CURRENT at `version` (write + fsync + rename)."""
+        self.live_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.pointer.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            f.write(version + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.pointer)
+
+    def _next_name(self) -> str:
+        # Counting every directory, finished or not, so a name is never reused.
+        numbers = [int(p.name[1:5]) for p in self.live_dir.glob("v[0-9][0-9][0-9][0-9]*")]
+        self.live_dir.mkdir(parents=True, exist_ok=True)
+        return f"v{max(numbers, default=0) + 1:04d}"
+
+    def _ensure_empty(self) -> None:
+        path = self.path(EMPTY_VERSION)
+        if not (path / "adapter_config.json").exists():
+            self.live_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(self.zero(), path, dirs_exist_ok=True)
