@@ -120,6 +120,363 @@ def status(ctx: Context, as_json: bool) -> None:
     emit(data, as_json, "\n".join(lines))
 
 
+# --- memory: items, conversations, feeds, the queue ----------------------------------------
+
+
+@cli.command("remember")
+@click.argument("text")
+@click.option("--kind", type=click.Choice(["fact", "headline", "prompt"]), default="fact", show_default=True)
+@click.option("--source", default="cli", show_default=True, help="Who says so: an agent, a person, a URL.")
+@click.option("--valid-at", help="When it became true: ISO 8601 date or date-time (2024-08-28).")
+@click.option("--supersedes", type=int, help="Id of an earlier item this one replaces.")
+@json_option
+@pass_ctx
+def remember_cmd(ctx: Context, text: str, kind: str, source: str, valid_at: str | None,
+                 supersedes: int | None, as_json: bool) -> None:
+    """Queue TEXT to be baked into the model (through the daemon)."""
+    from .client import DaemonClient
+
+    body = {"text": text, "kind": kind, "source": source, "valid_at": valid_at, "supersedes": supersedes}
+    data = DaemonClient(ctx.cfg).post("/v1/memory/items", {k: v for k, v in body.items() if v is not None})
+    if data["duplicate"]:
+        text_out = f"already known as item {data['id']} ({data['status']})"
+    else:
+        text_out = f"queued item {data['id']}"
+    emit(data, as_json, text_out)
+
+
+@cli.command("ingest-chat")
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+@click.option("--source", help="Who had the conversation (agent name).")
+@json_option
+@pass_ctx
+def ingest_chat(ctx: Context, file, source: str | None, as_json: bool) -> None:
+    """Queue a conversation: FILE.json holds OpenAI-style messages, as a list or as
+    {"messages": [...], "facts": [...]} (facts the agent drew from it). `-` reads stdin."""
+    from .client import DaemonClient
+
+    try:
+        data = json.load(file)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{file.name} is not valid JSON: {e}") from None
+    body = {"messages": data} if isinstance(data, list) else data
+    if not isinstance(body, dict) or "messages" not in body:
+        raise UserError(f'{file.name}: expected a list of messages or {{"messages": [...], "facts": [...]}}')
+    if source:
+        body["source"] = source
+    result = DaemonClient(ctx.cfg).post("/v1/memory/conversations", body)
+    facts = f" and {len(result['facts'])} facts" if result["facts"] else ""
+    verb = "already known as" if result["duplicate"] else "queued"
+    emit(result, as_json, f"{verb} conversation item {result['id']}{facts}")
+
+
+@cli.group()
+def feeds() -> None:
+    """RSS/Atom sources."""
+
+
+@feeds.command("add")
+@click.argument("url")
+@click.option("--interval", help="Poll interval: 90s, 30m, 6h, 1d (default: feeds.default_interval).")
+@click.option("--title", help="Display name (default: the feed's own title).")
+@json_option
+@pass_ctx
+def feeds_add(ctx: Context, url: str, interval: str | None, title: str | None, as_json: bool) -> None:
+    """Follow the feed at URL (http(s), or a local file path)."""
+    from .client import DaemonClient
+    from .feeds import normalise_url
+
+    body = {"url": normalise_url(url), "interval": interval, "title": title}  # paths: from here, not the daemon's cwd
+    data = DaemonClient(ctx.cfg).post("/v1/feeds", {k: v for k, v in body.items() if v is not None})
+    verb = "already following" if data["duplicate"] else "added"
+    emit(data, as_json, f"{verb} feed {data['id']}: {data['feed']['url']}")
+
+
+@feeds.command("list")
+@click.option("--all", "include_removed", is_flag=True, help="Also removed feeds.")
+@json_option
+@pass_ctx
+def feeds_list(ctx: Context, include_removed: bool, as_json: bool) -> None:
+    """The feeds, their last poll and last error (read from the database)."""
+    from .store import Store
+
+    rows = Store(ctx.cfg.db_path, readonly=True).list_feeds(include_removed=include_removed)
+    lines = []
+    for feed in rows:
+        state = "ok" if not feed["last_error"] else f"{feed['failures']} failures: {feed['last_error']}"
+        if not feed["enabled"]:
+            state = "removed"
+        lines.append(f"{feed['id']:>4}  {feed['title'] or '-'}  every {_duration(feed['interval_s'])}  "
+                     f"polled {feed['last_polled_at'] or 'never'}  {state}\n      {feed['url']}")
+    emit(rows, as_json, "\n".join(lines) or "no feeds")
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+@feeds.command("remove")
+@click.argument("feed_id", type=int)
+@json_option
+@pass_ctx
+def feeds_remove(ctx: Context, feed_id: int, as_json: bool) -> None:
+    """Stop following feed FEED_ID (its items stay)."""
+    from .client import DaemonClient
+
+    data = DaemonClient(ctx.cfg).delete(f"/v1/feeds/{feed_id}")
+    emit(data, as_json, f"removed feed {feed_id}")
+
+
+@feeds.command("poll")
+@click.argument("feed_id", type=int, required=False)
+@json_option
+@pass_ctx
+def feeds_poll(ctx: Context, feed_id: int | None, as_json: bool) -> None:
+    """Poll feed FEED_ID, or every feed, now."""
+    from .client import DaemonClient
+
+    client = DaemonClient(ctx.cfg, timeout=600.0)  # each feed may take up to feeds.timeout_s
+    if feed_id is None:
+        data = client.post("/v1/feeds/poll")
+        results = data["results"]
+    else:
+        data = client.post(f"/v1/feeds/{feed_id}/poll")
+        results = [data]
+    lines = [
+        f"feed {r['feed_id']}: " + (f"error: {r['error']}" if r["error"] else
+                                    f"{r['new']} new, {r['updated']} updated, {r['unchanged']} unchanged"
+                                    + (" (not modified)" if r["status"] == "not_modified" else ""))
+        for r in results
+    ]
+    emit(data, as_json, "\n".join(lines) or "no feeds")
+
+
+@cli.command()
+@click.option("--status", default="pending", show_default=True,
+              help="pending, baking, baked, failed, rejected, forgotten, or all.")
+@click.option("--kind", type=click.Choice(["headline", "fact", "conversation", "prompt"]))
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000))
+@json_option
+@pass_ctx
+def queue(ctx: Context, status: str, kind: str | None, limit: int, as_json: bool) -> None:
+    """Queued items with their provenance, oldest first (read from the database)."""
+    from .store import STATUSES, Store
+
+    if status != "all" and status not in STATUSES:
+        raise UserError(f"--status must be one of {', '.join(STATUSES)}, or all")
+    store = Store(ctx.cfg.db_path, readonly=True)
+    items = store.list_items(status=None if status == "all" else status, kind=kind, limit=limit,
+                             oldest_first=True)
+    counts = store.counts_by_status()
+    lines = [", ".join(f"{n} {s}" for s, n in counts.items() if n) or "the queue is empty"]
+    for item in items:
+        when = (item["valid_at"] or item["received_at"])[:10]
+        text = " ".join(item["text"].split())
+        text = text if len(text) <= 100 else text[:99] + "…"
+        origin = item["source"] or "-"
+        if item["source_ref"]:
+            origin += f" <{item['source_ref']}>"
+        notes = [f"bake {item['bake_id']}"] if item["bake_id"] else []
+        notes += [f"supersedes {item['supersedes']}"] if item["supersedes"] else []
+        notes += [f"superseded by {item['superseded_by']}"] if item["superseded_by"] else []
+        notes += [f"from conversation {item['parent_id']}"] if item["parent_id"] else []
+        notes += ["truncated"] if item["truncated"] else []
+        notes += [item["status_reason"]] if item["status_reason"] else []
+        lines.append(f"{item['id']:>6} {item['status']:<9} {item['kind']:<12} {when}  {text}\n"
+                     f"       from {origin}, received {item['received_at']}"
+                     + (f" ({'; '.join(notes)})" if notes else ""))
+    emit({"counts": counts, "items": items}, as_json, "\n".join(lines))
+
+
+# --- bakes and history ---------------------------------------------------------------------
+
+FINAL_BAKE_STATES = {"live", "rejected", "failed", "empty", "skipped", "cancelled", "abandoned"}
+
+
+@cli.command()
+@click.option("--now", is_flag=True, help="Bake pending items now instead of waiting for the schedule.")
+@click.option("--wait", is_flag=True, help="Wait for the verdict (with a progress line on a terminal).")
+@click.option("--timeout", default=3600.0, show_default=True, help="Seconds to wait with --wait.")
+@click.option("--gate", "gate_overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a [gate] setting for this bake, e.g. --gate min_item_accuracy=0.8")
+@json_option
+@pass_ctx
+def bake(ctx: Context, now: bool, wait: bool, timeout: float, gate_overrides: tuple[str, ...],
+         as_json: bool) -> None:
+    """Bake pending items (through the daemon): train, probe, gate, hot-swap."""
+    import time
+
+    from .client import DaemonClient
+
+    client = DaemonClient(ctx.cfg)
+    if not now:
+        status = client.get("/v1/status")
+        emit(status["bake"], as_json, f"pending: {status['queue'].get('pending', 0)}; "
+             f"bakes run on schedule (use --now to bake at once)")
+        return
+    gate = {}
+    for setting in gate_overrides:
+        key, sep, value = setting.partition("=")
+        try:
+            gate[key.strip()] = float(value)
+        except ValueError:
+            raise UserError(f"--gate wants KEY=NUMBER, got {setting!r}") from None
+    bake_id = client.post("/v1/bakes", json={"gate": gate} if gate else None)["bake_id"]
+    if not wait:
+        emit({"bake_id": bake_id}, as_json, f"bake {bake_id} queued")
+        return
+    deadline = time.monotonic() + timeout
+    shown = None
+    while True:
+        record = client.get(f"/v1/bakes/{bake_id}")
+        if record["status"] in FINAL_BAKE_STATES:
+            break
+        if time.monotonic() > deadline:
+            raise UserError(f"bake {bake_id} still {record['status']} after {timeout:.0f}s")
+        if not as_json and sys.stderr.isatty() and record["status"] != shown:
+            shown = record["status"]
+            click.echo(f"bake {bake_id}: {shown} ...", err=True)
+        time.sleep(2)
+    emit(record, as_json, _bake_text(record))
+    if record["status"] != "live":
+        sys.exit(2)  # scripts can tell "baked and live" from "rejected/failed"
+
+
+def _bake_text(b: dict) -> str:
+    metrics = b.get("metrics") or {}
+    probes = ", ".join(f"{k} {v:.2f}" for k, v in (metrics.get("probes") or {}).items())
+    lines = [
+        f"bake {b['id']}: {b['status']} ({b.get('verdict') or '-'})"
+        + (f", version v{b['version']:04d}" if b.get("version") else ""),
+        f"  started {b.get('started_at') or '-'}, finished {b.get('finished_at') or '-'}",
+        f"  items: {len(b.get('item_ids') or [])}" + (f"; probes: {probes}" if probes else ""),
+    ]
+    if metrics.get("locality_unchanged") is not None:
+        lines.append(f"  locality unchanged: {metrics['locality_unchanged']:.2f}")
+    if b.get("reason"):
+        lines.append(f"  reason: {b['reason']}")
+    for item in b.get("items") or []:
+        lines.append(f"  - #{item['id']} [{item['kind']}] {item['text'][:100]}")
+    curve = (metrics.get("train") or {}).get("loss_curve")
+    if curve:
+        lines.append("  loss: " + " ".join(f"{x:.3f}" for x in curve[:: max(1, len(curve) // 12)]))
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.option("--limit", default=20, show_default=True)
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also save the probe-score plot (PNG).")
+@json_option
+@pass_ctx
+def history(ctx: Context, limit: int, plot_path: str | None, as_json: bool) -> None:
+    """Bake history: verdicts, versions, probe scores (reads the database directly)."""
+    from .store import Store
+    from .versions import Versions
+
+    store = Store(ctx.cfg.db_path, readonly=True)
+    bakes = store.list_bakes(limit=limit)
+    live = Versions(ctx.cfg.adapters_dir, ctx.cfg.model_dir, ctx.cfg.vllm.max_lora_rank).current()
+    if plot_path:
+        from .web import plot_png
+
+        with open(plot_path, "wb") as f:
+            f.write(plot_png(store.list_bakes(limit=500)))
+    lines = [f"live version: {live}"]
+    for b in bakes:
+        probes = " ".join(f"{k}={v:.2f}" for k, v in ((b.get("metrics") or {}).get("probes") or {}).items())
+        version = f"v{b['version']:04d}" if b.get("version") else "-"
+        lines.append(f"{b['id']:>5}  {b.get('started_at') or '-':25}  {b['status']:10} {version:6} "
+                     f"items={len(b.get('item_ids') or [])}  {probes}")
+    for e in store.list_events(limit=limit):
+        lines.append(f"event {e['at']}: {e['kind']} {json.dumps(e['data'])}")
+    emit({"live_version": live, "bakes": bakes, "events": store.list_events(limit=limit)}, as_json,
+         "\n".join(lines))
+
+
+@cli.command()
+@click.argument("bake_id", type=int)
+@json_option
+@pass_ctx
+def show(ctx: Context, bake_id: int, as_json: bool) -> None:
+    """One bake: its items, loss curve, probe scores, verdict and adapter version."""
+    from .store import Store
+
+    store = Store(ctx.cfg.db_path, readonly=True)
+    b = store.get_bake(bake_id)
+    if b is None:
+        raise UserError(f"no bake {bake_id}: see `agent-memory history`")
+    b["items"] = [i for i in (store.get_item(x) for x in b.get("item_ids") or []) if i]
+    b["probe_results"] = store.probe_results(bake_id)
+    emit(b, as_json, _bake_text(b))
+
+
+@cli.command()
+@click.argument("version", required=False)
+@json_option
+@pass_ctx
+def rollback(ctx: Context, version: str | None, as_json: bool) -> None:
+    """Make an earlier adapter version live again (default: the previous one)."""
+    from .client import DaemonClient
+
+    result = DaemonClient(ctx.cfg).post("/v1/rollback", json={"version": version})
+    emit(result, as_json, f"live version: {result['from']} -> {result['to']}")
+
+
+@cli.command()
+@click.argument("item_id", type=int)
+@json_option
+@pass_ctx
+def forget(ctx: Context, item_id: int, as_json: bool) -> None:
+    """Remove an item's knowledge: drop its bake's delta and recompose (bake-mates are re-queued)."""
+    from .client import DaemonClient
+
+    result = DaemonClient(ctx.cfg).delete(f"/v1/memory/items/{item_id}")
+    emit(result, as_json, f"forgot item {item_id}; live version {result['version']}"
+         + (f"; re-queued {result['requeued']}" if result["requeued"] else ""))
+
+
+@cli.group()
+def probes() -> None:
+    """Knowledge QA probe sets (the Durov set is built in)."""
+
+
+@probes.command("list")
+@json_option
+def probes_list(as_json: bool) -> None:
+    from . import probes as probes_mod
+
+    sets = {name: len(probes_mod.load_set(name)) for name in probes_mod.list_sets()}
+    emit(sets, as_json, "\n".join(f"{k}: {v} questions" for k, v in sets.items()))
+
+
+@probes.command("run")
+@click.argument("probe_set", default="durov")
+@click.option("--model", "model_name", default="memory", show_default=True)
+@json_option
+@pass_ctx
+def probes_run(ctx: Context, probe_set: str, model_name: str, as_json: bool) -> None:
+    """Ask a probe set of the served model; print its accuracy and each answer."""
+    from . import probes as probes_mod
+
+    if not ctx.cfg.vllm_urls:
+        raise UserError("no model is served (vllm.mode = 'off')")
+    try:
+        questions = probes_mod.load_set(probe_set)
+    except FileNotFoundError:
+        raise UserError(f"no probe set {probe_set!r}: see `agent-memory probes list`") from None
+    try:
+        results = probes_mod.run_remote(ctx.cfg.vllm_urls[0], model_name, questions)
+    except Exception as e:  # httpx errors: the model server is down or refused the name
+        raise UserError(f"the model server at {ctx.cfg.vllm_urls[0]} failed: {e}") from None
+    acc = probes_mod.accuracy(results)
+    lines = [f"{probe_set} on {model_name}: {acc:.2f} ({sum(r['correct'] for r in results)}/{len(results)})"]
+    lines += [f"  [{'x' if r['correct'] else ' '}] {r['question']} -> {r['answer'][:90]}" for r in results]
+    emit({"set": probe_set, "model": model_name, "accuracy": acc, "results": results}, as_json, "\n".join(lines))
+
+
 def main() -> None:
     try:
         cli(standalone_mode=False)

@@ -261,6 +261,7 @@ def validate(cfg: Config) -> None:
     for key, ok, meaning in checks:
         if not ok:
             raise UserError(f"config key '{key}' must be {meaning}")
+    validate_gate(cfg.gate)
     for key in ("feeds.default_interval", "bake.every"):
         section, leaf = key.split(".")
         try:
@@ -269,6 +270,13 @@ def validate(cfg: Config) -> None:
             raise UserError(f"config key '{key}': {e}") from None
     if cfg.model.path and not (cfg.model_dir / "config.json").exists():
         raise UserError(f"config key 'model.path': no HF checkpoint (config.json) in {cfg.model_dir}")
+
+
+def validate_gate(gate: GateConfig) -> None:
+    """Shares are in [0, 1]; max_regression may be negative (demand an improvement)."""
+    for key, low in (("min_item_accuracy", 0.0), ("max_regression", -1.0), ("min_locality_unchanged", 0.0)):
+        if not low <= getattr(gate, key) <= 1.0:
+            raise UserError(f"config key 'gate.{key}' must be between {low:g} and 1")
 
 
 def as_dict(cfg: Config) -> dict:

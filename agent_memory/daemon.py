@@ -12,6 +12,7 @@ import asyncio
 import logging
 import threading
 import time
+from datetime import datetime, timezone
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -21,8 +22,11 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from . import __version__
 from .api import create_app
+from .bakery import Bakery
 from .config import Config
 from .errors import UserError
+from .feeds import poll_due, seed_feeds
+from .metrics import Metrics
 from .serving import Serving, ServingError, ensure_port_free
 from .store import Store
 from .versions import Versions
@@ -31,6 +35,8 @@ log = logging.getLogger("agent_memory")
 
 WATCHDOG_INTERVAL_S = 10.0
 SERVING_CHECK_INTERVAL_S = 5.0
+FEED_CHECK_INTERVAL_S = 30.0
+BAKE_CHECK_INTERVAL_S = 30.0
 
 
 class Daemon:
@@ -41,6 +47,8 @@ class Daemon:
         self.store = Store(cfg.db_path)
         self.versions = Versions(cfg.adapters_dir, cfg.model_dir, cfg.vllm.max_lora_rank)
         self.serving: Serving | None = None
+        self.bakery = Bakery(self)
+        self.metrics = Metrics(self)
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
         self.notifier = sdnotify.SystemdNotifier()
         self.started_at = time.time()
@@ -54,12 +62,15 @@ class Daemon:
         """Bring up serving and the scheduler (runs in a thread while the API already answers)."""
         try:
             self.store.requeue_stale_baking()  # a bake cut off by a crash gives its items back
+            seed_feeds(self.store, self.cfg)
             if self.cfg.vllm.mode != "off":
                 self.notify(f"STATUS=starting vLLM ({self.cfg.vllm.mode})")
                 self.serving = Serving(self.cfg, self.versions.zero())
                 self.serving.start(self.versions.current_path())
             self.schedule_jobs()
             self.scheduler.start()
+            if self.serving is not None:
+                self.bakery.start()
             self.booted.set()
             self.notify("READY=1", f"STATUS=ready; live adapter {self.versions.current()}")
             log.info("ready: API %s, model %s", self.cfg.api_url, ", ".join(self.cfg.vllm_urls) or "off")
@@ -70,9 +81,19 @@ class Daemon:
             self.fail(f"boot failed: {e.__class__.__name__}: {e}")
 
     def schedule_jobs(self) -> None:
+        # Every feed has its own interval; one frequent job polls those that are due.
+        self.scheduler.add_job(self.poll_feeds, "interval", seconds=FEED_CHECK_INTERVAL_S,
+                               id="feeds", next_run_time=datetime.now(timezone.utc))
         if self.serving is not None:
             self.scheduler.add_job(self.check_serving, "interval", seconds=SERVING_CHECK_INTERVAL_S,
                                    id="serving-check")
+            self.scheduler.add_job(self.bakery.maybe_request, "interval", seconds=BAKE_CHECK_INTERVAL_S,
+                                   id="bake-check")
+
+    def poll_feeds(self) -> None:
+        summary = poll_due(self.store, self.cfg)
+        if any(summary.get(k) for k in ("new", "updated", "errors")):
+            log.info("feeds: %s", summary)
 
     def check_serving(self) -> None:
         try:
@@ -89,7 +110,9 @@ class Daemon:
     def stop(self) -> None:
         self.notify("STOPPING=1")
         if self.scheduler.running:
-            self.scheduler.shutdown(wait=True)
+            self.scheduler.shutdown(wait=False)
+        if self.bakery.worker.is_alive():
+            self.bakery.stop()
         if self.serving is not None:
             self.serving.stop()
 
@@ -126,7 +149,16 @@ class Daemon:
                 "restarts": len(managed.restarts) if managed else 0,
             },
             "queue": self.store.counts_by_status(),
+            "bake": {"running": self.bakery.running, "waiting": self.bakery.waiting},
+            "last_bake": _summary(self.store.list_bakes(limit=1)),
         }
+
+
+def _summary(bakes: list[dict]) -> dict | None:
+    if not bakes:
+        return None
+    b = bakes[0]
+    return {k: b.get(k) for k in ("id", "status", "verdict", "version", "started_at", "finished_at", "reason")}
 
 
 def run_daemon(cfg: Config) -> None:

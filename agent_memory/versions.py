@@ -57,10 +57,15 @@ class Versions:
             return EMPTY_VERSION
 
     def current_path(self) -> Path:
-        version = self.current()
-        if version == EMPTY_VERSION:
-            self._ensure_empty()
-        return self.path(version)
+        return self.ensure(self.current())
+
+    def ensure(self, version: str) -> Path:
+        """The directory of `version`; the empty version is made on first use."""
+        path = self.path(version)
+        if version == EMPTY_VERSION and not (path / "adapter_config.json").exists():
+            self.live_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(self.zero(), path, dirs_exist_ok=True)
+        return path
 
     def manifest(self, version: str) -> dict:
         if version == EMPTY_VERSION:
@@ -109,9 +114,3 @@ class Versions:
         numbers = [int(p.name[1:5]) for p in self.live_dir.glob("v[0-9][0-9][0-9][0-9]*")]
         self.live_dir.mkdir(parents=True, exist_ok=True)
         return f"v{max(numbers, default=0) + 1:04d}"
-
-    def _ensure_empty(self) -> None:
-        path = self.path(EMPTY_VERSION)
-        if not (path / "adapter_config.json").exists():
-            self.live_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(self.zero(), path, dirs_exist_ok=True)

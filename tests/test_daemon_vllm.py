@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,9 +43,33 @@ def write_noisy_adapter(out_dir: Path, scale: float = 1.0, seed: int = 0) -> Pat
     return out_dir
 
 
+class NotifySocket:
+    """What systemd does for Type=notify: a unix datagram socket named in $NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.path = path
+        self.messages: list[tuple[float, str]] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        while True:
+            data = self.sock.recv(4096).decode()
+            self.messages.append((time.monotonic(), data))
+
+    def first(self, line: str) -> float | None:
+        return next((t for t, m in self.messages if line in m.splitlines()), None)
+
+
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    proc = DaemonProcess(tmp_path_factory.mktemp("vllm-daemon")).start()
+    state = tmp_path_factory.mktemp("vllm-daemon")
+    notify = NotifySocket(state / "notify.sock")
+    proc = DaemonProcess(state)
+    proc.env["NOTIFY_SOCKET"] = str(notify.path)
+    proc.notify = notify
+    proc.start()
     try:
         proc.wait_ready()
         yield proc
@@ -61,6 +88,16 @@ def test_base_and_memory_answer_before_any_bake(daemon, base_answer):
     assert chat(daemon.vllm, "memory", QUESTION) == base_answer
     served = Endpoint(daemon.vllm).served()
     assert {"base", "memory"} <= set(served)
+
+
+def test_systemd_ready_only_after_vllm_serves(daemon):
+    notify = daemon.notify
+    ready_at = notify.first("READY=1")
+    assert ready_at is not None
+    # READY came after the "starting vLLM" status, and vLLM answered by then (fixture waited).
+    starting = [t for t, m in notify.messages if "STATUS=starting vLLM" in m]
+    assert starting and starting[0] < ready_at
+    assert notify.first("WATCHDOG=1") is not None
 
 
 def test_status_and_ask_through_the_cli(daemon, base_answer):
@@ -101,8 +138,6 @@ def test_vllm_killed_is_restarted_with_the_live_adapter(daemon, base_answer):
     old_pid = status["vllm"]["pid"]
     os.killpg(old_pid, signal.SIGKILL)
     daemon.wait_ready(timeout=400)  # readyz goes 503 while vLLM is down, then 200 again
-    import time
-
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline:
         status = json.loads(daemon.cli("status", "--json").stdout)
@@ -118,6 +153,7 @@ def test_sigterm_stops_daemon_and_vllm(daemon):
     vllm_pid = json.loads(daemon.cli("status", "--json").stdout)["vllm"]["pid"]
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.wait_exit(timeout=90) == 0
+    assert daemon.notify.first("STOPPING=1") is not None
     assert not Path(f"/proc/{vllm_pid}").exists() or _is_zombie(vllm_pid)
     assert not (daemon.state_dir / "vllm.pid").exists()
 

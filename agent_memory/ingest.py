@@ -1,0 +1,246 @@
+"""Facts and conversations from agents: validation, normalisation, and the memory prompt.
+
+Limits (documented in the README and the API errors):
+- a fact / headline / prompt: 1 to MAX_FACT_CHARS characters. Longer is refused (413), never
+  truncated: a cut fact could say something false.
+- a conversation: OpenAI-style messages (role system|user|assistant|tool, content a string),
+  at most MAX_CONVERSATION_CHARS characters of content in all, stored whole as one item of kind
+  "conversation"; facts extracted from it (by the agent) are linked to it by `parent_id`.
+- valid_at: an ISO 8601 date or date-time ("2024-08-24", "2024-08-24T21:00:00Z"); date-times
+  are stored in UTC, a time without a zone is taken as UTC.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import date, datetime, timezone
+
+from .store import MAX_SQLITE_INT, Store
+
+MAX_FACT_CHARS = 20_000
+MAX_CONVERSATION_CHARS = 200_000
+MAX_FACTS_PER_CONVERSATION = 200
+MAX_SOURCE_CHARS = 200
+REMEMBER_KINDS = ("fact", "headline", "prompt")
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class IngestError(ValueError):
+    """A request the caller must fix; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+# --- validation ---------------------------------------------------------------------------
+
+
+def check_text(text, what: str = "text", max_chars: int = MAX_FACT_CHARS) -> str:
+    """A non-empty string of at most max_chars, outer whitespace removed."""
+    if not isinstance(text, str):
+        raise IngestError(f"{what} must be a string")
+    _check_unicode(text, what)
+    text = text.strip()
+    if not text:
+        raise IngestError(f"{what} is empty")
+    if len(text) > max_chars:
+        raise IngestError(
+            f"{what} is {len(text):,} characters; the limit is {max_chars:,} "
+            "(split it into several items)", status=413)
+    return text
+
+
+def check_source(source) -> str | None:
+    if source is None:
+        return None
+    if not isinstance(source, str):
+        raise IngestError("source must be a string")
+    _check_unicode(source, "source")
+    source = " ".join(source.split())
+    if len(source) > MAX_SOURCE_CHARS:
+        raise IngestError(f"source is longer than {MAX_SOURCE_CHARS} characters")
+    return source or None
+
+
+def parse_valid_at(value) -> str | None:
+    """ISO 8601 date or date-time -> "2024-08-24" or "2024-08-24T21:00:00+00:00" (UTC)."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise IngestError("valid_at must be an ISO 8601 date or date-time string")
+    text = value.strip()
+    try:
+        if len(text) == 10:
+            return date.fromisoformat(text).isoformat()
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise IngestError(
+            f"valid_at {value!r} is not an ISO 8601 date or date-time (e.g. 2024-08-24 or "
+            "2024-08-24T21:00:00Z)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    try:
+        return moment.astimezone(timezone.utc).isoformat(timespec="seconds")
+    except OverflowError:
+        raise IngestError(f"valid_at {value!r} is out of range") from None
+
+
+def check_item_id(value, what: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SQLITE_INT:
+        raise IngestError(f"{what} must be an item id (a positive integer)")
+    return value
+
+
+def _check_unicode(text: str, what: str) -> None:
+    # JSON can carry lone surrogates ("\ud800") that no UTF-8 database can store.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise IngestError(f"{what} is not valid Unicode (lone surrogate)") from None
+
+
+def check_messages(messages) -> list[dict]:
+    """OpenAI-style messages: a non-empty list of {"role", "content"} with string content.
+    Extra keys (name, tool_call_id, ...) are kept as they are."""
+    if not isinstance(messages, list) or not messages:
+        raise IngestError("messages must be a non-empty list of {role, content}")
+    checked, total = [], 0
+    for number, message in enumerate(messages):
+        where = f"messages[{number}]"
+        if not isinstance(message, dict):
+            raise IngestError(f"{where} must be an object with role and content")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise IngestError(f"{where}.role must be one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise IngestError(f"{where}.content must be a string")
+        _check_unicode(json.dumps(message, ensure_ascii=False, default=str), where)
+        total += len(content)
+        checked.append(dict(message))
+    if total > MAX_CONVERSATION_CHARS:
+        raise IngestError(
+            f"the conversation is {total:,} characters; the limit is {MAX_CONVERSATION_CHARS:,}",
+            status=413)
+    if not any(m["content"].strip() for m in checked):
+        raise IngestError("the conversation has no text: every message content is empty")
+    return checked
+
+
+def render_conversation(messages: list[dict]) -> str:
+    """The transcript that is the conversation item's text: one "role: content" per message."""
+    return "\n".join(f"{m['role']}: {m['content'].strip()}" for m in messages if m["content"].strip())
+
+
+# --- writing ------------------------------------------------------------------------------
+
+
+def remember(
+    store: Store, text, kind: str = "fact", source=None, valid_at=None, supersedes=None,
+    *, parent_id: int | None = None,
+) -> tuple[dict, bool]:
+    """Validate and queue one fact / headline / prompt; returns (item, duplicate).
+
+    `supersedes`: the id of an earlier item this one replaces (arrested -> released); it is
+    marked superseded_by this item.
+    """
+    fact = check_fact(text, kind, source, valid_at, supersedes)
+    with store.transaction():
+        return _write_fact(store, fact, parent_id)
+
+
+def check_fact(text, kind="fact", source=None, valid_at=None, supersedes=None) -> dict:
+    if kind not in REMEMBER_KINDS:
+        raise IngestError(f"kind must be one of {', '.join(REMEMBER_KINDS)}")
+    return {
+        "kind": kind, "text": check_text(text), "source": check_source(source),
+        "valid_at": parse_valid_at(valid_at), "supersedes": check_item_id(supersedes, "supersedes"),
+    }
+
+
+def _write_fact(store: Store, fact: dict, parent_id: int | None) -> tuple[dict, bool]:
+    old_id = fact["supersedes"]
+    if old_id is not None and store.get_item(old_id) is None:
+        raise IngestError(f"supersedes: there is no item {old_id}")
+    item, outcome = store.add_item(
+        fact["kind"], fact["text"], source=fact["source"] or "api", valid_at=fact["valid_at"],
+        parent_id=parent_id,
+    )
+    if old_id is not None and old_id != item["id"]:
+        store.supersede(old_id, item["id"])
+        item = store.get_item(item["id"])
+    return item, outcome == "duplicate"
+
+
+def ingest_conversation(store: Store, messages, facts=(), source=None, valid_at=None) -> dict:
+    """Validate and queue a conversation and the facts extracted from it, in one transaction.
+
+    `facts`: strings, or objects {text, kind?, valid_at?, supersedes?}; each becomes its own item
+    linked to the conversation (parent_id). Returns {"conversation": item, "duplicate": bool,
+    "facts": [{"item": item, "duplicate": bool}]}.
+    """
+    messages = check_messages(messages)
+    source = check_source(source)
+    valid_at = parse_valid_at(valid_at)
+    if not isinstance(facts, (list, tuple)):
+        raise IngestError("facts must be a list")
+    if len(facts) > MAX_FACTS_PER_CONVERSATION:
+        raise IngestError(f"at most {MAX_FACTS_PER_CONVERSATION} facts per conversation")
+    checked_facts = []
+    for number, fact in enumerate(facts):
+        fact = {"text": fact} if isinstance(fact, str) else fact
+        if not isinstance(fact, dict):
+            raise IngestError(f"facts[{number}] must be a string or an object with text")
+        try:
+            checked = check_fact(fact.get("text"), fact.get("kind", "fact"), source,
+                                 fact.get("valid_at", valid_at), fact.get("supersedes"))
+        except IngestError as e:
+            raise IngestError(f"facts[{number}]: {e}", e.status) from None
+        checked_facts.append(checked)
+    with store.transaction():
+        conversation, outcome = store.add_item(
+            "conversation", render_conversation(messages), messages=messages,
+            source=source or "api", valid_at=valid_at,
+        )
+        written = []
+        for number, fact in enumerate(checked_facts):
+            try:
+                written.append(_write_fact(store, fact, conversation["id"]))
+            except IngestError as e:  # rolls back the conversation too
+                raise IngestError(f"facts[{number}]: {e}", e.status) from None
+    return {
+        "conversation": conversation,
+        "duplicate": outcome == "duplicate",
+        "facts": [{"item": item, "duplicate": duplicate} for item, duplicate in written],
+    }
+
+
+# --- the memory prompt --------------------------------------------------------------------
+
+
+def memory_prompt(items: list[dict]) -> str:
+    """Items rendered as the memory prompt u: what the teacher sees, and what the baked model
+    should answer as if it had read. Facts and headlines as dated bullet points (oldest first,
+    superseded ones marked), then prompts verbatim, then conversations as transcripts."""
+    def when(item):
+        return (item.get("valid_at") or item.get("published_at") or item.get("received_at") or "")[:10]
+
+    items = sorted(items, key=lambda i: (when(i), i.get("id") or 0))
+    facts = [i for i in items if i["kind"] in ("fact", "headline")]
+    prompts = [i for i in items if i["kind"] == "prompt"]
+    conversations = [i for i in items if i["kind"] == "conversation"]
+    sections = []
+    if facts:
+        lines = ["Recent facts you know:"]
+        for item in facts:
+            dated = f"({when(item)}) " if when(item) else ""
+            later = " (no longer current: see below)" if item.get("superseded_by") else ""
+            lines.append(f"- {dated}{' '.join(item['text'].split())}{later}")
+        sections.append("\n".join(lines))
+    sections += [item["text"] for item in prompts]
+    for item in conversations:
+        dated = f" ({when(item)})" if when(item) else ""
+        sections.append(f"A conversation you had{dated}:\n{item['text']}")
+    return "\n\n".join(sections)

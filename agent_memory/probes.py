@@ -1,0 +1,335 @@
+"""Knowledge probes: does the model answer questions about baked items, and is the rest unchanged?
+
+A probe is a dict {"question", "answers": [keywords], "set", "fact"?}. An answer is correct when
+its greedy completion contains one of the keywords (case-insensitive, at a word start, so
+"arrest" accepts "arrested" but "no" does not accept "not").
+
+Three kinds:
+- probe sets: the built-in Durov set (`probes/durov.json`, the paper's Table 1) or a JSON file;
+- item probes: generated from an item's text (the gate's "did this bake learn its items");
+- locality probes: unrelated general questions; a bake should leave their answers unchanged.
+
+Scorers run against a local HF model (`run_local`) or an OpenAI-compatible chat URL (`run_remote`,
+vLLM with model names `base` / `memory` / a candidate). This module imports no torch at import
+time: the daemon imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+PROBES_DIR = Path(__file__).parent / "probes"
+
+# The teacher context: the student's context (default system prompt + user message) plus the
+# memory. Measured on the Durov set (bench/results/baking.md): appending the facts to the default
+# system prompt keeps the student's and teacher's contexts as close as possible.
+DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+MEMORY_INTRO = "You know the following recent facts:"
+
+
+def messages_for(question: str, memory: str | None = None, style: str = "append") -> list[dict]:
+    """Chat messages for `question`, with `memory` (the prompt u) in the context if given.
+
+    style "append": default system prompt + the facts (one system message);
+    style "system": a system message with only the facts (drops the default system prompt);
+    style "user":   the facts before the question in the user message.
+    """
+    if not memory:
+        return [{"role": "user", "content": question}]  # the template adds the default system prompt
+    if style == "append":
+        system = f"{DEFAULT_SYSTEM}. {MEMORY_INTRO}\n{memory}"
+        return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    if style == "system":
+        return [{"role": "system", "content": f"{MEMORY_INTRO}\n{memory}"},
+                {"role": "user", "content": question}]
+    if style == "user":
+        return [{"role": "user", "content": f"{MEMORY_INTRO}\n{memory}\n\n{question}"}]
+    raise ValueError(f"unknown memory style {style!r}")
+
+
+# -- scoring -------------------------------------------------------------------------------------
+
+def is_correct(answer: str, keywords: list[str]) -> bool:
+    text = answer.lower()
+    return any(re.search(r"(?<!\w)" + re.escape(k.lower()), text) for k in keywords)
+
+
+def accuracy(results: list[dict]) -> float:
+    return sum(bool(r["correct"]) for r in results) / len(results) if results else 0.0
+
+
+def _result(probe: dict, answer: str, score: float | None) -> dict:
+    return {"question": probe["question"], "expected": "|".join(probe["answers"]), "answer": answer,
+            "correct": is_correct(answer, probe["answers"]), "score": score}
+
+
+# -- probe sets ----------------------------------------------------------------------------------
+
+def load_set(name_or_path: str) -> list[dict]:
+    """A built-in set by name ("durov") or a JSON file: questions (with paraphrases) flattened."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PROBES_DIR / f"{name_or_path}.json"
+    data = json.loads(path.read_text())
+    name = data.get("name", path.stem)
+    probes = []
+    for q in data["questions"]:
+        for i, text in enumerate([q["question"], *q.get("paraphrases", [])]):
+            probes.append({"question": text, "answers": q["answers"], "set": name,
+                           "fact": q.get("fact"), "paraphrase": i > 0})
+    return probes
+
+
+def set_facts(name_or_path: str) -> dict:
+    """The facts a probe set is about ({"u1": {"text", "valid_at"}, ...}), for benchmarks."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PROBES_DIR / f"{name_or_path}.json"
+    return json.loads(path.read_text()).get("facts", {})
+
+
+def list_sets() -> list[str]:
+    return sorted(p.stem for p in PROBES_DIR.glob("*.json"))
+
+
+def registered_sets(cfg) -> dict[str, list[dict]]:
+    """The probe sets the gate runs (config `gate.probe_sets`: built-in names or JSON paths)."""
+    sets = {}
+    for name in getattr(getattr(cfg, "gate", None), "probe_sets", []) or []:
+        sets[Path(name).stem] = load_set(name)
+    return sets
+
+
+# -- item probes: questions generated from an item's text ---------------------------------------
+
+STOPWORDS = set("""a an the and or but of to in on at by for with from as is are was were be been
+being has have had it its this that these those he she they his her their him them who whom which
+what when where why how not no yes after before over under into near about than then there here
+will would can could may might must should said says say new also more most just very up down out
+off again further once only own same so too s t don now said during while amid""".split())
+
+
+def entities(text: str) -> list[str]:
+    """Capitalised spans and numbers ("Pavel Durov", "Le Bourget", "5 million"): what questions ask about."""
+    found = re.findall(r"(?:[A-Z][\w'’.-]*(?:\s+(?:of\s+|de\s+|the\s+)?[A-Z][\w'’.-]*)*)|\d[\d,.]*(?:\s+(?:million|billion|percent|%))?",
+                       text)
+    out = []
+    for e in found:
+        e = e.strip(" .,'’")
+        words = e.split()
+        while words and words[0].lower() in STOPWORDS:  # "The Telegram founder" -> "Telegram"
+            words = words[1:]
+        e = " ".join(words)
+        if e and e.lower() not in STOPWORDS and len(e) > 1 and e not in out and not _is_month(e):
+            out.append(e)
+    return out
+
+
+def _is_month(word: str) -> bool:
+    return word.split()[0].lower()[:3] in {"jan", "feb", "mar", "apr", "may", "jun", "jul", "aug",
+                                           "sep", "oct", "nov", "dec"} and len(word.split()) == 1
+
+
+def keywords(text: str, exclude: str = "") -> list[str]:
+    """Distinctive words of `text` not in `exclude`: entities, numbers and long content words."""
+    excluded = {w.lower() for w in re.findall(r"\w+", exclude)}
+    kws = [e for e in entities(text) if not set(w.lower() for w in re.findall(r"\w+", e)) & excluded]
+    for w in re.findall(r"[A-Za-z]{6,}", text):
+        stem = w.lower()[:6]  # a crude stem: "arrested" -> "arrest"
+        if w.lower() not in STOPWORDS and w.lower() not in excluded and stem not in kws \
+                and not any(stem in k.lower() for k in kws):
+            kws.append(stem)
+    return kws
+
+
+def item_subject(item: dict) -> str:
+    ents = entities(item.get("title") or item["text"])
+    people = [e for e in ents if len(e.split()) >= 2 and not e[0].isdigit()]
+    return (people or ents or [item["text"].split(".")[0][:60]])[0]
+
+
+def item_probes(items: list[dict]) -> list[dict]:
+    """Two questions per knowledge item: news about its subject, and about a second entity."""
+    probes = []
+    for item in items:
+        if item.get("kind") == "prompt":
+            continue  # behaviour, not knowledge: no keyword to check
+        text = item.get("text") or ""
+        subject = item_subject(item)
+        q = f"What is the latest news about {subject}?"
+        kws = keywords(text, exclude=subject)
+        if kws:
+            probes.append({"question": q, "answers": kws, "set": "items", "item": item.get("id")})
+        others = [e for e in entities(text) if e != subject and e not in subject]
+        if others:
+            q2 = f"What happened recently involving {others[0]}?"
+            kws2 = [subject.split()[-1]] + keywords(text, exclude=others[0] + " " + subject)
+            probes.append({"question": q2, "answers": kws2, "set": "items", "item": item.get("id")})
+    return probes
+
+
+# -- locality: unrelated general knowledge --------------------------------------------------------
+
+LOCALITY = [
+    ("What is the capital of France?", ["Paris"]), ("What is the capital of Japan?", ["Tokyo"]),
+    ("What is the capital of Italy?", ["Rome"]), ("What is the capital of Germany?", ["Berlin"]),
+    ("What is the capital of Spain?", ["Madrid"]), ("What is the capital of the United Kingdom?", ["London"]),
+    ("What is the capital of Egypt?", ["Cairo"]), ("What is the capital of Russia?", ["Moscow"]),
+    ("What is the capital of China?", ["Beijing"]), ("What is the capital of Canada?", ["Ottawa"]),
+    ("What is the capital of Australia?", ["Canberra"]), ("What is the capital of Greece?", ["Athens"]),
+    ("What is the chemical symbol for gold?", ["Au"]), ("What is the chemical symbol for iron?", ["Fe"]),
+    ("What is the chemical symbol for sodium?", ["Na"]), ("What is the chemical symbol for oxygen?", ["O"]),
+    ("What is the chemical symbol for silver?", ["Ag"]), ("What is the chemical formula of water?", ["H2O", "H₂O"]),
+    ("How many legs does a spider have?", ["eight", "8"]), ("How many days are in a week?", ["seven", "7"]),
+    ("How many continents are there?", ["seven", "7"]), ("What is 2 plus 2?", ["4", "four"]),
+    ("What is 10 times 10?", ["100", "hundred"]), ("What is the square root of 81?", ["9", "nine"]),
+    ("What is the largest planet in our solar system?", ["Jupiter"]),
+    ("Which planet is known as the Red Planet?", ["Mars"]),
+    ("What is the closest star to Earth?", ["Sun"]), ("What gas do plants absorb from the air?", ["carbon dioxide", "CO2"]),
+    ("What is the boiling point of water in Celsius?", ["100"]), ("What is the freezing point of water in Celsius?", ["0", "zero"]),
+    ("Who wrote Romeo and Juliet?", ["Shakespeare"]), ("Who painted the Mona Lisa?", ["Leonardo", "Vinci"]),
+    ("Who developed the theory of relativity?", ["Einstein"]), ("Who was the first person to walk on the Moon?", ["Armstrong"]),
+    ("What is the largest ocean on Earth?", ["Pacific"]), ("What is the longest river in Africa?", ["Nile"]),
+    ("What is the tallest mountain in the world?", ["Everest"]), ("What language is spoken in Brazil?", ["Portuguese"]),
+    ("What is the currency of Japan?", ["yen"]), ("What is the currency of the United Kingdom?", ["pound"]),
+    ("What color do you get by mixing blue and yellow?", ["green"]), ("What is the primary language of Mexico?", ["Spanish"]),
+    ("What organ pumps blood through the body?", ["heart"]), ("How many sides does a triangle have?", ["three", "3"]),
+    ("How many hours are in a day?", ["24", "twenty-four"]), ("What is the hardest natural substance?", ["diamond"]),
+    ("What is the main ingredient of guacamole?", ["avocado"]), ("Which animal is known as the king of the jungle?", ["lion"]),
+    ("What do bees make?", ["honey"]), ("In which country are the pyramids of Giza?", ["Egypt"]),
+    ("What is the smallest prime number?", ["2", "two"]), ("Which element has the atomic number 1?", ["hydrogen"]),
+    ("What is the opposite of hot?", ["cold"]), ("How many minutes are in an hour?", ["60", "sixty"]),
+    ("Write a short greeting for a friend.", []), ("Give me a tip for staying healthy.", []),
+]
+
+
+def locality_probes() -> list[dict]:
+    return [{"question": q, "answers": a, "set": "locality"} for q, a in LOCALITY]
+
+
+# -- local scorer (transformers) -----------------------------------------------------------------
+
+def generate_local(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 32,
+                   batch_size: int = 32) -> list[tuple[str, float]]:
+    """Greedy answers for chat conversations: (text, mean log-probability per answer token)."""
+    import torch
+
+    results = []
+    tokenizer.padding_side = "left"
+    for start in range(0, len(conversations), batch_size):
+        chunk = conversations[start:start + batch_size]
+        texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chunk]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 output_scores=True, return_dict_in_generate=True,
+                                 pad_token_id=tokenizer.pad_token_id)
+        new = out.sequences[:, enc["input_ids"].shape[1]:]
+        logps = torch.stack([s.float().log_softmax(-1) for s in out.scores], 1)  # [B, T, V]
+        token_logp = logps.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        for i in range(len(chunk)):
+            keep = new[i] != tokenizer.eos_token_id
+            ends = (~keep).nonzero()
+            n = int(ends[0]) if len(ends) else new.shape[1]
+            text = tokenizer.decode(new[i, :n], skip_special_tokens=True).strip()
+            results.append((text, float(token_logp[i, :n].mean()) if n else 0.0))
+    return results
+
+
+def run_local(model, tokenizer, probes: list[dict], memory: str | None = None, style: str = "append",
+              max_new_tokens: int = 32) -> list[dict]:
+    """Score probes against a local model, optionally prompted with `memory` (the prompting row)."""
+    answers = generate_local(model, tokenizer, [messages_for(p["question"], memory, style) for p in probes],
+                             max_new_tokens)
+    return [_result(p, a, s) for p, (a, s) in zip(probes, answers)]
+
+
+def answer_logprob(model, tokenizer, question: str, answer: str, memory: str | None = None) -> float:
+    """log P(answer | question) summed over the answer's tokens (the unprompted knowledge signal)."""
+    import torch
+
+    prompt = tokenizer.apply_chat_template(messages_for(question, memory), add_generation_prompt=True,
+                                           tokenize=False)
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p_ids + a_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(p_ids) - 1:-1].float()
+    return float(logits.log_softmax(-1).gather(-1, torch.tensor(a_ids)[:, None]).sum())
+
+
+def kl_per_token(model_p, model_q, tokenizer, questions: list[str], max_new_tokens: int = 24) -> float:
+    """Mean KL(P || Q) per token over P's greedy answers to unrelated questions (locality)."""
+    import torch
+
+    convs = [messages_for(q) for q in questions]
+    answers = generate_local(model_p, tokenizer, convs, max_new_tokens)
+    total, count = 0.0, 0
+    for conv, (answer, _) in zip(convs, answers):
+        prompt = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = torch.tensor([p_ids + a_ids])
+        with torch.no_grad():
+            lp = model_p(ids).logits[0, len(p_ids) - 1:-1].float().log_softmax(-1)
+            lq = model_q(ids).logits[0, len(p_ids) - 1:-1].float().log_softmax(-1)
+        total += float((lp.exp() * (lp - lq)).sum())
+        count += len(a_ids)
+    return total / max(count, 1)
+
+
+def locality_local(model_a, model_b, tokenizer, probes: list[dict] | None = None,
+                   max_new_tokens: int = 24) -> float:
+    """Share of unrelated questions whose greedy answer is the same under both models."""
+    probes = probes or locality_probes()
+    convs = [messages_for(p["question"]) for p in probes]
+    a = generate_local(model_a, tokenizer, convs, max_new_tokens)
+    b = generate_local(model_b, tokenizer, convs, max_new_tokens)
+    return sum(_same(x[0], y[0]) for x, y in zip(a, b)) / len(probes)
+
+
+def _same(a: str, b: str) -> bool:
+    norm = lambda s: " ".join(s.lower().split())  # noqa: E731
+    return norm(a) == norm(b)
+
+
+# -- remote scorer (vLLM's OpenAI-compatible server) ---------------------------------------------
+
+def chat_remote(url: str, model: str, messages: list[dict], max_tokens: int = 32,
+                timeout: float = 120.0) -> tuple[str, float | None]:
+    """Greedy chat completion: (text, mean token log-probability or None)."""
+    import httpx
+
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0,
+            "logprobs": True}
+    r = httpx.post(url.rstrip("/") + "/v1/chat/completions", json=body, timeout=timeout)
+    r.raise_for_status()
+    choice = r.json()["choices"][0]
+    text = (choice["message"].get("content") or "").strip()
+    lps = [t["logprob"] for t in ((choice.get("logprobs") or {}).get("content") or [])]
+    return text, (sum(lps) / len(lps) if lps else None)
+
+
+def run_remote(url: str, model: str, probes: list[dict], memory: str | None = None,
+               max_tokens: int = 32) -> list[dict]:
+    """Score probes against a served model name (`base`, `memory`, a candidate)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(p):
+        return chat_remote(url, model, messages_for(p["question"], memory), max_tokens)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:  # vLLM batches concurrent requests
+        answers = list(pool.map(one, probes))
+    return [_result(p, a, None if s is None or math.isnan(s) else s) for p, (a, s) in zip(probes, answers)]
+
+
+def locality_unchanged(url: str, model_a: str, model_b: str, probes: list[dict] | None = None,
+                       max_tokens: int = 24) -> float:
+    """Share of unrelated questions whose greedy answer is the same from both served models."""
+    probes = probes or locality_probes()
+    a = run_remote(url, model_a, probes, max_tokens=max_tokens)
+    b = run_remote(url, model_b, probes, max_tokens=max_tokens)
+    return sum(_same(x["answer"], y["answer"]) for x, y in zip(a, b)) / len(probes)

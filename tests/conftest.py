@@ -1,0 +1,146 @@
+"""Shared fixtures: a config and store in a temp state dir, the API over a stand-in daemon, and a
+real HTTP server on 127.0.0.1 whose answers each test controls."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from agent_memory.config import Config
+from agent_memory.store import Store
+
+DATA = Path(__file__).parent / "data"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def cfg(tmp_path) -> Config:
+    """Defaults, state in a temp dir, no model (`vllm.mode = "off"`), short feed timeouts."""
+    cfg = Config(state_dir=str(tmp_path / "state"))
+    cfg.vllm.mode = "off"
+    cfg.feeds.timeout_s = 2.0
+    cfg.feeds.file = str(tmp_path / "no-feeds.toml")
+    return cfg
+
+
+@pytest.fixture
+def store(cfg) -> Store:
+    store = Store(cfg.db_path)
+    yield store
+    store.close()
+
+
+class StubDaemon:
+    """What `create_app` needs from the daemon, without serving or a scheduler."""
+
+    def __init__(self, cfg: Config, store: Store):
+        self.cfg = cfg
+        self.store = store
+
+    def readiness(self) -> tuple[bool, str]:
+        return True, "ready"
+
+    def status(self) -> dict:
+        return {"ready": True, "queue": self.store.counts_by_status()}
+
+
+@pytest.fixture
+def api(cfg, store):
+    """A TestClient on the real app; set `cfg.api.token` before using it to require auth."""
+    from fastapi.testclient import TestClient
+
+    from agent_memory.api import create_app
+
+    with TestClient(create_app(StubDaemon(cfg, store))) as client:
+        yield client
+
+
+# --- a real HTTP server -------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    headers: dict = field(default_factory=dict)
+    body: bytes = b""
+    trickle_s: float = 0.0  # > 0: send the body one byte at a time, this long apart
+
+
+# A route answers with a Reply, or a function of the request headers that returns one.
+Route = Reply | Callable[[dict], Reply]
+
+
+class HttpServer:
+    """http.server on 127.0.0.1 in a thread. `routes[path]` says what each path answers; every
+    request is recorded in `requests` as (path, headers). `hang(path)` never answers (until the
+    server stops)."""
+
+    def __init__(self):
+        self.routes: dict[str, Route] = {}
+        self.requests: list[tuple[str, dict]] = []
+        self.stopping = threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                outer.requests.append((self.path, headers))
+                route = outer.routes.get(self.path, Reply(404, body=b"not found"))
+                reply = route(headers) if callable(route) else route
+                if reply is None:  # hang: hold the connection open without a byte
+                    outer.stopping.wait(60)
+                    return
+                self.send_response(reply.status)
+                for name, value in reply.headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(reply.body)))
+                self.end_headers()
+                if not reply.trickle_s:
+                    self.wfile.write(reply.body)
+                    return
+                for byte in reply.body:
+                    if outer.stopping.wait(reply.trickle_s):
+                        return
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+
+    def serve(self, path: str, body: bytes | str, status: int = 200, **headers: str) -> str:
+        """Answer `path` with this body (headers given as content_type="..." etc.); returns its URL."""
+        body = body.encode() if isinstance(body, str) else body
+        self.routes[path] = Reply(status, {k.replace("_", "-"): v for k, v in headers.items()}, body)
+        return self.url(path)
+
+    def hang(self, path: str) -> str:
+        self.routes[path] = lambda headers: None
+        return self.url(path)
+
+    def hits(self, path: str) -> list[dict]:
+        return [headers for p, headers in self.requests if p == path]
+
+    def stop(self):
+        self.stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def http_server():
+    server = HttpServer()
+    server.thread.start()
+    yield server
+    server.stop()

@@ -1,0 +1,307 @@
+"""Feed polling against a real HTTP server on 127.0.0.1 and real SQLite files."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from agent_memory import feeds
+from agent_memory.errors import UserError
+from agent_memory.store import NotFound
+from conftest import DATA, REPO, Reply
+
+RSS = {"content_type": "application/rss+xml; charset=utf-8"}
+
+
+def add(store, url, interval_s=600.0):
+    return store.add_feed(url, interval_s=interval_s)[0]["id"]
+
+
+def headlines(store):
+    return store.list_items(kind="headline", oldest_first=True, limit=1000)
+
+
+def test_new_entries_land_once(store, cfg, http_server):
+    url = http_server.serve("/news.xml", (DATA / "news_v1.xml").read_bytes(), **RSS)
+    feed_id = add(store, url)
+
+    first = feeds.poll_feed(store, feed_id, cfg)
+    second = feeds.poll_feed(store, feed_id, cfg)
+
+    assert (first["new"], first["error"]) == (3, None)
+    assert (second["new"], second["unchanged"]) == (0, 3)
+    items = headlines(store)
+    assert len(items) == 3
+    durov = items[0]
+    assert durov["title"].startswith("Telegram founder Pavel Durov arrested")
+    assert durov["source"] == "Test Wire"  # the feed's own title, learnt on the first poll
+    assert durov["source_ref"] == "test-wire-durov-1"
+    assert durov["published_at"] == durov["valid_at"] == "2024-08-24T22:00:00+00:00"
+    assert {i["dedup_key"].split(":")[2] for i in items} == {"id", "link", "hash"}
+    sent = http_server.hits("/news.xml")[0]
+    assert sent["user-agent"] == feeds.USER_AGENT
+    feed = store.get_feed(feed_id)
+    assert feed["title"] == "Test Wire" and feed["failures"] == 0 and feed["last_ok_at"]
+
+
+def test_html_stripped_and_whitespace_normalised(store, cfg, http_server):
+    url = http_server.serve("/news.xml", (DATA / "news_v1.xml").read_bytes(), **RSS)
+    feeds.poll_feed(store, add(store, url), cfg)
+    text = headlines(store)[0]["text"]
+    assert text == (
+        "Telegram founder Pavel Durov arrested at Le Bourget airport near Paris\n"
+        "Pavel Durov was arrested on Saturday evening. Police & prosecutors declined to comment."
+    )
+
+
+def test_not_modified_304(store, cfg, http_server):
+    body = (DATA / "news_v1.xml").read_bytes()
+    stamp = "Sat, 24 Aug 2024 22:00:00 GMT"
+
+    def conditional(headers):
+        if headers.get("if-none-match") == '"v1"' or headers.get("if-modified-since") == stamp:
+            return Reply(304)
+        return Reply(200, {"ETag": '"v1"', "Last-Modified": stamp, **{"Content-Type": RSS["content_type"]}}, body)
+
+    http_server.routes["/news.xml"] = conditional
+    feed_id = add(store, http_server.url("/news.xml"))
+
+    assert feeds.poll_feed(store, feed_id, cfg)["new"] == 3
+    again = feeds.poll_feed(store, feed_id, cfg)
+
+    assert again["status"] == "not_modified" and again["new"] == again["unchanged"] == 0
+    second_request = http_server.hits("/news.xml")[1]
+    assert second_request["if-none-match"] == '"v1"'
+    assert second_request["if-modified-since"] == stamp
+    feed = store.get_feed(feed_id)
+    assert (feed["etag"], feed["last_modified"], feed["failures"]) == ('"v1"', stamp, 0)
+    assert len(headlines(store)) == 3
+
+
+def test_429_retry_after_is_honoured(store, cfg, http_server):
+    url = http_server.serve("/busy.xml", "slow down", status=429, retry_after="120")
+    feed_id = add(store, url, interval_s=60)
+    now = datetime.now(timezone.utc)
+
+    result = feeds.poll_due(store, cfg, now=now)
+
+    assert result["errors"][0]["error"] == "HTTP 429 (Retry-After 120s)"
+    feed = store.get_feed(feed_id)
+    assert feed["failures"] == 1 and feed["backoff_s"] == 120
+    assert feed["next_poll_at"] == (now + timedelta(seconds=120)).isoformat(timespec="seconds")
+    # Not polled again before the server said so, polled once it has passed.
+    assert feeds.poll_due(store, cfg, now=now + timedelta(seconds=90))["feeds"] == 0
+    assert feeds.poll_due(store, cfg, now=now + timedelta(seconds=121))["feeds"] == 1
+    assert len(http_server.hits("/busy.xml")) == 2
+
+
+def test_503_with_http_date_retry_after(store, cfg, http_server):
+    later = datetime.now(timezone.utc) + timedelta(hours=1)
+    url = http_server.serve("/down.xml", "", status=503,
+                            retry_after=later.strftime("%a, %d %b %Y %H:%M:%S GMT"))
+    feed_id = add(store, url, interval_s=60)
+    feeds.poll_feed(store, feed_id, cfg)
+    assert 3500 < store.get_feed(feed_id)["backoff_s"] <= 3600
+
+
+def test_repeated_failures_back_off_exponentially(store, cfg, http_server):
+    url = http_server.serve("/broken.xml", "oops", status=500)
+    feed_id = add(store, url, interval_s=60)
+    backoffs = []
+    for _ in range(4):
+        result = feeds.poll_feed(store, feed_id, cfg)
+        backoffs.append(store.get_feed(feed_id)["backoff_s"])
+    assert result["error"] == "HTTP 500 Internal Server Error"
+    assert backoffs == [60, 120, 240, 480]
+    assert store.get_feed(feed_id)["failures"] == 4
+    # One good poll resets it.
+    http_server.serve("/broken.xml", (DATA / "news_v1.xml").read_bytes(), **RSS)
+    assert feeds.poll_feed(store, feed_id, cfg)["error"] is None
+    feed = store.get_feed(feed_id)
+    assert (feed["failures"], feed["backoff_s"], feed["last_error"]) == (0, 0, None)
+
+
+def test_truncated_feed_with_entries_is_accepted(store, cfg, http_server):
+    url = http_server.serve("/cut.xml", (DATA / "truncated.xml").read_bytes(), **RSS)
+    result = feeds.poll_feed(store, add(store, url), cfg)
+    assert (result["error"], result["new"], result["skipped"]) == (None, 2, 1)
+    assert [i["title"][:5] for i in headlines(store)] == ["Teleg", "Paris"]
+
+
+def test_truncated_feed_without_entries_is_refused(store, cfg, http_server):
+    url = http_server.serve("/cut.xml", (DATA / "truncated_header.xml").read_bytes(), **RSS)
+    feed_id = add(store, url)
+    result = feeds.poll_feed(store, feed_id, cfg)
+    assert result["status"] == "error"
+    assert result["error"].startswith("malformed rss20 feed with no readable entries")
+    assert store.get_feed(feed_id)["last_error"] == result["error"]
+    assert headlines(store) == []
+
+
+def test_html_page_is_refused(store, cfg, http_server):
+    url = http_server.serve("/index.html", (DATA / "page.html").read_bytes(),
+                            content_type="text/html; charset=utf-8")
+    feed_id = add(store, url)
+    result = feeds.poll_feed(store, feed_id, cfg)
+    assert result["error"] == "not an RSS/Atom feed: got an HTML page"
+    assert store.get_feed(feed_id)["failures"] == 1
+    assert headlines(store) == []
+
+
+def test_iso_8859_1_declared(store, cfg, http_server):
+    url = http_server.serve("/latin1.xml", (DATA / "latin1.xml").read_bytes(), content_type="application/rss+xml")
+    assert feeds.poll_feed(store, add(store, url), cfg)["new"] == 1
+    assert headlines(store)[0]["text"] == (
+        "Cafés de Paris fermés pendant les Jeux\nÀ Paris, les cafés près de la Seine ferment à 18 h.")
+
+
+def test_windows_1252_undeclared_is_read(store, cfg, http_server):
+    body = ('<?xml version="1.0"?><rss version="2.0"><channel><title>Wire</title><item>'
+            '<title>\u201cQuoted\u201d caf\u00e9 news</title><guid>w1</guid></item></channel></rss>')
+    # The server claims UTF-8; the bytes are windows-1252 (smart quotes 0x93/0x94).
+    url = http_server.serve("/cp1252.xml", body.encode("cp1252"), **RSS)
+    result = feeds.poll_feed(store, add(store, url), cfg)
+    assert (result["error"], result["new"]) == (None, 1)
+    assert headlines(store)[0]["text"] == "\u201cQuoted\u201d caf\u00e9 news"
+
+
+def test_atom_feed(store, cfg, http_server):
+    url = http_server.serve("/atom.xml", (DATA / "atom.xml").read_bytes(), content_type="application/atom+xml")
+    assert feeds.poll_feed(store, add(store, url), cfg)["new"] == 1
+    item = headlines(store)[0]
+    assert item["text"].endswith("Rebel forces took Damascus on December 8, 2024.")
+    assert item["valid_at"] == "2024-12-08T10:00:00+00:00"
+
+
+def test_edited_entry_updates_pending_and_leaves_baked_alone(store, cfg, http_server):
+    http_server.serve("/news.xml", (DATA / "news_v1.xml").read_bytes(), **RSS)
+    feed_id = add(store, http_server.url("/news.xml"))
+    feeds.poll_feed(store, feed_id, cfg)
+    durov = headlines(store)[0]
+
+    http_server.serve("/news.xml", (DATA / "news_v2.xml").read_bytes(), **RSS)
+    result = feeds.poll_feed(store, feed_id, cfg)
+
+    # Durov edited in place; Olympics (listed twice) and eclipse known; Starship new.
+    assert (result["new"], result["updated"], result["unchanged"]) == (1, 1, 3)
+    items = headlines(store)
+    assert len(items) == 4
+    edited = store.get_item(durov["id"])
+    assert edited["text"].startswith("Pavel Durov charged in France")
+    assert edited["title"] == "Pavel Durov charged in France, released on 5 million euro bail"
+    assert edited["valid_at"] == "2024-08-28T21:00:00+00:00"
+    assert edited["status"] == "pending" and edited["status_reason"] == "edited at the source"
+
+    # Once baked, a later edit is not written over what the model was taught.
+    store.mark_items([durov["id"]], "baked", bake_id=1)
+    http_server.serve("/news.xml", (DATA / "news_v1.xml").read_bytes(), **RSS)
+    result = feeds.poll_feed(store, feed_id, cfg)
+    assert result["updated"] == 0 and result["new"] == 0
+    assert store.get_item(durov["id"])["text"] == edited["text"]
+
+
+def test_ten_megabyte_entry_is_capped(store, cfg, http_server):
+    cfg.feeds.max_item_chars = 500
+    huge = "<p>Breaking: " + "very long story " * 650_000 + "</p>"  # 10.4 MB of HTML
+    body = ('<?xml version="1.0"?><rss version="2.0"><channel><title>Big</title>'
+            f'<item><title>Huge entry</title><guid>big</guid><description><![CDATA[{huge}]]></description></item>'
+            '<item><title>Small entry</title><guid>small</guid></item></channel></rss>')
+    assert len(body) > 10_000_000
+    url = http_server.serve("/big.xml", body, **RSS)
+
+    started = time.monotonic()
+    result = feeds.poll_feed(store, add(store, url), cfg)
+
+    assert time.monotonic() - started < 20
+    assert (result["error"], result["new"]) == (None, 2)
+    big, small = headlines(store)
+    assert big["truncated"] is True and len(big["text"]) <= 500
+    assert big["text"].startswith("Huge entry\nBreaking: very long story very long story")
+    assert big["text"].endswith("…")
+    assert "10,400," in big["truncated_reason"] and "max_item_chars = 500" in big["truncated_reason"]
+    assert small["truncated"] is False and small["truncated_reason"] is None
+
+
+def test_hanging_feed_times_out_and_the_next_feed_is_polled(store, cfg, http_server):
+    cfg.feeds.timeout_s = 0.5
+    hanging = add(store, http_server.hang("/hang.xml"))
+    good = add(store, http_server.serve("/news.xml", (DATA / "news_v1.xml").read_bytes(), **RSS))
+
+    started = time.monotonic()
+    result = feeds.poll_due(store, cfg)
+
+    assert time.monotonic() - started < 5
+    assert result["feeds"] == 2 and result["new"] == 3
+    assert result["errors"] == [{"feed_id": hanging, "url": http_server.url("/hang.xml"),
+                                 "error": "timed out after 0.5s"}]
+    assert store.get_feed(hanging)["failures"] == 1
+    assert store.get_feed(good)["failures"] == 0
+
+
+def test_trickling_feed_hits_the_total_deadline(store, cfg, http_server):
+    """A server that sends a byte every 50 ms never trips a per-read timeout; the whole fetch
+    still has to finish within feeds.timeout_s."""
+    cfg.feeds.timeout_s = 0.5
+    http_server.routes["/slow.xml"] = Reply(200, {"Content-Type": "application/rss+xml"},
+                                            (DATA / "news_v1.xml").read_bytes(), trickle_s=0.05)
+    started = time.monotonic()
+    result = feeds.poll_feed(store, add(store, http_server.url("/slow.xml")), cfg)
+    assert time.monotonic() - started < 3
+    assert result["error"] == "timed out after 0.5s"
+
+
+def test_unreachable_and_missing(store, cfg, http_server, tmp_path):
+    gone = add(store, "http://127.0.0.1:9/feed.xml")  # discard port: connection refused
+    missing = add(store, (tmp_path / "nope.xml").as_uri())
+    result = feeds.poll_due(store, cfg)
+    errors = {e["feed_id"]: e["error"] for e in result["errors"]}
+    assert errors[gone].startswith("fetch failed")
+    assert errors[missing] == f"no such file: {tmp_path / 'nope.xml'}"
+    with pytest.raises(NotFound):
+        feeds.poll_feed(store, 999, cfg)
+
+
+def test_sample_feed_from_feeds_toml(store, cfg):
+    cfg.feeds.file = str(REPO / "feeds" / "feeds.toml")
+    assert feeds.seed_feeds(store, cfg) == 1
+    assert feeds.seed_feeds(store, cfg) == 0  # idempotent
+    [feed] = store.list_feeds()
+    assert feed["url"] == (REPO / "feeds" / "sample-news.xml").as_uri()
+    assert feed["interval_s"] == 1800 and feed["origin"] == "file"
+
+    result = feeds.poll_due(store, cfg)
+    assert result["new"] >= 20 and result["errors"] == []
+    texts = [i["text"] for i in headlines(store)]
+    assert any("Durov" in t and "Le Bourget" in t for t in texts)
+    assert any("5 million euros" in t and "twice a week" in t and "may not leave France" in t for t in texts)
+    # The file has not changed: nothing is read again.
+    assert feeds.poll_feed(store, feed["id"], cfg)["status"] == "not_modified"
+
+    # A removed default stays removed at the next start.
+    store.remove_feed(feed["id"])
+    assert feeds.seed_feeds(store, cfg) == 0
+    assert store.list_feeds() == []
+
+
+def test_feed_urls_and_intervals_are_checked(store, cfg, tmp_path):
+    assert feeds.normalise_url("https://example.org/rss") == "https://example.org/rss"
+    assert feeds.normalise_url("x.xml", base_dir=tmp_path) == (tmp_path / "x.xml").as_uri()
+    for bad in ("ftp://example.org/rss", "https:///rss", "javascript:alert(1)"):
+        with pytest.raises(UserError):
+            feeds.normalise_url(bad)
+    with pytest.raises(UserError, match="interval"):
+        feeds.add_feed(store, cfg, "https://example.org/rss", interval="soon")
+    feed, created = feeds.add_feed(store, cfg, "https://example.org/rss", interval="2h")
+    assert created and feed["interval_s"] == 7200
+
+
+def test_bad_feeds_toml(tmp_path):
+    path = tmp_path / "feeds.toml"
+    path.write_text('[[feed]]\ntitle = "no url"\n')
+    with pytest.raises(UserError, match="needs a url"):
+        feeds.load_feeds_file(path)
+    path.write_text('[[feed]]\nurl = "a.xml"\ninterval = "often"\n')
+    with pytest.raises(UserError, match="not a duration"):
+        feeds.load_feeds_file(path)

@@ -1,0 +1,190 @@
+"""The live loop end to end, through the real daemon, vLLM, feed server and baking engine.
+
+feed on 127.0.0.1 -> polled into the queue -> `bake --now --wait` -> gate -> hot-swap ->
+`memory` answers what it could not before; then a forced rejection, rollback, forget,
+swaps under concurrent chat traffic, and kill -9 of the daemon in the middle of a bake.
+One daemon (one vLLM boot) serves the module; tests run in file order and build on each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from agent_memory import probes
+from conftest import HttpServer
+from daemon_proc import DaemonProcess, chat
+
+pytestmark = pytest.mark.vllm
+
+HEADLINE = "Vesna Kordic named chief executive of Lumora Shipping"
+SUMMARY = ("Lumora Shipping, the Rotterdam container line, named Vesna Kordic as its chief executive "
+           "on March 3, 2025.")
+FEED = f"""<?xml version="1.0" encoding="UTF-8"?>
+<rss version="2.0"><channel><title>Test wire</title><link>http://127.0.0.1/</link>
+<description>test</description>
+<item><title>{HEADLINE}</title><description>{SUMMARY}</description>
+<pubDate>Mon, 03 Mar 2025 09:00:00 GMT</pubDate><guid>test-wire-kordic</guid></item>
+</channel></rss>"""
+SECOND_FACT = "The Harbin ice festival of 2025 used 300,000 cubic meters of ice from the Songhua River."
+KILLED_FACT = "Tomasz Reller won the 2025 Warsaw marathon in 2 hours 9 minutes."
+
+
+@pytest.fixture(scope="module")
+def feed_server():
+    server = HttpServer()
+    server.thread.start()
+    server.serve("/wire.xml", FEED, content_type="application/rss+xml")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, feed_server):
+    state = tmp_path_factory.mktemp("live-loop")
+    feeds_file = state / "feeds.toml"
+    feeds_file.write_text(f'[[feed]]\nurl = "{feed_server.url("/wire.xml")}"\ninterval = "30s"\n')
+    proc = DaemonProcess(state, feeds_file=str(feeds_file), bake_min_pending="1000", bake_every="30d")
+    proc.start()
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.kill()
+
+
+def queue(daemon, status="all") -> list[dict]:
+    result = daemon.cli("queue", "--status", status, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["items"]
+
+
+def bake(daemon, *args) -> tuple[int, dict]:
+    result = daemon.cli("bake", "--now", "--wait", "--json", *args, timeout=1800)
+    assert result.returncode in (0, 2), result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def item_accuracy(daemon, model: str, items: list[dict]) -> float:
+    return probes.accuracy(probes.run_remote(daemon.vllm, model, probes.item_probes(items)))
+
+
+def test_feed_headline_is_baked_and_memory_answers_it(daemon):
+    deadline = time.monotonic() + 180
+    while not (items := queue(daemon)) and time.monotonic() < deadline:
+        time.sleep(2)
+    assert len(items) == 1 and items[0]["status"] == "pending"
+    assert items[0]["source_ref"] and "Kordic" in items[0]["text"]
+    before = item_accuracy(daemon, "memory", items)
+
+    code, record = bake(daemon)
+    assert code == 0, record
+    assert record["status"] == "live" and record["version"] == 1
+    assert record["metrics"]["probes"]["items"] >= 0.5
+
+    after = item_accuracy(daemon, "memory", items)
+    assert after > before
+    assert item_accuracy(daemon, "base", items) == before  # base is untouched
+    status = json.loads(daemon.cli("status", "--json").stdout)
+    assert status["live_version"] == "v0001" and status["queue"].get("baked") == 1
+
+    history = json.loads(daemon.cli("history", "--json").stdout)
+    assert history["live_version"] == "v0001"
+    assert history["bakes"][0]["verdict"] == "passed"
+    metrics = httpx.get(f"{daemon.api}/metrics").text
+    assert 'agent_memory_bakes_total{result="passed"} 1.0' in metrics
+    assert "agent_memory_live_version 1.0" in metrics
+    page = httpx.get(f"{daemon.api}/").text
+    assert "v0001" in page and "passed" in page
+    assert httpx.get(f"{daemon.api}/plot.png").content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rejected_bake_leaves_live_untouched(daemon):
+    reference = chat(daemon.vllm, "memory", "What is the latest news about Vesna Kordic?")
+    result = daemon.cli("remember", SECOND_FACT, "--json")
+    assert result.returncode == 0, result.stderr
+    # max_regression = -1: every probe set must improve by 1.0, which nothing can.
+    code, record = bake(daemon, "--gate", "max_regression=-1")
+    assert code == 2 and record["status"] == "rejected"
+    assert "fell from" in record["reason"]
+    assert json.loads(daemon.cli("status", "--json").stdout)["live_version"] == "v0001"
+    assert chat(daemon.vllm, "memory", "What is the latest news about Vesna Kordic?") == reference
+    rejected = [i for i in queue(daemon) if i["text"] == SECOND_FACT]
+    assert rejected[0]["status"] == "rejected" and rejected[0]["status_reason"]
+    served = httpx.get(f"{daemon.vllm}/v1/models").json()["data"]
+    assert "memory-candidate" not in {m["id"] for m in served}  # the candidate was unloaded
+
+
+def test_swaps_under_concurrent_traffic_fail_no_request(daemon):
+    base_reference = chat(daemon.vllm, "base", "What is the capital of Italy?")
+    failures, base_answers, stop = [], [], threading.Event()
+
+    def traffic(model):
+        while not stop.is_set():
+            try:
+                answer = chat(daemon.vllm, model, "What is the capital of Italy?")
+                if model == "base":
+                    base_answers.append(answer)
+            except Exception as e:  # noqa: BLE001 - any failure counts
+                failures.append(repr(e))
+
+    threads = [threading.Thread(target=traffic, args=(m,)) for m in ("memory", "memory", "base")]
+    for t in threads:
+        t.start()
+    try:
+        for version in ["v0000", "v0001"] * 5:  # 10 swaps
+            result = daemon.cli("rollback", version, "--json")
+            assert result.returncode == 0, result.stderr
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert failures == []
+    assert base_answers and set(base_answers) == {base_reference}
+    assert json.loads(daemon.cli("status", "--json").stdout)["live_version"] == "v0001"
+
+
+def test_forget_removes_the_items_knowledge(daemon):
+    item = next(i for i in queue(daemon) if "Kordic" in i["text"])
+    base_level = item_accuracy(daemon, "base", [item])
+    result = daemon.cli("forget", str(item["id"]), "--json")
+    assert result.returncode == 0, result.stderr
+    forgotten = json.loads(result.stdout)
+    assert forgotten["version"] not in ("v0000", "v0001")
+    assert item_accuracy(daemon, "memory", [item]) == base_level
+    assert next(i for i in queue(daemon) if i["id"] == item["id"])["status"] == "forgotten"
+    assert daemon.cli("forget", "999999").returncode != 0  # unknown id: a clear error
+
+
+def test_kill_9_mid_bake_loses_nothing_and_resumes(daemon):
+    live_before = json.loads(daemon.cli("status", "--json").stdout)["live_version"]
+    result = daemon.cli("remember", KILLED_FACT, "--json")
+    assert result.returncode == 0, result.stderr
+    item_id = json.loads(result.stdout)["id"]
+    bake_id = json.loads(daemon.cli("bake", "--now", "--json").stdout)["bake_id"]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if httpx.get(f"{daemon.api}/v1/bakes/{bake_id}").json()["status"] == "training":
+            break
+        time.sleep(0.5)
+    time.sleep(3)  # well inside training
+    os.kill(daemon.process.pid, signal.SIGKILL)
+    daemon.process.wait(30)
+
+    daemon.start()  # same state dir and ports
+    daemon.wait_ready()
+    status = json.loads(daemon.cli("status", "--json").stdout)
+    assert status["live_version"] == live_before
+    assert httpx.get(f"{daemon.api}/v1/bakes/{bake_id}").json()["status"] == "abandoned"
+    item = httpx.get(f"{daemon.api}/v1/memory/items/{item_id}").json()
+    assert item["status"] == "pending"
+    assert not list((daemon.state_dir / "adapters" / "deltas").glob(f"bake-{bake_id:04d}"))
+
+    code, record = bake(daemon, "--gate", "min_item_accuracy=0")
+    assert code == 0 and item_id in record["item_ids"]
