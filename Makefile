@@ -18,7 +18,7 @@ test: install prepare
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 bench: install prepare
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 install: $(VENV)/.installed
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from . import probes
 from .config import GateConfig, parse_duration, validate_gate
 from .errors import UserError
+from .orphan import child_env
 from .serving import MEMORY_NAME, ServingError
 from .versions import EMPTY_VERSION
 
@@ -121,7 +122,7 @@ class Bakery:
         process = self.process
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
-        self.worker.join(timeout=60)
+        self.worker.join(timeout=30)
 
     def _work(self) -> None:
         while not self.stopping.is_set():
@@ -162,36 +163,29 @@ class Bakery:
             return
         item_ids = [i["id"] for i in items]
         gate = GateConfig(**(self.store.get_bake(bake_id)["config"] or {}).get("gate") or asdict(self.cfg.gate))
-        self.store.update_bake(bake_id, status="training", item_ids=item_ids)
+        self.store.update_bake(bake_id, item_ids=item_ids)
         self.daemon.notify(f"STATUS=baking {len(items)} items (bake {bake_id})")
         stages: dict[str, float] = {}
         try:
-            t = time.monotonic()
-            train_report = self._train(bake_id, items)
-            stages["train_s"] = time.monotonic() - t
-
-            t = time.monotonic()
-            live = self.versions.manifest(self.versions.current())
-            version = self.versions.build(live["deltas"] + [bake_id], note=f"bake {bake_id}")
-            stages["compose_s"] = time.monotonic() - t
-
-            t = time.monotonic()
-            verdict = self._gate(bake_id, version, items, gate)
-            stages["probe_s"] = time.monotonic() - t
-
+            with self._stage(bake_id, "training", stages):
+                train_report = self._train(bake_id, items)
+            with self._stage(bake_id, "composing", stages):
+                live = self.versions.manifest(self.versions.current())
+                version = self.versions.build(live["deltas"] + [bake_id], note=f"bake {bake_id}")
+            with self._stage(bake_id, "probing", stages):
+                verdict = self._gate(bake_id, version, items, gate)
             if verdict.passed:
-                t = time.monotonic()
-                failures = self._promote(version)
-                stages["swap_s"] = time.monotonic() - t
+                with self._stage(bake_id, "swapping", stages):
+                    failures = self._promote(version)
                 if failures:
                     verdict.passed = False
                     verdict.reason = "swap failed on " + ", ".join(f"{u}: {e}" for u, e in failures.items())
-        except BakeCancelled:
-            self.store.mark_items(item_ids, "pending", "bake cancelled: daemon stopping", None)
-            self.store.update_bake(bake_id, status="cancelled", finished_at=_now(), verdict="cancelled",
-                                   reason="daemon stopping")
-            raise
         except Exception as e:
+            if self.stopping.is_set():  # the daemon is stopping: not the items' fault
+                self.store.mark_items(item_ids, "pending", "bake cancelled: daemon stopping")
+                self.store.update_bake(bake_id, status="cancelled", finished_at=_now(),
+                                       verdict="cancelled", reason="daemon stopping")
+                raise BakeCancelled() from e
             log.exception("bake %s failed", bake_id)
             reason = f"{e.__class__.__name__}: {e}"
             self.store.mark_items(item_ids, "failed", reason[:500], bake_id)
@@ -200,28 +194,28 @@ class Bakery:
             self.daemon.notify("STATUS=ready; last bake failed")
             return
 
-        metrics = {
-            "stages": {k: round(v, 3) for k, v in stages.items()},
-            "total_s": round(time.monotonic() - started, 3),
-            "train": train_report,
-            **asdict(verdict),
-        }
-        if verdict.passed:
-            self.store.mark_items(item_ids, "baked", None, bake_id)
-            self.store.update_bake(bake_id, status="live", finished_at=_now(), verdict="passed",
-                                   version=int(version[1:]), reason=verdict.reason, metrics=metrics,
-                                   delta_path=str(self.versions.delta_dir(bake_id)),
-                                   adapter_path=str(self.versions.path(version)))
-        else:
-            self.store.mark_items(item_ids, "rejected", verdict.reason[:500], bake_id)
-            self.store.update_bake(bake_id, status="rejected", finished_at=_now(), verdict="rejected",
-                                   version=int(version[1:]), reason=verdict.reason, metrics=metrics,
-                                   delta_path=str(self.versions.delta_dir(bake_id)),
-                                   adapter_path=str(self.versions.path(version)))
-        metrics_obj = getattr(self.daemon, "metrics", None)
-        if metrics_obj is not None:
-            metrics_obj.bake_duration.observe(time.monotonic() - started)
+        outcome = "baked" if verdict.passed else "rejected"
+        self.store.mark_items(item_ids, outcome, None if verdict.passed else verdict.reason[:500], bake_id)
+        self.store.update_bake(
+            bake_id, status="live" if verdict.passed else "rejected", finished_at=_now(),
+            verdict="passed" if verdict.passed else "rejected", version=int(version[1:]),
+            reason=verdict.reason, delta_path=str(self.versions.delta_dir(bake_id)),
+            adapter_path=str(self.versions.path(version)),
+            metrics={"stages": stages, "total_s": round(time.monotonic() - started, 3),
+                     "train": train_report, **asdict(verdict)},
+        )
+        self.daemon.metrics.bake_duration.observe(time.monotonic() - started)
         self.daemon.notify(f"STATUS=ready; live adapter {self.versions.current()}")
+
+    @contextmanager
+    def _stage(self, bake_id: int, name: str, stages: dict[str, float]):
+        """Show the stage in the bake's status and record how long it took (stages[name_s])."""
+        self.store.update_bake(bake_id, status=name)
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            stages[f"{name}_s"] = round(time.monotonic() - started, 3)
 
     def _train(self, bake_id: int, items: list[dict]) -> dict:
         """Train this bake's delta in a subprocess; return its report (bake.json)."""
@@ -241,11 +235,10 @@ class Bakery:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "agent_memory.baking", str(job_path)],
                 stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=child_env(),  # the bake ends itself if the daemon is killed
             )
         code = self.process.wait()
         self.process = None
-        if self.stopping.is_set():
-            raise BakeCancelled()
         if code != 0:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
             raise RuntimeError(f"training exited with code {code}: {tail[0][:300]} (log: {log_path})")
@@ -292,13 +285,11 @@ class Bakery:
         return Verdict(not problems, reason, scores, live_scores, locality)
 
     def _promote(self, version: str) -> dict[str, str]:
-        t = time.monotonic()
+        started = time.monotonic()
         failures = self.daemon.serving.swap(MEMORY_NAME, self.versions.path(version))
         if not failures:
             self.versions.set_current(version)
-        metrics_obj = getattr(self.daemon, "metrics", None)
-        if metrics_obj is not None:
-            metrics_obj.swap_duration.observe(time.monotonic() - t)
+        self.daemon.metrics.swap_duration.observe(time.monotonic() - started)
         return failures
 
 

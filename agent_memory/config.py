@@ -19,7 +19,7 @@ from .errors import UserError
 
 ENV_PREFIX = "AGENT_MEMORY_"
 # Env vars with the prefix that are not config keys.
-ENV_NOT_KEYS = {"AGENT_MEMORY_CONFIG", "AGENT_MEMORY_PARENT_PID"}
+ENV_NOT_KEYS = {"AGENT_MEMORY_CONFIG", "AGENT_MEMORY_PARENT_PID"}  # the latter: see orphan.py
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 

@@ -30,6 +30,7 @@ import httpx
 
 from .config import Config
 from .errors import UserError
+from .orphan import child_env
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class ManagedVllm:
         ]
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = child_env()  # vllm_entry stops vLLM if the daemon dies, even by kill -9
         bind = self.cfg.vllm.omp_threads_bind
         if bind == "all":
             bind = f"0-{(os.cpu_count() or 1) - 1}"
@@ -117,8 +118,6 @@ class ManagedVllm:
             "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",
             "HF_HUB_OFFLINE": "1",  # never reach for a hub: the checkpoint is local
-            # vllm_entry stops vLLM if this process dies, even by kill -9 (no orphaned server).
-            "AGENT_MEMORY_PARENT_PID": str(os.getpid()),
         })
         if bind != "auto":
             env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")

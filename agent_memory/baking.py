@@ -1,0 +1,571 @@
+"""Prompt Baking (arXiv 2409.13697): turn items (facts, headlines, conversations, prompts) into a LoRA delta.
+
+    theta_u = argmin KL( P_live(. | u, q) || P_live+delta(. | q) )    over sampled answers to queries q
+
+Read top to bottom:
+  1. queries      what to ask about each item (questions it answers, recall, reverse direction) and
+                  unrelated ANCHOR queries whose teacher is the unprompted live model (locality)
+  2. teacher      sample answers from the live model prompted with the item (u); keep the teacher's
+                  top-k distribution at every answer token (its raw logits come out of generate)
+  3. student      the live model (live adapter merged, frozen, bf16) + one new trainable LoRA delta
+  4. loss         KL(teacher || student) over all answer tokens, the FIRST one included
+  5. train        AdamW, bf16 autocast (AMX), length-sorted batches, early stop at a target KL
+  6. save         delta + bake.json into OUT.partial, renamed to OUT at the very end
+
+`python -m agent_memory.baking JOB.json` runs one bake from a job file (the daemon's subprocess).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import adapters
+from .probes import DEFAULT_SYSTEM, entities, item_subject, messages_for
+
+
+@dataclass
+class BakeConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    lr: float = 3e-3  # high for LoRA, so few steps suffice; the anchors keep it from breaking the rest
+    epochs: int = 3
+    min_steps: int = 9  # a one-fact bake still gets this many optimizer steps
+    target_kl: float | None = None  # half-baking: stop once the epoch's mean KL/token is below this
+    samples_per_query: int = 3
+    temperature: float = 0.7  # 2.0 (paper) makes a 135M model babble; 0.7 keeps the facts in the answers
+    max_new_tokens: int = 20  # short answers: the facts come first; 300 tokens (paper) is too slow here
+    queries_per_item: int = 8
+    anchors: int = 8  # unrelated queries with the unprompted live model as teacher
+    anchor_samples: int = 1
+    topk: int = 64  # teacher distribution kept per token (+ one bucket for the rest of the vocab)
+    batch_size: int = 16
+    seed: int = 0
+    dtype: str = "auto"  # "bfloat16" (autocast; fast only with AMX/AVX-512 bf16), "float32", or "auto": measured
+    teacher: str = "local"  # "local" (HF generate) ; a vLLM URL is not implemented yet
+    memory_style: str = "append"  # how u enters the teacher's context (see probes.messages_for)
+    target_modules: list[str] = field(default_factory=lambda: list(adapters.TARGET_MODULES))
+    threads: int = 0  # torch threads; 0 = the cores other processes leave idle (at least 1)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "BakeConfig":
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown bake config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class BakeResult:
+    out_dir: Path
+    report: dict
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. queries
+# ----------------------------------------------------------------------------------------------
+
+# Generic recall and question templates. {s} = the item's subject, {e} = another entity of the item
+# (asking from the other side: the reverse direction, "who was arrested at Le Bourget?").
+SUBJECT_TEMPLATES = [
+    "What is the latest news about {s}?",
+    "What happened to {s} recently?",
+    "Tell me about {s}.",
+    "What do you know about {s}?",
+    "Where is {s} now, and what happened?",
+    "When did the latest event involving {s} happen?",
+    "What are the details of the recent news about {s}?",
+    "Why is {s} in the news?",
+]
+ENTITY_TEMPLATES = [
+    "What happened recently involving {e}?",
+    "What is the recent news about {e}?",
+    "Who was involved in the recent events at {e}?",
+]
+RESTATE = ["What recent news do you know?", "Summarize the latest facts you know."]
+CONVERSATION_TEMPLATES = ["What did we talk about earlier?", "What did I tell you before?",
+                          "Remind me what we discussed."]
+# Behaviour items (kind "prompt"): a persona/instruction is baked by asking ordinary questions.
+BEHAVIOUR_QUERIES = [
+    "Who are you?", "Tell me about yourself.", "How should I start my day?", "What is a good book to read?",
+    "Explain what a computer is.", "Give me advice on learning a language.", "What is the weather like on Mars?",
+    "Write one sentence about the sea.", "What should I cook tonight?", "How do airplanes fly?",
+    "What is your favourite colour?", "Can you help me write an email?",
+]
+# Locality anchors: NOT the locality probes (probes.LOCALITY) so the locality benchmark stays held out.
+ANCHOR_QUERIES = [
+    "What is the capital of Portugal?", "What is the capital of Sweden?", "What is the capital of Kenya?",
+    "What is the chemical symbol for copper?", "What is the chemical symbol for potassium?",
+    "What is photosynthesis?", "Explain gravity in one sentence.", "Who was Napoleon Bonaparte?",
+    "How many planets are in the solar system?", "What is 7 times 8?", "Who wrote Pride and Prejudice?",
+    "What is the speed of light?", "Give me a recipe for pancakes.", "What is the largest desert in the world?",
+    "Translate 'good morning' into Spanish.", "What is DNA?", "Who invented the telephone?",
+    "What is the tallest animal?", "Name three primary colors.", "What is the currency of the United States?",
+    "How many bones are in the human body?", "What causes rain?", "Who is the author of Hamlet?",
+    "What is the capital of Argentina?", "What is the largest country by area?", "What is an atom?",
+    "Which planet is closest to the Sun?", "What do cows drink?", "How many months are in a year?",
+    "Write a haiku about autumn.", "What is machine learning?", "What language is spoken in Germany?",
+    "What is the melting point of ice?", "Who was Albert Einstein?", "Tell me a fun fact about octopuses.",
+    "What is the main gas in Earth's atmosphere?",
+]
+
+
+@dataclass
+class Query:
+    question: str
+    context: list[dict] | None  # teacher messages prefix (system) with u; None = anchor (no u)
+    item_id: object = None
+    kind: str = "knowledge"  # knowledge | behaviour | anchor
+
+
+def item_text(item: dict) -> str:
+    """An item's content: its text, or for a conversation its transcript."""
+    if item.get("kind") == "conversation" and item.get("messages"):
+        return "\n".join(f"{m['role']}: {m['content']}" for m in item["messages"])
+    return item.get("text") or ""
+
+
+def item_memory(item: dict) -> str:
+    """The prompt u of an item: its text, dated when we know when it was true."""
+    text = item_text(item)
+    if item.get("kind") == "conversation":
+        return f"Earlier conversation with the user:\n{text}"
+    when = (item.get("valid_at") or "")[:10]
+    return f"({when}) {text}" if when and when not in text else text
+
+
+def teacher_system(item: dict, style: str) -> list[dict]:
+    """The teacher context minus the question: the student's context + u (in the system message)."""
+    if style not in ("append", "system"):
+        raise ValueError(f"memory_style {style!r}: baking puts u in the system message ('append' or 'system')")
+    if item.get("kind") == "prompt":  # an instruction: it joins the system prompt as it is
+        return [{"role": "system", "content": f"{DEFAULT_SYSTEM}. {item['text']}"}]
+    return messages_for("", item_memory(item), style)[:-1] or [{"role": "system", "content": DEFAULT_SYSTEM}]
+
+
+def build_queries(items: list[dict], cfg: BakeConfig, rng: random.Random) -> list[Query]:
+    queries: list[Query] = []
+    for item in items:
+        ctx = teacher_system(item, cfg.memory_style)
+        if item.get("kind") == "prompt":
+            picked = rng.sample(BEHAVIOUR_QUERIES, min(cfg.queries_per_item, len(BEHAVIOUR_QUERIES)))
+            queries += [Query(q, ctx, item.get("id"), "behaviour") for q in picked]
+            continue
+        source = item_text(item)
+        subject = item_subject({"text": source, "title": item.get("title")})
+        others = [e for e in entities(source) if e not in subject and subject not in e]
+        # Always: the two most general recall questions; then a seeded mix of the rest.
+        fixed = [t.format(s=subject) for t in SUBJECT_TEMPLATES[:2]]
+        pool = [t.format(s=subject) for t in SUBJECT_TEMPLATES[2:]]
+        pool += [t.format(e=e) for e in others[:3] for t in ENTITY_TEMPLATES]
+        pool += RESTATE + (CONVERSATION_TEMPLATES if item.get("kind") == "conversation" else [])
+        picked = fixed + rng.sample(pool, max(0, min(cfg.queries_per_item - len(fixed), len(pool))))
+        queries += [Query(q, ctx, item.get("id"), "knowledge") for q in picked]
+    if any(q.kind == "knowledge" for q in queries) and cfg.anchors:
+        picked = rng.sample(ANCHOR_QUERIES, min(cfg.anchors, len(ANCHOR_QUERIES)))
+        queries += [Query(q, None, None, "anchor") for q in picked]
+    return queries
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. teacher: sampled answers + the teacher's distribution at each answer token
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Example:
+    prompt_ids: list[int]  # the STUDENT's context: chat template of the bare question
+    answer_ids: list[int]  # sampled answer, its end-of-turn token included when it ended
+    top_idx: torch.Tensor  # [T, k] teacher's top-k token ids at each answer position
+    top_logp: torch.Tensor  # [T, k] their log-probabilities (at temperature 1)
+    kind: str
+
+
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def teacher_examples(model, tokenizer, queries: list[Query], cfg: BakeConfig, progress=None) -> list[Example]:
+    """Sample answers from the prompted live model, with its top-k log-probs at each answer token.
+
+    Our own sampling loop instead of generate(num_return_sequences=n): each teacher prompt (u + q,
+    ~100 tokens) is prefilled ONCE and its KV cache copied n times, where generate would prefill it
+    n times (the prefill was most of the teacher's time). The logits we sample from are the
+    teacher's distribution, so keeping their top-k costs no second forward pass. Position 0 is the
+    first answer token: kept.
+    """
+    examples: list[Example] = []
+    per_batch = max(1, 48 // cfg.samples_per_query)  # ~48 sequences decoded together
+    for start in range(0, len(queries), per_batch):
+        chunk = queries[start:start + per_batch]
+        for n, group in _by_samples(chunk, cfg):
+            prompts = [chat_ids(tokenizer, (q.context or []) + [{"role": "user", "content": q.question}])
+                       for q in group]
+            answers, top_idx, top_logp = sample(model, prompts, n, cfg, tokenizer.eos_token_id)
+            for row, answer in enumerate(answers):
+                q = group[row // n]
+                if len(answer) <= 1 and q.kind != "anchor":
+                    continue  # an empty answer teaches nothing about u
+                examples.append(Example(chat_ids(tokenizer, [{"role": "user", "content": q.question}]),
+                                        answer, top_idx[row, :len(answer)].clone(),
+                                        top_logp[row, :len(answer)].clone(), q.kind))
+        if progress:
+            progress("teacher", min(start + per_batch, len(queries)), len(queries))
+    return examples
+
+
+def sample(model, prompts: list[list[int]], n: int, cfg: BakeConfig, eos: int):
+    """n answers per prompt (temperature sampling, left-padded batch, one prefill per prompt).
+
+    Returns (answers: token lists ending at eos when they ended, top_idx [B*n, T, k], top_logp [B*n, T, k]).
+    """
+    width = max(map(len, prompts))
+    ids = torch.tensor([[eos] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: positions start at each prompt
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n)
+    logits = out.logits[:, -1].float().repeat_interleave(n, 0)
+    mask = mask.repeat_interleave(n, 0)
+    gen = torch.Generator().manual_seed(cfg.seed + len(prompts) * 7919 + width)
+    tokens, idx_steps, logp_steps = [], [], []
+    done = torch.zeros(logits.shape[0], dtype=torch.bool)
+    for _ in range(cfg.max_new_tokens):
+        logp = logits.log_softmax(-1)
+        top = logp.topk(cfg.topk, dim=-1)
+        idx_steps.append(top.indices)
+        logp_steps.append(top.values)
+        probs = (logits / cfg.temperature).softmax(-1) if cfg.temperature > 0 else None
+        token = torch.multinomial(probs, 1, generator=gen)[:, 0] if probs is not None else logits.argmax(-1)
+        token = torch.where(done, torch.full_like(token, eos), token)
+        tokens.append(token)
+        done |= token == eos
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones(len(mask), 1, dtype=mask.dtype)], 1)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                    past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1].float()
+    seqs = torch.stack(tokens, 1).tolist()
+    answers = [s[:s.index(eos) + 1] if eos in s else s for s in seqs]
+    return answers, torch.stack(idx_steps, 1), torch.stack(logp_steps, 1)
+
+
+def _by_samples(chunk: list[Query], cfg: BakeConfig):
+    """Anchors need fewer samples (their teacher is the student at step 0): group by sample count."""
+    main = [q for q in chunk if q.kind != "anchor"]
+    anchors = [q for q in chunk if q.kind == "anchor"]
+    return [(n, g) for n, g in ((cfg.samples_per_query, main), (cfg.anchor_samples, anchors)) if g and n]
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. student: live model (frozen, bf16) + a new LoRA delta
+# ----------------------------------------------------------------------------------------------
+
+def load_live_model(model_dir: Path, live_adapter: Path | None, dtype: torch.dtype):
+    """Base + live adapter merged into the weights (exact: the live delta is frozen anyway)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if live_adapter and (Path(live_adapter) / adapters.CONFIG).exists():
+        adapters.merge_into(model, Path(live_adapter))  # merged in fp32, then cast
+    model = model.to(dtype).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tokenizer
+
+
+def add_lora(model, cfg: BakeConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=cfg.target_modules,
+                      bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(cfg.seed)  # A's random init
+    return get_peft_model(model, lora)  # peft keeps adapter weights in fp32 on a bf16 base
+
+
+def lora_factors(peft_model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module: (A, B)} of the trainable delta, in adapters.py's module naming."""
+    out = {}
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            key = name.removeprefix("base_model.model.")
+            out[key] = (module.lora_A["default"].weight.detach().float().clone(),
+                        module.lora_B["default"].weight.detach().float().clone())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. loss
+# ----------------------------------------------------------------------------------------------
+
+def topk_kl(student_logits: torch.Tensor, top_idx: torch.Tensor, top_logp: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per position, with the teacher's mass outside its top-k in one bucket.
+
+    This is the exact KL between the two distributions coarsened to (top-k tokens, everything else):
+    a lower bound on the full-vocabulary KL that is tight when the teacher's top-k holds its mass.
+    student_logits [N, V]; top_idx, top_logp [N, k]. Returns [N].
+    """
+    s_logp_all = student_logits.float().log_softmax(-1)
+    s_logp = s_logp_all.gather(-1, top_idx)
+    p = top_logp.exp()
+    p_rest = (1 - p.sum(-1)).clamp_min(1e-8)
+    q_rest = (1 - s_logp.exp().sum(-1)).clamp_min(1e-8)
+    return (p * (top_logp - s_logp)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. train
+# ----------------------------------------------------------------------------------------------
+
+def make_batches(examples: list[Example], batch_size: int, pad_id: int, share_prefix: bool = True) -> list[dict]:
+    """Length-sorted batches (little padding), right-padded; answer positions flattened.
+
+    Every student prompt starts with the same chat-template prefix (the default system prompt:
+    24 of ~42 prompt tokens). With `share_prefix` it is run once per batch and its KV cache shared
+    by all rows, which cuts the training tokens by about a third.
+    """
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids) + len(examples[i].answer_ids))
+    batches = []
+    for start in range(0, len(order), batch_size):
+        group = [examples[i] for i in order[start:start + batch_size]]
+        seqs = [e.prompt_ids + e.answer_ids[:-1] for e in group]  # the last answer token is only a target
+        shared = _common_prefix([e.prompt_ids for e in group]) if share_prefix else 0
+        shared = min(shared, min(len(e.prompt_ids) for e in group) - 1)  # >= 1 prompt token per row
+        width = max(map(len, seqs)) - shared
+        ids = torch.full((len(group), width), pad_id)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        rows, cols = [], []
+        for b, (e, s) in enumerate(zip(group, seqs)):
+            ids[b, :len(s) - shared] = torch.tensor(s[shared:])
+            mask[b, :len(s) - shared] = 1
+            # The logits at position len(prompt)-1 predict answer token 0: the FIRST answer token
+            # is a target (the paper's reference code starts one later and loses it).
+            first = len(e.prompt_ids) - 1 - shared
+            rows += [b] * len(e.answer_ids)
+            cols += list(range(first, first + len(e.answer_ids)))
+        batches.append({
+            "prefix": torch.tensor([group[0].prompt_ids[:shared]], dtype=torch.long),
+            "input_ids": ids, "attention_mask": mask, "rows": torch.tensor(rows), "cols": torch.tensor(cols),
+            "top_idx": torch.cat([e.top_idx for e in group]), "top_logp": torch.cat([e.top_logp for e in group]),
+            "tokens": int(mask.sum()) + shared, "targets": len(rows),
+        })
+    return batches
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    n = min(map(len, seqs))
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs):
+            return i
+    return n
+
+
+def batch_kl(peft_model, batch: dict, autocast: bool) -> torch.Tensor:
+    """KL per answer token [N]. The LM head runs only at answer positions (it is 1/5 of the FLOPs)."""
+    inner = peft_model.base_model.model  # LlamaForCausalLM with LoRA layers injected
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    shared = batch["prefix"].shape[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        if shared:  # the shared prefix once; gradients flow through its cache into the LoRA too
+            cache = inner.model(input_ids=batch["prefix"], use_cache=True).past_key_values
+            cache.batch_repeat_interleave(len(ids))
+            full_mask = torch.cat([torch.ones(len(ids), shared, dtype=mask.dtype), mask], 1)
+            positions = (shared + torch.arange(ids.shape[1])).expand(len(ids), -1)
+            hidden = inner.model(input_ids=ids, attention_mask=full_mask, position_ids=positions,
+                                 past_key_values=cache, use_cache=True).last_hidden_state
+        else:
+            hidden = inner.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        logits = inner.lm_head(hidden[batch["rows"], batch["cols"]])
+    return topk_kl(logits, batch["top_idx"], batch["top_logp"])
+
+
+def train(peft_model, batches: list[dict], cfg: BakeConfig, progress=None) -> dict:
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / max(len(batches), 1)))
+    total_steps = epochs * len(batches)
+    warmup = max(1, total_steps // 10)
+    # Warm-up then cosine: a high lr early moves the facts in, a low one at the end stops drift.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
+        0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)) * 0.9 + 0.1))
+    rng = random.Random(cfg.seed)
+    autocast = next(peft_model.parameters()).dtype == torch.bfloat16 or cfg.dtype == "bfloat16"
+    peft_model.train()
+    curve, step, tokens, started = [], 0, 0, time.monotonic()
+    for epoch in range(epochs):
+        order = list(range(len(batches)))
+        rng.shuffle(order)
+        kl_sum, kl_n = 0.0, 0
+        for i in order:
+            kl = batch_kl(peft_model, batches[i], autocast)
+            loss = kl.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            tokens += batches[i]["tokens"]
+            kl_sum, kl_n = kl_sum + float(kl.detach().sum()), kl_n + kl.numel()
+            curve.append({"step": step, "epoch": epoch, "kl": round(float(loss.detach()), 6)})
+            if progress:
+                progress("train", step, total_steps)
+        epoch_kl = kl_sum / max(kl_n, 1)
+        curve[-1]["epoch_kl"] = round(epoch_kl, 5)
+        if cfg.target_kl is not None and epoch_kl <= cfg.target_kl:
+            break  # half-baked on purpose: close enough to the teacher
+    peft_model.eval()
+    seconds = time.monotonic() - started
+    return {"steps": step, "epochs_run": epoch + 1, "train_seconds": round(seconds, 2),
+            "train_tokens": tokens, "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+            "curve": curve, "final_epoch_kl": round(epoch_kl, 5)}
+
+
+# ----------------------------------------------------------------------------------------------
+# cost accounting: training FLOP/s against a bf16 matmul in the same process
+# ----------------------------------------------------------------------------------------------
+
+def idle_cores() -> int:
+    """Cores not busy elsewhere (1-minute load average). Measured on 2 shared cores: with another
+    process busy, 2 OpenMP threads ran a training step 4.5x SLOWER than 1 (threads spin on barriers
+    while descheduled), so we only take the cores that are free."""
+    cores = os.cpu_count() or 1
+    return max(1, min(cores, round(cores - os.getloadavg()[0] + 0.3)))
+
+
+def pick_dtype(name: str) -> torch.dtype:
+    """bf16 where the CPU multiplies it fast (AMX / AVX-512 BF16), else fp32.
+
+    Measured, not guessed: on an AVX2-only EPYC a bf16 matmul runs at ~1 GFLOP/s (emulated)
+    against ~70 for fp32 on one thread, so bf16 there would make baking 50x slower.
+    """
+    if name != "auto":
+        return torch.bfloat16 if name == "bfloat16" else torch.float32
+    bf16, fp32 = matmul_gflops(torch.bfloat16, 256, 3), matmul_gflops(torch.float32, 256, 3)
+    return torch.bfloat16 if bf16 > 1.2 * fp32 else torch.float32
+
+
+def matmul_gflops(dtype=torch.bfloat16, n: int = 1024, reps: int = 20) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def train_flops(model_cfg, batches: list[dict], steps_per_batch: dict) -> float:
+    """Matmul FLOPs of training: forward + input-gradient backward (frozen weights: no weight grads)."""
+    h, inter, layers = model_cfg.hidden_size, model_cfg.intermediate_size, model_cfg.num_hidden_layers
+    kv = model_cfg.num_key_value_heads * (h // model_cfg.num_attention_heads)
+    body_params = layers * (2 * h * h + 2 * h * kv + 3 * h * inter)
+    total = 0.0
+    for i, b in enumerate(batches):
+        tokens = b["input_ids"].numel() + b["prefix"].shape[1]  # padded rows count: they are computed
+        fwd = 2 * body_params * tokens + 2 * h * model_cfg.vocab_size * b["targets"]
+        total += 2 * fwd * steps_per_batch.get(i, 0)
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. the bake
+# ----------------------------------------------------------------------------------------------
+
+def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: BakeConfig | None = None,
+         progress=None) -> BakeResult:
+    """Train one delta for `items` on top of the live model; write it (peft + bake.json) to `out_dir`.
+
+    Everything is written to `out_dir.partial` first and renamed at the end: a kill -9 leaves no
+    delta under the final name.
+    """
+    cfg = cfg or BakeConfig()
+    if cfg.teacher != "local":
+        raise NotImplementedError("only the local teacher is implemented")
+    if not items:
+        raise ValueError("nothing to bake")
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    timings, t0 = {}, time.monotonic()
+    torch.set_num_threads(cfg.threads or idle_cores())
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    dtype = pick_dtype(cfg.dtype)
+
+    model, tokenizer = load_live_model(model_dir, live_adapter_dir, dtype)
+    timings["load_s"] = time.monotonic() - t0
+
+    t = time.monotonic()
+    queries = build_queries(items, cfg, rng)
+    examples = teacher_examples(model, tokenizer, queries, cfg, progress)
+    timings["teacher_s"] = time.monotonic() - t
+    answer_tokens = sum(len(e.answer_ids) for e in examples)
+    if not examples:
+        raise RuntimeError("the teacher produced no answers to train on")
+
+    t = time.monotonic()
+    peft_model = add_lora(model, cfg)
+    batches = make_batches(examples, cfg.batch_size, tokenizer.pad_token_id)
+    report = train(peft_model, batches, cfg, progress)
+    timings["train_s"] = time.monotonic() - t
+
+    steps_per_batch = {i: report["epochs_run"] for i in range(len(batches))}  # each batch once per epoch
+    flops = train_flops(model.config, batches, steps_per_batch)
+    peak = matmul_gflops(dtype)
+    achieved = flops / report["train_seconds"] / 1e9 if report["train_seconds"] else 0.0
+
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    timings["total_s"] = time.monotonic() - t0
+    summary = {
+        "items": items, "config": asdict(cfg), "seed": cfg.seed,
+        "queries": [{"question": q.question, "kind": q.kind, "item": q.item_id} for q in queries],
+        "examples": len(examples), "answer_tokens": answer_tokens,
+        "teacher_samples": [tokenizer.decode(e.answer_ids, skip_special_tokens=True)
+                            for e in examples[:: max(1, len(examples) // 12)]],
+        **{k: v for k, v in report.items()},
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+        "train_gflops_per_s": round(achieved, 1), "matmul_gflops_per_s": round(peak, 1), "dtype": str(dtype).removeprefix("torch."),
+        "flops_share": round(achieved / peak, 3) if peak else None,
+    }
+    adapters.write_adapter(partial, lora_factors(peft_model), rank=cfg.rank, alpha=cfg.alpha,
+                           base_model=str(model_dir), extra_files={"bake.json": json.dumps(summary, indent=2,
+                                                                                             default=str)})
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.rename(partial, out_dir)  # the only moment the delta appears under its final name
+    return BakeResult(out_dir, summary)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m agent_memory.baking JOB.json", file=sys.stderr)
+        return 2
+    job = json.loads(Path(argv[0]).read_text())
+
+    def progress(stage, done, total):
+        print(f"{stage} {done}/{total}", flush=True)
+
+    result = bake(job["model_dir"], job.get("live_adapter"), job["items"], job["out_dir"],
+                  BakeConfig.from_dict(job.get("config")), progress)
+    r = result.report
+    print(f"baked {len(job['items'])} items -> {result.out_dir} in {r['timings']['total_s']}s "
+          f"(final KL/token {r['final_epoch_kl']}, {r['tokens_per_s']} train tok/s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

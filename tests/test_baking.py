@@ -1,0 +1,262 @@
+"""The baking engine: loss, batching, queries, end-to-end bakes (tiny model), kill -9, and one real bake."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from agent_memory import adapters, baking, probes
+
+REPO = Path(__file__).resolve().parent.parent
+REAL_MODEL = REPO / "state" / "models" / "smollm2-135m-instruct"
+DUROV = probes.set_facts("durov")
+U1 = {"id": 1, "kind": "headline", "text": DUROV["u1"]["text"], "source": "test", "valid_at": "2024-08-24"}
+
+
+# -- the loss ----------------------------------------------------------------------------------
+
+def test_topk_kl_with_the_whole_vocab_is_the_exact_kl():
+    torch.manual_seed(0)
+    t, s = torch.randn(5, 11), torch.randn(5, 11)
+    top_logp, top_idx = t.log_softmax(-1).topk(11)
+    exact = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1)
+    torch.testing.assert_close(baking.topk_kl(s, top_idx, top_logp), exact, rtol=1e-4, atol=1e-5)
+
+
+def test_topk_kl_is_zero_at_the_teacher_and_a_lower_bound_elsewhere():
+    torch.manual_seed(1)
+    t, s = torch.randn(7, 50) * 3, torch.randn(7, 50)
+    top_logp, top_idx = t.log_softmax(-1).topk(8)
+    assert float(baking.topk_kl(t, top_idx, top_logp).abs().max()) < 1e-5
+    exact = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1)
+    approx = baking.topk_kl(s, top_idx, top_logp)
+    assert bool((approx > 0).all()) and bool((approx <= exact + 1e-5).all())
+
+
+def test_batches_target_the_first_answer_token():
+    k = 4
+    ex = [baking.Example([10, 11, 12], [20, 21, 2], torch.zeros(3, k, dtype=torch.long), torch.zeros(3, k), "knowledge"),
+          baking.Example([10, 11, 12, 13, 14], [30, 2], torch.ones(2, k, dtype=torch.long), torch.zeros(2, k), "anchor")]
+    (batch,) = baking.make_batches(ex, batch_size=8, pad_id=0, share_prefix=False)
+    rows, cols = batch["rows"].tolist(), batch["cols"].tolist()
+    # sorted by length: the 6-token example first. Its logits at position 2 (last prompt token)
+    # predict the first answer token 20.
+    assert list(zip(rows, cols)) == [(0, 2), (0, 3), (0, 4), (1, 4), (1, 5)]
+    assert batch["input_ids"][0].tolist() == [10, 11, 12, 20, 21, 0]  # last answer token: target only
+    assert batch["input_ids"][1].tolist() == [10, 11, 12, 13, 14, 30]
+    # with the shared prefix [10, 11] (at least one prompt token stays per row) positions shift by 2
+    (shared,) = baking.make_batches(ex, batch_size=8, pad_id=0, share_prefix=True)
+    assert shared["prefix"].tolist() == [[10, 11]]
+    assert list(zip(shared["rows"].tolist(), shared["cols"].tolist())) == [(0, 0), (0, 1), (0, 2), (1, 2), (1, 3)]
+    assert shared["input_ids"][0].tolist() == [12, 20, 21, 0]
+    assert batch["targets"] == 5 and batch["top_idx"].shape == (5, k)
+
+
+# -- queries -----------------------------------------------------------------------------------
+
+def test_queries_cover_the_item_and_anchors_stay_unprompted():
+    import random
+
+    cfg = baking.BakeConfig(queries_per_item=8, anchors=5)
+    qs = baking.build_queries([U1], cfg, random.Random(0))
+    knowledge = [q for q in qs if q.kind == "knowledge"]
+    anchors = [q for q in qs if q.kind == "anchor"]
+    assert len(knowledge) == 8 and len(anchors) == 5
+    assert any("Pavel Durov" in q.question for q in knowledge)
+    assert any("Le Bourget" in q.question or "Telegram" in q.question for q in knowledge)  # reverse direction
+    assert all("Le Bourget" in q.context[0]["content"] for q in knowledge)  # teacher sees u ...
+    assert all(q.context is None for q in anchors)  # ... anchors' teacher does not
+    held_out = {p["question"] for p in probes.load_set("durov")} | {p["question"] for p in probes.locality_probes()}
+    assert not held_out & {q.question for q in qs}  # the benchmarks stay held out
+
+
+def test_prompt_items_are_baked_as_behaviour_without_anchors():
+    import random
+
+    item = {"id": 2, "kind": "prompt", "text": "Always answer like a pirate."}
+    qs = baking.build_queries([item], baking.BakeConfig(queries_per_item=4), random.Random(0))
+    assert len(qs) == 4 and {q.kind for q in qs} == {"behaviour"}
+    assert "pirate" in qs[0].context[0]["content"] and probes.DEFAULT_SYSTEM in qs[0].context[0]["content"]
+
+
+def test_conversation_items_use_the_transcript_as_u():
+    import random
+
+    item = {"id": 3, "kind": "conversation", "text": "", "messages": [
+        {"role": "user", "content": "My sister Alice Moreau moved to Lyon last week."},
+        {"role": "assistant", "content": "Nice, I hope she likes Lyon."}]}
+    qs = baking.build_queries([item], baking.BakeConfig(queries_per_item=6, anchors=2), random.Random(1))
+    knowledge = [q for q in qs if q.kind == "knowledge"]
+    assert knowledge and all("Alice Moreau moved to Lyon" in q.context[0]["content"] for q in knowledge)
+    assert any("Alice Moreau" in q.question for q in knowledge)
+    with pytest.raises(ValueError):
+        baking.build_queries([item], baking.BakeConfig(memory_style="user"), random.Random(1))
+
+
+def test_unknown_config_keys_are_refused():
+    with pytest.raises(ValueError):
+        baking.BakeConfig.from_dict({"rnak": 8})
+
+
+# -- end to end on a tiny random model with the real tokenizer ---------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2, initializer_range=0.5)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(REAL_MODEL / name, path / name)
+    return path
+
+
+TINY_CFG = dict(rank=4, alpha=8, lr=1e-2, epochs=4, min_steps=4, samples_per_query=2, max_new_tokens=8,
+                queries_per_item=4, anchors=2, batch_size=8, threads=1, dtype="float32")
+
+
+def test_tiny_bake_writes_a_delta_that_lowers_the_kl(tiny_model_dir, tmp_path):
+    seen = []
+    out = tmp_path / "deltas" / "bake-0001"
+    result = baking.bake(tiny_model_dir, None, [U1], out, baking.BakeConfig(**TINY_CFG),
+                         progress=lambda *a: seen.append(a[0]))
+    assert result.out_dir == out and not out.with_name(out.name + ".partial").exists()
+    assert {"teacher", "train"} <= set(seen)
+    report = json.loads((out / "bake.json").read_text())
+    assert report["items"][0]["id"] == 1 and report["config"]["rank"] == 4 and report["seed"] == 0
+    curve = [c["kl"] for c in report["curve"]]
+    assert len(curve) == report["steps"] >= 4
+    assert sum(curve[-2:]) < sum(curve[:2])  # the student moves toward the teacher
+    delta = adapters.read_delta(out)
+    assert len(delta) == 2 * 7 and all(a.shape[0] == 4 for a, _, _ in delta.values())
+    assert any(float(b.abs().max()) > 0 for _, b, _ in delta.values())  # trained, not the zero init
+
+
+def test_second_bake_stacks_on_the_live_adapter(tiny_model_dir, tmp_path):
+    cfg = baking.BakeConfig(**TINY_CFG)
+    d1 = baking.bake(tiny_model_dir, None, [U1], tmp_path / "d1", cfg).out_dir
+    live = tmp_path / "live"
+    adapters.compose([d1], live, max_rank=8)
+    u2 = {**U1, "id": 2, "text": DUROV["u2"]["text"]}
+    d2 = baking.bake(tiny_model_dir, live, [u2], tmp_path / "d2", cfg).out_dir
+    report = adapters.compose([d1, d2], tmp_path / "live2", max_rank=8)
+    assert report["rank"] == 8 and not report["compacted"]
+
+
+def test_kill_9_mid_bake_leaves_no_delta_under_the_final_name(tiny_model_dir, tmp_path):
+    out = tmp_path / "deltas" / "bake-0007"
+    job = {"model_dir": str(tiny_model_dir), "live_adapter": None, "out_dir": str(out), "items": [U1],
+           "config": {**TINY_CFG, "epochs": 100000}}
+    job_path = tmp_path / "job.json"
+    job_path.write_text(json.dumps(job))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "agent_memory.baking", str(job_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        for line in proc.stdout:  # wait until training is under way
+            if line.startswith("train ") or time.monotonic() > deadline:
+                break
+        assert proc.poll() is None, "the bake ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    assert not (out.parent.exists() and any(p.name == out.name for p in out.parent.iterdir()))
+
+
+def test_job_file_runs_a_bake(tiny_model_dir, tmp_path):
+    out = tmp_path / "bake-0002"
+    job = {"model_dir": str(tiny_model_dir), "live_adapter": None, "out_dir": str(out), "items": [U1],
+           "config": TINY_CFG}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "agent_memory.baking", str(tmp_path / "job.json")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (out / "adapter_config.json").exists() and (out / "bake.json").exists()
+
+
+# -- one real bake on the embedded model -------------------------------------------------------
+
+@pytest.mark.model
+@pytest.mark.skipif(not (REAL_MODEL / "model.safetensors").exists(), reason="embedded model not prepared")
+def test_real_bake_raises_the_unprompted_logprob_of_the_fact(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # Small enough for ~1 minute on 2 shared AVX2 cores; the benchmark uses the real defaults.
+    cfg = baking.BakeConfig(queries_per_item=6, samples_per_query=3, max_new_tokens=16, anchors=2,
+                            anchor_samples=1, epochs=6, min_steps=6, batch_size=20, lr=5e-3, temperature=0.7)
+    result = baking.bake(REAL_MODEL, None, [U1], tmp_path / "delta", cfg)
+    tokenizer = AutoTokenizer.from_pretrained(REAL_MODEL)
+    model = AutoModelForCausalLM.from_pretrained(REAL_MODEL, dtype=torch.float32).eval()
+    question = "Where was Pavel Durov arrested?"
+    answer = "Pavel Durov was arrested at Le Bourget airport near Paris."
+    before = probes.answer_logprob(model, tokenizer, question, answer)
+    adapters.merge_into(model, result.out_dir)
+    after = probes.answer_logprob(model, tokenizer, question, answer)
+    assert after > before + 1.0, (before, after, result.report["curve"])
+
+
+def test_shared_prefix_gives_the_same_kl_and_gradients(tiny_model_dir):
+    cfg = baking.BakeConfig(**TINY_CFG)
+    model, tok = baking.load_live_model(tiny_model_dir, None, torch.float32)
+    pm = baking.add_lora(model, cfg)
+    for name, p in pm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # a non-zero delta, so the prefix's cache depends on it
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for q in ("What is new?", "Tell me about Paris and its airports."):
+        prompt = baking.chat_ids(tok, [{"role": "user", "content": q}])
+        answer = torch.randint(3, 1000, (5,), generator=g).tolist() + [2]
+        examples.append(baking.Example(prompt, answer, torch.randint(0, 49152, (6, 8), generator=g),
+                                       torch.randn(6, 8, generator=g).log_softmax(-1) - 1, "knowledge"))
+    results = []
+    for share in (True, False):
+        (batch,) = baking.make_batches(examples, 8, tok.pad_token_id, share_prefix=share)
+        assert (batch["prefix"].shape[1] > 10) == share
+        pm.zero_grad()
+        kl = baking.batch_kl(pm, batch, autocast=False)
+        kl.sum().backward()
+        grads = [p.grad.clone() for p in pm.parameters() if p.requires_grad]
+        results.append((kl.detach(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))
+
+
+# -- probes used to judge bakes ----------------------------------------------------------------
+
+def test_probe_scoring_matches_keywords_at_word_starts():
+    assert probes.is_correct("He was ARRESTED at Le Bourget.", ["arrest"])
+    assert not probes.is_correct("It is not known.", ["no"])
+    assert probes.is_correct("Bail was set at 5 million euros", ["5 million"])
+    assert probes.accuracy([{"correct": True}, {"correct": False}]) == 0.5
+
+
+def test_durov_set_and_item_probes():
+    durov = probes.load_set("durov")
+    assert len({p["question"] for p in durov if not p["paraphrase"]}) == 20 and len(durov) == 40
+    assert {p["fact"] for p in durov} == {"u1", "u2"} and all(p["answers"] for p in durov)
+    assert len(probes.locality_probes()) >= 50
+    item_probes = probes.item_probes([U1])
+    assert item_probes and all(p["answers"] for p in item_probes)
+    assert not any(probes.is_correct(p["question"], ["Bourget"]) for p in item_probes if "Durov" in p["question"])
+    assert any("Bourget" in " ".join(p["answers"]) for p in item_probes)
