@@ -51,7 +51,7 @@ class Verdict:
     reason: str
     probes: dict  # probe set -> accuracy of the candidate
     live_probes: dict  # probe set -> accuracy of the live version it would replace
-    locality_unchanged: float
+    locality: dict  # unchanged (word for word) and kept (still right), see probes.locality_scores
 
 
 class Bakery:
@@ -271,17 +271,17 @@ class Bakery:
             if name != "items":
                 live = probes.run_remote(url, MEMORY_NAME, probe_list)
                 live_scores[name] = probes.accuracy(live)
-        locality = probes.locality_unchanged(url, MEMORY_NAME, CANDIDATE_NAME, probes.locality_probes())
+        locality = probes.locality_scores(url, MEMORY_NAME, CANDIDATE_NAME)
         problems = []
         if scores.get("items", 1.0) < gate.min_item_accuracy:
             problems.append(f"items learned {scores['items']:.2f} < {gate.min_item_accuracy:.2f}")
         for name, live in live_scores.items():
             if scores[name] < live - gate.max_regression:
                 problems.append(f"probe set '{name}' fell from {live:.2f} to {scores[name]:.2f}")
-        if locality < gate.min_locality_unchanged:
-            problems.append(f"locality {locality:.2f} < {gate.min_locality_unchanged:.2f}")
+        if locality["kept"] < gate.min_locality_kept:
+            problems.append(f"general knowledge kept {locality['kept']:.2f} < {gate.min_locality_kept:.2f}")
         reason = "; ".join(problems) or (
-            f"items {scores.get('items', 0):.2f}, locality {locality:.2f}, no regression")
+            f"items {scores.get('items', 0):.2f}, general knowledge kept {locality['kept']:.2f}, no regression")
         return Verdict(not problems, reason, scores, live_scores, locality)
 
     def _promote(self, version: str) -> dict[str, str]:

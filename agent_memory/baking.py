@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 
 from . import adapters
+from .hardware import idle_cores, matmul_gflops, pick_dtype
+from .orphan import stop_when_orphaned
 from .probes import DEFAULT_SYSTEM, entities, item_subject, messages_for
 
 
@@ -435,37 +437,8 @@ def train(peft_model, batches: list[dict], cfg: BakeConfig, progress=None) -> di
 
 
 # ----------------------------------------------------------------------------------------------
-# cost accounting: training FLOP/s against a bf16 matmul in the same process
+# cost accounting: training FLOP/s against a matmul in the same process (hardware.py)
 # ----------------------------------------------------------------------------------------------
-
-def idle_cores() -> int:
-    """Cores not busy elsewhere (1-minute load average). Measured on 2 shared cores: with another
-    process busy, 2 OpenMP threads ran a training step 4.5x SLOWER than 1 (threads spin on barriers
-    while descheduled), so we only take the cores that are free."""
-    cores = os.cpu_count() or 1
-    return max(1, min(cores, round(cores - os.getloadavg()[0] + 0.3)))
-
-
-def pick_dtype(name: str) -> torch.dtype:
-    """bf16 where the CPU multiplies it fast (AMX / AVX-512 BF16), else fp32.
-
-    Measured, not guessed: on an AVX2-only EPYC a bf16 matmul runs at ~1 GFLOP/s (emulated)
-    against ~70 for fp32 on one thread, so bf16 there would make baking 50x slower.
-    """
-    if name != "auto":
-        return torch.bfloat16 if name == "bfloat16" else torch.float32
-    bf16, fp32 = matmul_gflops(torch.bfloat16, 256, 3), matmul_gflops(torch.float32, 256, 3)
-    return torch.bfloat16 if bf16 > 1.2 * fp32 else torch.float32
-
-
-def matmul_gflops(dtype=torch.bfloat16, n: int = 1024, reps: int = 20) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
-
 
 def train_flops(model_cfg, batches: list[dict], steps_per_batch: dict) -> float:
     """Matmul FLOPs of training: forward + input-gradient backward (frozen weights: no weight grads)."""
@@ -554,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m agent_memory.baking JOB.json", file=sys.stderr)
         return 2
+    stop_when_orphaned()  # a bake whose daemon was killed -9 must not finish a delta
     job = json.loads(Path(argv[0]).read_text())
 
     def progress(stage, done, total):

@@ -354,15 +354,16 @@ def _bake_text(b: dict) -> str:
         f"  started {b.get('started_at') or '-'}, finished {b.get('finished_at') or '-'}",
         f"  items: {len(b.get('item_ids') or [])}" + (f"; probes: {probes}" if probes else ""),
     ]
-    if metrics.get("locality_unchanged") is not None:
-        lines.append(f"  locality unchanged: {metrics['locality_unchanged']:.2f}")
+    if metrics.get("locality"):
+        lines.append(f"  locality: general knowledge kept {metrics['locality']['kept']:.2f}, "
+                     f"answers unchanged word for word {metrics['locality']['unchanged']:.2f}")
     if b.get("reason"):
         lines.append(f"  reason: {b['reason']}")
     for item in b.get("items") or []:
         lines.append(f"  - #{item['id']} [{item['kind']}] {item['text'][:100]}")
-    curve = (metrics.get("train") or {}).get("loss_curve")
+    curve = [point["kl"] for point in (metrics.get("train") or {}).get("curve") or []]
     if curve:
-        lines.append("  loss: " + " ".join(f"{x:.3f}" for x in curve[:: max(1, len(curve) // 12)]))
+        lines.append("  KL/token by step: " + " ".join(f"{x:.3f}" for x in curve[:: max(1, len(curve) // 12)]))
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import threading
 import time
 from datetime import datetime, timezone
@@ -175,6 +176,10 @@ def run_daemon(cfg: Config) -> None:
         timeout_graceful_shutdown=10,
     ))
     daemon.on_fatal = lambda: setattr(server, "should_exit", True)
+    # uvicorn (>= 0.29) re-raises the signal it caught once it has shut down, with the handler that
+    # was there before it: make that a no-op, so our own cleanup below runs and we exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     try:
         server.run()  # uvicorn handles SIGTERM/SIGINT by finishing in-flight requests, then returns
     finally:

@@ -332,10 +332,17 @@ def run_remote(url: str, model: str, probes: list[dict], memory: str | None = No
     return [_result(p, a, None if s is None or math.isnan(s) else s) for p, (a, s) in zip(probes, answers)]
 
 
-def locality_unchanged(url: str, model_a: str, model_b: str, probes: list[dict] | None = None,
-                       max_tokens: int = 24) -> float:
-    """Share of unrelated questions whose greedy answer is the same from both served models."""
+def locality_scores(url: str, live: str, candidate: str, probes: list[dict] | None = None,
+                    max_tokens: int = 24) -> dict[str, float]:
+    """How much a candidate changes unrelated answers, against the live model.
+
+    unchanged: share of greedy answers identical to the live model's (strict: any rewording counts);
+    kept: of the questions with a known answer that the live model gets right, the share the
+    candidate still gets right (what the gate checks: "symbol for gold?" -> "Gold" fails it).
+    """
     probes = probes or locality_probes()
-    a = run_remote(url, model_a, probes, max_tokens=max_tokens)
-    b = run_remote(url, model_b, probes, max_tokens=max_tokens)
-    return sum(_same(x["answer"], y["answer"]) for x, y in zip(a, b)) / len(probes)
+    a = run_remote(url, live, probes, max_tokens=max_tokens)
+    b = run_remote(url, candidate, probes, max_tokens=max_tokens)
+    known = [(x, y) for p, x, y in zip(probes, a, b) if p["answers"] and x["correct"]]
+    return {"unchanged": sum(_same(x["answer"], y["answer"]) for x, y in zip(a, b)) / len(probes),
+            "kept": sum(y["correct"] for _, y in known) / len(known) if known else 1.0}

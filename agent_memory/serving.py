@@ -102,9 +102,16 @@ class ManagedVllm:
             "--enable-lora", "--max-lora-rank", str(v.max_lora_rank),
             "--max-loras", str(v.max_loras), "--max-cpu-loras", str(v.max_loras + 2),
             "--max-model-len", str(v.max_model_len),
-            "--dtype", "bfloat16",
+            "--dtype", self.dtype(),
             *v.extra_args,
         ]
+
+    def dtype(self) -> str:
+        if self.cfg.vllm.dtype != "auto":
+            return self.cfg.vllm.dtype
+        from .hardware import pick_dtype  # imports torch: only when we start vLLM ourselves
+
+        return str(pick_dtype("auto")).removeprefix("torch.")
 
     def environment(self) -> dict[str, str]:
         env = child_env()  # vllm_entry stops vLLM if the daemon dies, even by kill -9

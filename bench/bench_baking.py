@@ -23,7 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agent_memory import adapters, baking, probes  # noqa: E402
+from agent_memory import adapters, baking, hardware, probes  # noqa: E402
 
 MODEL = REPO / "state" / "models" / "smollm2-135m-instruct"
 
@@ -47,7 +47,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(MODEL)
-    torch.set_num_threads(baking.idle_cores())
+    torch.set_num_threads(hardware.idle_cores())
     facts = probes.set_facts("durov")
     items = {k: {"id": k, "kind": "headline", "text": v["text"], "valid_at": v["valid_at"], "source": "bench"}
              for k, v in facts.items()}

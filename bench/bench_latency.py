@@ -4,7 +4,7 @@ Through the real daemon and CLI, one fresh fact per run. Each run's wall time is
 bake record's stages (training, composing, probing, swapping: bakery.py's metrics.stages), the rest
 of the bake (claiming items, bookkeeping: metrics.total_s minus the stages), and what lies outside
 the bake (the `remember` command, queueing, CLI start-up and `--wait`'s 2 s polling).
-The gate is relaxed (min_item_accuracy=0, min_locality_unchanged=0, max_regression=1) so every
+The gate is relaxed (min_item_accuracy=0, min_locality_kept=0, max_regression=1) so every
 run reaches the swap: this measures the path, not the quality (bench_baking.py does that).
 The engine runs with its default settings plus the seed (`--engine KEY=JSON` overrides one);
 `--quick` also makes the bake small (QUICK_ENGINE) so the smoke run takes minutes, not tens.
@@ -29,7 +29,7 @@ FACTS = [
     "Marisol Ortega became mayor of the city of Puerto Alma in June 2025.",
     "The research ship Aurora Tern found a new coral reef off Tasmania in April 2025.",
 ]
-RELAXED_GATE = ["--gate", "min_item_accuracy=0", "--gate", "min_locality_unchanged=0",
+RELAXED_GATE = ["--gate", "min_item_accuracy=0", "--gate", "min_locality_kept=0",
                 "--gate", "max_regression=1"]
 QUICK_ENGINE = {"queries_per_item": 3, "anchors": 4, "epochs": 1, "min_steps": 4}
 STAGE_NAMES = {"training_s": "train", "composing_s": "compose", "probing_s": "probe", "swapping_s": "swap"}

@@ -103,7 +103,7 @@ def resolve_dtype(name: str):
     if name != "auto":
         return getattr(torch, name)
     try:
-        from agent_memory.baking import pick_dtype
+        from agent_memory.hardware import pick_dtype
     except ImportError:
         return torch.float32
     return pick_dtype("auto")
