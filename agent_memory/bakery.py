@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CANDIDATE_NAME = "memory-candidate"
+GATE_MAX_TOKENS = 24  # probe answers are checked for keywords, which come early; vLLM+LoRA on CPU is slow
 
 
 class BakeCancelled(Exception):
@@ -68,6 +69,7 @@ class Bakery:
         self.running: int | None = None
         self.process: subprocess.Popen | None = None  # the training subprocess
         self.stopping = threading.Event()
+        self.live_answers: dict[tuple, list[dict]] = {}  # (live version, probe set, size) -> answers
 
     # -- entry points ----------------------------------------------------------------------
 
@@ -260,18 +262,22 @@ class Bakery:
                 log.warning("could not unload the candidate: %s", e)
 
     def _judge(self, bake_id: int, url: str, items: list[dict], gate: GateConfig) -> Verdict:
-        sets = {"items": probes.item_probes(items), **probes.registered_sets(self.cfg)}
-        scores, live_scores = {}, {}
+        sets = {"items": probes.item_probes(items), **probes.registered_sets(self.cfg),
+                "locality": probes.locality_probes()}
+        scores, live_scores, locality = {}, {}, {}
         for name, probe_list in sets.items():
             if not probe_list:
                 continue
-            candidate = probes.run_remote(url, CANDIDATE_NAME, probe_list)
+            candidate = probes.run_remote(url, CANDIDATE_NAME, probe_list, max_tokens=GATE_MAX_TOKENS)
             self.store.add_probe_results(bake_id, [{**r, "probe_set": name, "model": "candidate"} for r in candidate])
-            scores[name] = probes.accuracy(candidate)
-            if name != "items":
-                live = probes.run_remote(url, MEMORY_NAME, probe_list)
-                live_scores[name] = probes.accuracy(live)
-        locality = probes.locality_scores(url, MEMORY_NAME, CANDIDATE_NAME)
+            if name == "items":
+                scores[name] = probes.accuracy(candidate)
+                continue
+            live = self._live_results(url, name, probe_list)
+            if name == "locality":
+                locality = probes.locality_scores(probe_list, live, candidate)
+            else:
+                scores[name], live_scores[name] = probes.accuracy(candidate), probes.accuracy(live)
         problems = []
         if scores.get("items", 1.0) < gate.min_item_accuracy:
             problems.append(f"items learned {scores['items']:.2f} < {gate.min_item_accuracy:.2f}")
@@ -283,6 +289,15 @@ class Bakery:
         reason = "; ".join(problems) or (
             f"items {scores.get('items', 0):.2f}, general knowledge kept {locality['kept']:.2f}, no regression")
         return Verdict(not problems, reason, scores, live_scores, locality)
+
+    def _live_results(self, url: str, name: str, probe_list: list[dict]) -> list[dict]:
+        """The live version's answers to a probe set: asked once per version, then remembered
+        (they only change with a swap; this halves the probing of every later bake)."""
+        key = (self.versions.current(), name, len(probe_list))
+        if key not in self.live_answers:
+            self.live_answers = {k: v for k, v in self.live_answers.items() if k[0] == key[0]}
+            self.live_answers[key] = probes.run_remote(url, MEMORY_NAME, probe_list, max_tokens=GATE_MAX_TOKENS)
+        return self.live_answers[key]
 
     def _promote(self, version: str) -> dict[str, str]:
         started = time.monotonic()

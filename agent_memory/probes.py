@@ -117,8 +117,10 @@ off again further once only own same so too s t don now said during while amid""
 
 def entities(text: str) -> list[str]:
     """Capitalised spans and numbers ("Pavel Durov", "Le Bourget", "5 million"): what questions ask about."""
-    found = re.findall(r"(?:[A-Z][\w'’.-]*(?:\s+(?:of\s+|de\s+|the\s+)?[A-Z][\w'’.-]*)*)|\d[\d,.]*(?:\s+(?:million|billion|percent|%))?",
-                       text)
+    # A span stays inside one line and one sentence: a word may hold a dot only before a letter ("U.S.").
+    word = r"[A-Z](?:[\w'’-]|\.(?=\w))*"
+    found = re.findall(rf"{word}(?:[ \t]+(?:of[ \t]+|de[ \t]+|the[ \t]+)?{word})*"
+                       r"|\d[\d,.]*(?:[ \t]+(?:million|billion|percent|%))?", text)
     out = []
     for e in found:
         e = e.strip(" .,'’")
@@ -332,17 +334,13 @@ def run_remote(url: str, model: str, probes: list[dict], memory: str | None = No
     return [_result(p, a, None if s is None or math.isnan(s) else s) for p, (a, s) in zip(probes, answers)]
 
 
-def locality_scores(url: str, live: str, candidate: str, probes: list[dict] | None = None,
-                    max_tokens: int = 24) -> dict[str, float]:
-    """How much a candidate changes unrelated answers, against the live model.
+def locality_scores(probes: list[dict], live: list[dict], candidate: list[dict]) -> dict[str, float]:
+    """How much a candidate changes unrelated answers (`live`, `candidate`: run_remote results).
 
     unchanged: share of greedy answers identical to the live model's (strict: any rewording counts);
     kept: of the questions with a known answer that the live model gets right, the share the
     candidate still gets right (what the gate checks: "symbol for gold?" -> "Gold" fails it).
     """
-    probes = probes or locality_probes()
-    a = run_remote(url, live, probes, max_tokens=max_tokens)
-    b = run_remote(url, candidate, probes, max_tokens=max_tokens)
-    known = [(x, y) for p, x, y in zip(probes, a, b) if p["answers"] and x["correct"]]
-    return {"unchanged": sum(_same(x["answer"], y["answer"]) for x, y in zip(a, b)) / len(probes),
+    known = [(x, y) for p, x, y in zip(probes, live, candidate) if p["answers"] and x["correct"]]
+    return {"unchanged": sum(_same(x["answer"], y["answer"]) for x, y in zip(live, candidate)) / len(probes),
             "kept": sum(y["correct"] for _, y in known) / len(known) if known else 1.0}

@@ -260,3 +260,22 @@ def test_durov_set_and_item_probes():
     assert item_probes and all(p["answers"] for p in item_probes)
     assert not any(probes.is_correct(p["question"], ["Bourget"]) for p in item_probes if "Durov" in p["question"])
     assert any("Bourget" in " ".join(p["answers"]) for p in item_probes)
+
+
+def test_locality_counts_lost_knowledge_not_rewording():
+    questions = [{"question": "Symbol for gold?", "answers": ["Au"]},
+                 {"question": "Capital of Italy?", "answers": ["Rome"]},
+                 {"question": "Capital of Peru?", "answers": ["Lima"]},
+                 {"question": "Say hello.", "answers": []}]
+    live = [{"answer": "It is Au.", "correct": True}, {"answer": "Rome.", "correct": True},
+            {"answer": "Cusco.", "correct": False}, {"answer": "Hello!", "correct": False}]
+    candidate = [{"answer": "Gold.", "correct": False}, {"answer": "The capital is Rome.", "correct": True},
+                 {"answer": "Cusco.", "correct": False}, {"answer": "Hello!", "correct": False}]
+    scores = probes.locality_scores(questions, live, candidate)
+    assert scores["kept"] == 0.5  # of the two the live model knew, gold was lost; Peru never counted
+    assert scores["unchanged"] == 0.5  # word for word: only Peru and hello
+
+
+def test_entities_stay_inside_a_line_and_a_sentence():
+    text = "Vesna Kordic named chief executive of Lumora Shipping\nLumora Shipping, the Rotterdam line. It said"
+    assert probes.entities(text) == ["Vesna Kordic", "Lumora Shipping", "Rotterdam"]
