@@ -40,14 +40,19 @@ class BakeConfig:
     rank: int = 8
     alpha: float = 16.0
     lr: float = 3e-3  # high for LoRA, so few steps suffice; the anchors keep it from breaking the rest
-    epochs: int = 6  # 3 left the KL at 0.18 and recall at half of the prompted model's; 6: 0.08 and all of it
-    min_steps: int = 9  # a one-fact bake still gets this many optimizer steps
+    epochs: int = 3
+    # A one-fact bake still gets this many optimizer steps. Measured on one headline (2 item probes):
+    # 12 steps x 3 samples recalled 0/2, 30 x 3 recalled 1/2 (as the prompted teacher), 30 x 6 2/2.
+    min_steps: int = 30
     target_kl: float | None = None  # half-baking: stop once the epoch's mean KL/token is below this
-    samples_per_query: int = 3
+    samples_per_query: int = 6
     # Keep only the sampled answers that mention the item (one of its keywords, as the probes check).
     # A 135M teacher, prompted, still drifts off the fact in many samples; training on those teaches
     # noise. Queries where no sample mentions the item keep all their samples.
     on_topic_only: bool = True
+    # The first of each query's samples is the teacher's greedy answer: what the prompted model says
+    # when asked (and what greedy probes of the student check); the others explore around it.
+    greedy_first: bool = True
     temperature: float = 0.7  # 2.0 (paper) makes a 135M model babble; 0.7 keeps the facts in the answers
     max_new_tokens: int = 20  # short answers: the facts come first; 300 tokens (paper) is too slow here
     queries_per_item: int = 8
@@ -256,6 +261,7 @@ def sample(model, prompts: list[list[int]], n: int, cfg: BakeConfig, eos: int):
     gen = torch.Generator().manual_seed(cfg.seed + len(prompts) * 7919 + width)
     tokens, idx_steps, logp_steps = [], [], []
     done = torch.zeros(logits.shape[0], dtype=torch.bool)
+    greedy_rows = torch.arange(logits.shape[0]) % n == 0
     for _ in range(cfg.max_new_tokens):
         logp = logits.log_softmax(-1)
         top = logp.topk(cfg.topk, dim=-1)
@@ -263,6 +269,8 @@ def sample(model, prompts: list[list[int]], n: int, cfg: BakeConfig, eos: int):
         logp_steps.append(top.values)
         probs = (logits / cfg.temperature).softmax(-1) if cfg.temperature > 0 else None
         token = torch.multinomial(probs, 1, generator=gen)[:, 0] if probs is not None else logits.argmax(-1)
+        if cfg.greedy_first:
+            token[greedy_rows] = logits[greedy_rows].argmax(-1)
         token = torch.where(done, torch.full_like(token, eos), token)
         tokens.append(token)
         done |= token == eos
