@@ -39,7 +39,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CANDIDATE_NAME = "memory-candidate"
-GATE_MAX_TOKENS = 24  # probe answers are checked for keywords, which come early; vLLM+LoRA on CPU is slow
+# Probe answers are checked for keywords. General-knowledge and probe-set answers state them early;
+# a news answer takes a sentence to get to the point. (vLLM with LoRA decodes slowly on CPU.)
+GATE_MAX_TOKENS = 24
+ITEM_MAX_TOKENS = 48
 
 
 class BakeCancelled(Exception):
@@ -268,7 +271,8 @@ class Bakery:
         for name, probe_list in sets.items():
             if not probe_list:
                 continue
-            candidate = probes.run_remote(url, CANDIDATE_NAME, probe_list, max_tokens=GATE_MAX_TOKENS)
+            tokens = ITEM_MAX_TOKENS if name == "items" else GATE_MAX_TOKENS
+            candidate = probes.run_remote(url, CANDIDATE_NAME, probe_list, max_tokens=tokens)
             self.store.add_probe_results(bake_id, [{**r, "probe_set": name, "model": "candidate"} for r in candidate])
             if name == "items":
                 scores[name] = probes.accuracy(candidate)

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from agent_memory import probes
+from agent_memory.bakery import ITEM_MAX_TOKENS
 from conftest import HttpServer
 from daemon_proc import DaemonProcess, chat
 
@@ -72,7 +73,8 @@ def bake(daemon, *args) -> tuple[int, dict]:
 
 
 def item_accuracy(daemon, model: str, items: list[dict]) -> float:
-    return probes.accuracy(probes.run_remote(daemon.vllm, model, probes.item_probes(items)))
+    return probes.accuracy(probes.run_remote(daemon.vllm, model, probes.item_probes(items),
+                                             max_tokens=ITEM_MAX_TOKENS))  # as the gate asks
 
 
 def test_feed_headline_is_baked_and_memory_answers_it(daemon):
