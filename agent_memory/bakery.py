@@ -324,13 +324,20 @@ class Bakery:
             if target != EMPTY_VERSION and not (self.versions.path(target) / "manifest.json").exists():
                 raise UserError(f"unknown adapter version {target!r}: see `agent-memory history`")
             self._swap_to(target)
-            kept = set(self.versions.manifest(target)["deltas"])
-            dropped = [b for b in self.versions.manifest(current)["deltas"] if b not in kept]
+            before = self.versions.manifest(current)["deltas"]
+            after = self.versions.manifest(target)["deltas"]
+            dropped = [b for b in before if b not in after]
+            restored = [b for b in after if b not in before]  # rolling forward again
             for bake_id in dropped:
                 ids = self.store.get_bake(bake_id)["item_ids"] or []
                 self.store.mark_items(ids, "rejected", f"rolled back from {current} to {target}", bake_id)
-            self.store.record_event("rollback", {"from": current, "to": target, "dropped_bakes": dropped})
-            return {"from": current, "to": target, "dropped_bakes": dropped}
+            for bake_id in restored:  # items a rollback had taken out (not forgotten ones) are baked again
+                ids = [i for i in self.store.get_bake(bake_id)["item_ids"] or []
+                       if (self.store.get_item(i) or {}).get("status") == "rejected"]
+                self.store.mark_items(ids, "baked", None, bake_id)
+            self.store.record_event("rollback", {"from": current, "to": target, "dropped_bakes": dropped,
+                                                 "restored_bakes": restored})
+            return {"from": current, "to": target, "dropped_bakes": dropped, "restored_bakes": restored}
 
     def forget(self, item_id: int) -> dict:
         """Remove an item's knowledge: recompose without its bake's delta; re-queue its bake-mates."""

@@ -289,16 +289,6 @@ def kl_per_token(model_p, model_q, tokenizer, questions: list[str], max_new_toke
     return total / max(count, 1)
 
 
-def locality_local(model_a, model_b, tokenizer, probes: list[dict] | None = None,
-                   max_new_tokens: int = 24) -> float:
-    """Share of unrelated questions whose greedy answer is the same under both models."""
-    probes = probes or locality_probes()
-    convs = [messages_for(p["question"]) for p in probes]
-    a = generate_local(model_a, tokenizer, convs, max_new_tokens)
-    b = generate_local(model_b, tokenizer, convs, max_new_tokens)
-    return sum(_same(x[0], y[0]) for x, y in zip(a, b)) / len(probes)
-
-
 def _same(a: str, b: str) -> bool:
     norm = lambda s: " ".join(s.lower().split())  # noqa: E731
     return norm(a) == norm(b)

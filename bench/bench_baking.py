@@ -64,7 +64,7 @@ def main() -> None:
     log("none", none, "prompted", prompted)
 
     baked = {c: [] for c in columns}
-    costs, locality, kls = [], [], []
+    costs, locality, kept, kls = [], [], [], []
     work = Path(tempfile.mkdtemp(prefix="bench-baking-"))
     for seed in range(args.seeds):
         cfg = baking.BakeConfig(**{**json.loads(args.config), "seed": seed})
@@ -89,11 +89,13 @@ def main() -> None:
             baked[name].append(acc(probes.run_local(model, tok, probe_list)))
             log(f"seed {seed} {name}: baked acc {baked[name][-1]:.3f}", costs[-1])
             if name == columns[-1]:
-                locality.append(probes.locality_local(base, model, tok))
-                kls.append(probes.kl_per_token(base, model, tok, [p["question"] for p in probes.locality_probes()]))
-                correct = acc([r for r in probes.run_local(model, tok, probes.locality_probes(), max_new_tokens=24)
-                               if r["expected"]])
-                log(f"locality unchanged {locality[-1]:.3f}, KL/token {kls[-1]:.4f}, correct {correct:.3f}")
+                questions = probes.locality_probes()
+                scores = probes.locality_scores(questions, probes.run_local(base, tok, questions, max_new_tokens=24),
+                                                probes.run_local(model, tok, questions, max_new_tokens=24))
+                locality.append(scores["unchanged"])
+                kept.append(scores["kept"])
+                kls.append(probes.kl_per_token(base, model, tok, [p["question"] for p in questions]))
+                log(f"locality unchanged {locality[-1]:.3f}, kept {kept[-1]:.3f}, KL/token {kls[-1]:.4f}")
 
     mean = lambda xs: statistics.mean(xs) if xs else float("nan")  # noqa: E731
     lines = ["# Prompt Baking on the Durov set", "",
@@ -102,12 +104,16 @@ def main() -> None:
              "| row | no prompt | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns),
              f"| prompting | {none:.3f} | " + " | ".join(f"{prompted[c]:.3f}" for c in columns) + " |",
              f"| baking | {none:.3f} | " + " | ".join(f"{mean(baked[c]):.3f}" for c in columns) + " |",
+             f"| baking, 95% Wilson | | " + " | ".join(
+                 "{:.2f}-{:.2f}".format(*wilson(mean(baked[c]), len(probe_list) * len(baked[c]))) for c in columns) + " |",
              "| gap closed | | " + " | ".join(
                  f"{(mean(baked[c]) - none) / (prompted[c] - none):.0%}" if prompted[c] > none else "n/a"
                  for c in columns) + " |", "",
              f"Per seed: {json.dumps(baked)}", "",
-             f"Locality (56 unrelated questions, greedy 24 tokens, base vs baked `{columns[-1]}`): "
-             f"unchanged {mean(locality):.3f}; KL(base||baked) per token {mean(kls):.4f}", "",
+             f"Locality ({len(probes.locality_probes())} unrelated questions, greedy 24 tokens, base vs baked "
+             f"`{columns[-1]}`): general knowledge kept {mean(kept):.3f} (of the answers base got right, the share "
+             f"still right); answers unchanged word for word {mean(locality):.3f}; "
+             f"KL(base||baked) per token {mean(kls):.4f}", "",
              "## Cost", "", "| bake | wall s | load | teacher | train | steps | train tok/s | GFLOP/s | matmul GFLOP/s | share | dtype | final KL |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in costs:
@@ -117,6 +123,14 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)
+
+
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion p over n trials (20 questions is a small sample)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    centre, half = p + z * z / (2 * n), z * ((p * (1 - p) + z * z / (4 * n)) / n) ** 0.5
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
 
 
 if __name__ == "__main__":

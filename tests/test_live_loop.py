@@ -150,6 +150,8 @@ def test_swaps_under_concurrent_traffic_fail_no_request(daemon):
     assert failures == []
     assert base_answers and set(base_answers) == {base_reference}
     assert json.loads(daemon.cli("status", "--json").stdout)["live_version"] == "v0001"
+    kordic = next(i for i in queue(daemon) if "Kordic" in i["text"])
+    assert kordic["status"] == "baked"  # rolled back out, then forward in again
 
 
 def test_forget_removes_the_items_knowledge(daemon):
