@@ -312,14 +312,14 @@ def chat_remote(url: str, model: str, messages: list[dict], max_tokens: int = 32
 
 
 def run_remote(url: str, model: str, probes: list[dict], memory: str | None = None,
-               max_tokens: int = 32) -> list[dict]:
+               max_tokens: int = 32, concurrency: int = 8) -> list[dict]:
     """Score probes against a served model name (`base`, `memory`, a candidate)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def one(p):
         return chat_remote(url, model, messages_for(p["question"], memory), max_tokens)
 
-    with ThreadPoolExecutor(max_workers=8) as pool:  # vLLM batches concurrent requests
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:  # vLLM batches concurrent requests
         answers = list(pool.map(one, probes))
     return [_result(p, a, None if s is None or math.isnan(s) else s) for p, (a, s) in zip(probes, answers)]
 
