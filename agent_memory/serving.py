@@ -246,19 +246,29 @@ class Serving:
         endpoint.load_adapter(MEMORY_NAME, self.live_adapter)
 
     def swap(self, name: str, adapter_dir: Path) -> dict[str, str]:
-        """Point `name` at `adapter_dir` on every endpoint, the first one (canary) first.
+        """Point `name` at `adapter_dir` on every endpoint, the first one (the canary) first.
 
-        Returns {url: error} for endpoints that failed; a failing canary stops the rollout.
+        All or nothing: at the first endpoint that fails, the rollout stops and the endpoints that
+        already took the new adapter are put back on the previous one, so replicas never serve two
+        versions. Returns {url: error} for the endpoints that failed ({} = swapped everywhere).
         """
+        previous = self.live_adapter if name == MEMORY_NAME else None
         failures: dict[str, str] = {}
         with self.lock:
-            for i, endpoint in enumerate(self.endpoints):
+            swapped = []
+            for endpoint in self.endpoints:
                 try:
                     endpoint.load_adapter(name, adapter_dir)
+                    swapped.append(endpoint)
                 except ServingError as e:
                     failures[endpoint.url] = str(e)
-                    if i == 0:
-                        break
+                    break
+            if failures and previous is not None:
+                for endpoint in swapped:
+                    try:
+                        endpoint.load_adapter(name, previous)
+                    except ServingError as e:
+                        failures[endpoint.url] = f"swapped, then could not be put back: {e}"
             if name == MEMORY_NAME and not failures:
                 self.live_adapter = adapter_dir
         return failures
