@@ -7,8 +7,8 @@
 
 Training runs in a subprocess (`python -m agent_memory.baking JOB.json`): the daemon stays
 responsive, a stop can end it, and a kill -9 anywhere leaves at most a `.partial` directory, never
-a delta under its final name. Items claimed by a bake that never finished go back to pending at the
-next start (`Store.requeue_stale_baking`).
+a delta under its final name. At the next start `recover` settles what was cut off: a bake whose delta
+is in the live version is recorded live, any other unfinished bake abandoned and its items requeued.
 """
 
 from __future__ import annotations
@@ -76,9 +76,19 @@ class Bakery:
 
     # -- entry points ----------------------------------------------------------------------
 
-    def start(self) -> None:
+    def recover(self) -> None:
+        """At start, before anything else: settle what a stopped or killed daemon left half done."""
+        live_deltas = set(self.versions.manifest(self.versions.current())["deltas"])
+        for bake in self.store.unfinished_bakes():
+            if bake["id"] in live_deltas:  # killed after the swap, before recording it: it is live
+                self.store.mark_items(bake["item_ids"] or [], "baked", None, bake["id"])
+                self.store.update_bake(bake["id"], status="live", verdict="passed", finished_at=_now(),
+                                       reason="live; the daemon stopped before recording the verdict")
+        self.store.requeue_stale_baking()  # items of bakes that did not reach live go back to pending
+        self.store.abandon_unfinished_bakes()
         self.store.release_dead_leases()  # held by a daemon that was killed -9
-        self.store.abandon_unfinished_bakes()  # bakes cut off by a crash or stop; items requeued
+
+    def start(self) -> None:
         self.worker.start()
 
     def request(self, trigger: str, gate: dict | None = None) -> int:

@@ -62,7 +62,7 @@ class Daemon:
     def boot(self) -> None:
         """Bring up serving and the scheduler (runs in a thread while the API already answers)."""
         try:
-            self.store.requeue_stale_baking()  # a bake cut off by a crash gives its items back
+            self.bakery.recover()  # a bake cut off by a crash or stop: recorded live, or items requeued
             seed_feeds(self.store, self.cfg)
             if self.cfg.vllm.mode != "off":
                 self.notify(f"STATUS=starting vLLM ({self.cfg.vllm.mode})")

@@ -28,6 +28,8 @@ from .errors import UserError
 
 KINDS = ("headline", "fact", "conversation", "prompt")
 STATUSES = ("pending", "baking", "baked", "failed", "rejected", "forgotten")
+# A bake in one of these when the daemon starts was cut off (see Bakery.recover).
+UNFINISHED_BAKE_STATES = ("queued", "claiming", "training", "composing", "probing", "swapping")
 BUSY_TIMEOUT_S = 10.0
 MAX_SQLITE_INT = 2**63 - 1
 
@@ -484,14 +486,18 @@ class Store:
                 db.execute("delete from leases where name = ?", [name])
         return len(dead)
 
+    def unfinished_bakes(self) -> list[dict]:
+        marks = ", ".join("?" * len(UNFINISHED_BAKE_STATES))
+        return self._rows(f"select * from bakes where status in ({marks}) order by id", list(UNFINISHED_BAKE_STATES))
+
     def abandon_unfinished_bakes(self) -> int:
         """At start: bakes a crash or stop cut off are marked abandoned (their items requeued)."""
+        marks = ", ".join("?" * len(UNFINISHED_BAKE_STATES))
         with self.transaction() as db:
             cursor = db.execute(
                 "update bakes set status = 'abandoned', verdict = 'abandoned', finished_at = ?, "
-                "reason = 'the daemon stopped before this bake finished' "
-                "where status in ('queued', 'claiming', 'training', 'composing', 'probing', 'swapping')",
-                [utcnow()])
+                f"reason = 'the daemon stopped before this bake finished' where status in ({marks})",
+                [utcnow(), *UNFINISHED_BAKE_STATES])
             return cursor.rowcount
 
     def last_bake_started(self) -> float | None:

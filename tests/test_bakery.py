@@ -1,0 +1,32 @@
+"""What the bakery settles at start after a crash (the real store; versions as manifests on disk)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+from agent_memory.bakery import Bakery
+from agent_memory.versions import Versions
+
+
+def test_recover_after_kill_9_mid_swap_and_mid_training(cfg, store, tmp_path):
+    versions = Versions(cfg.adapters_dir, cfg.model_dir, cfg.vllm.max_lora_rank)
+    swapped, training = (store.create_bake(status="queued")["id"] for _ in range(2))
+    a, b = (store.add_item("fact", text)[0]["id"] for text in ("fact a", "fact b"))
+    store.claim_pending(1, bake_id=swapped)
+    store.claim_pending(1, bake_id=training)
+    store.update_bake(swapped, status="swapping", item_ids=[a])
+    store.update_bake(training, status="training", item_ids=[b])
+    # The daemon died right after CURRENT moved to the version holding `swapped`'s delta.
+    (versions.path("v0001")).mkdir(parents=True)
+    (versions.path("v0001") / "manifest.json").write_text(json.dumps({"version": "v0001", "deltas": [swapped]}))
+    versions.set_current("v0001")
+    store.acquire_lease("bake", owner="4242:dead")
+
+    Bakery(SimpleNamespace(cfg=cfg, store=store, versions=versions)).recover()
+
+    assert store.get_bake(swapped)["status"] == "live" and store.get_bake(swapped)["verdict"] == "passed"
+    assert (store.get_item(a)["status"], store.get_item(a)["bake_id"]) == ("baked", swapped)
+    assert store.get_bake(training)["status"] == "abandoned"
+    assert (store.get_item(b)["status"], store.get_item(b)["bake_id"]) == ("pending", None)
+    assert store.acquire_lease("bake", owner="new")  # the dead daemon's lease was released
