@@ -78,11 +78,13 @@ class Bakery:
 
     def recover(self) -> None:
         """At start, before anything else: settle what a stopped or killed daemon left half done."""
-        live_deltas = set(self.versions.manifest(self.versions.current())["deltas"])
+        current = self.versions.current()
+        live_deltas = set(self.versions.manifest(current)["deltas"])
         for bake in self.store.unfinished_bakes():
             if bake["id"] in live_deltas:  # killed after the swap, before recording it: it is live
                 self.store.mark_items(bake["item_ids"] or [], "baked", None, bake["id"])
                 self.store.update_bake(bake["id"], status="live", verdict="passed", finished_at=_now(),
+                                       version=int(current[1:]),
                                        reason="live; the daemon stopped before recording the verdict")
         self.store.requeue_stale_baking()  # items of bakes that did not reach live go back to pending
         self.store.abandon_unfinished_bakes()

@@ -5,11 +5,12 @@
 Read top to bottom:
   1. queries      what to ask about each item (questions it answers, recall, reverse direction) and
                   unrelated ANCHOR queries whose teacher is the unprompted live model (locality)
-  2. teacher      sample answers from the live model prompted with the item (u); keep the teacher's
-                  top-k distribution at every answer token (its raw logits come out of generate)
-  3. student      the live model (live adapter merged, frozen, bf16) + one new trainable LoRA delta
+  2. teacher      sample answers from the live model prompted with the item (u), the first greedy;
+                  keep the on-topic ones and the teacher's top-k distribution at every answer token
+  3. student      the live model (live adapter merged, frozen) + one new trainable LoRA delta
   4. loss         KL(teacher || student) over all answer tokens, the FIRST one included
-  5. train        AdamW, bf16 autocast (AMX), length-sorted batches, early stop at a target KL
+  5. train        AdamW, bf16 where the CPU is fast at it (hardware.py), length-sorted batches,
+                  early stop at a target KL
   6. save         delta + bake.json into OUT.partial, renamed to OUT at the very end
 
 `python -m agent_memory.baking JOB.json` runs one bake from a job file (the daemon's subprocess).
@@ -41,8 +42,9 @@ class BakeConfig:
     alpha: float = 16.0
     lr: float = 3e-3  # high for LoRA, so few steps suffice; the anchors keep it from breaking the rest
     epochs: int = 3
-    # A one-fact bake still gets this many optimizer steps. Measured on one headline (2 item probes):
-    # 12 steps x 3 samples recalled 0/2, 30 x 3 recalled 1/2 (as the prompted teacher), 30 x 6 2/2.
+    # A one-fact bake still gets this many optimizer steps. Measured on one headline (2 item probes,
+    # the prompted teacher recalls 1/2): 12 steps x 3 samples recalled 0/2 (2 seeds); 30 x 3, 1/2;
+    # 30 steps x 6 samples 2/2, 1/2, 1/2, 2/2 over seeds 0-3, in ~60 s.
     min_steps: int = 30
     target_kl: float | None = None  # half-baking: stop once the epoch's mean KL/token is below this
     samples_per_query: int = 6

@@ -25,7 +25,8 @@ def test_recover_after_kill_9_mid_swap_and_mid_training(cfg, store, tmp_path):
 
     Bakery(SimpleNamespace(cfg=cfg, store=store, versions=versions)).recover()
 
-    assert store.get_bake(swapped)["status"] == "live" and store.get_bake(swapped)["verdict"] == "passed"
+    recorded = store.get_bake(swapped)
+    assert (recorded["status"], recorded["verdict"], recorded["version"]) == ("live", "passed", 1)
     assert (store.get_item(a)["status"], store.get_item(a)["bake_id"]) == ("baked", swapped)
     assert store.get_bake(training)["status"] == "abandoned"
     assert (store.get_item(b)["status"], store.get_item(b)["bake_id"]) == ("pending", None)
