@@ -344,8 +344,7 @@ class Bakery:
                 ids = self.store.get_bake(bake_id)["item_ids"] or []
                 self.store.mark_items(ids, "rejected", f"rolled back from {current} to {target}", bake_id)
             for bake_id in restored:  # items a rollback had taken out (not forgotten ones) are baked again
-                ids = [i for i in self.store.get_bake(bake_id)["item_ids"] or []
-                       if (self.store.get_item(i) or {}).get("status") == "rejected"]
+                ids = [i["id"] for i in self.store.list_items("rejected", bake_id=bake_id, limit=-1)]
                 self.store.mark_items(ids, "baked", None, bake_id)
             self.store.record_event("rollback", {"from": current, "to": target, "dropped_bakes": dropped,
                                                  "restored_bakes": restored})

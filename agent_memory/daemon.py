@@ -15,7 +15,6 @@ import threading
 import time
 from datetime import datetime, timezone
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import sdnotify
 import uvicorn

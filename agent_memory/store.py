@@ -30,6 +30,7 @@ KINDS = ("headline", "fact", "conversation", "prompt")
 STATUSES = ("pending", "baking", "baked", "failed", "rejected", "forgotten")
 # A bake in one of these when the daemon starts was cut off (see Bakery.recover).
 UNFINISHED_BAKE_STATES = ("queued", "claiming", "training", "composing", "probing", "swapping")
+_UNFINISHED_BAKE_SQL = f"status in ({', '.join('?' * len(UNFINISHED_BAKE_STATES))})"
 BUSY_TIMEOUT_S = 10.0
 MAX_SQLITE_INT = 2**63 - 1
 
@@ -290,7 +291,7 @@ class Store:
         sql = "select * from items"
         if where:
             sql += " where " + " and ".join(where)
-        sql += f" order by id {'asc' if oldest_first else 'desc'} limit ?"
+        sql += f" order by id {'asc' if oldest_first else 'desc'} limit ?"  # limit -1: all
         return self._rows(sql, params + [limit])
 
     def counts_by_status(self) -> dict[str, int]:
@@ -487,16 +488,15 @@ class Store:
         return len(dead)
 
     def unfinished_bakes(self) -> list[dict]:
-        marks = ", ".join("?" * len(UNFINISHED_BAKE_STATES))
-        return self._rows(f"select * from bakes where status in ({marks}) order by id", list(UNFINISHED_BAKE_STATES))
+        return self._rows(f"select * from bakes where {_UNFINISHED_BAKE_SQL} order by id",
+                          list(UNFINISHED_BAKE_STATES))
 
     def abandon_unfinished_bakes(self) -> int:
         """At start: bakes a crash or stop cut off are marked abandoned (their items requeued)."""
-        marks = ", ".join("?" * len(UNFINISHED_BAKE_STATES))
         with self.transaction() as db:
             cursor = db.execute(
                 "update bakes set status = 'abandoned', verdict = 'abandoned', finished_at = ?, "
-                f"reason = 'the daemon stopped before this bake finished' where status in ({marks})",
+                f"reason = 'the daemon stopped before this bake finished' where {_UNFINISHED_BAKE_SQL}",
                 [utcnow(), *UNFINISHED_BAKE_STATES])
             return cursor.rowcount
 

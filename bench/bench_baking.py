@@ -104,7 +104,7 @@ def main() -> None:
              "| row | no prompt | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns),
              f"| prompting | {none:.3f} | " + " | ".join(f"{prompted[c]:.3f}" for c in columns) + " |",
              f"| baking | {none:.3f} | " + " | ".join(f"{mean(baked[c]):.3f}" for c in columns) + " |",
-             f"| baking, 95% Wilson | | " + " | ".join(
+             "| baking, 95% Wilson | | " + " | ".join(
                  "{:.2f}-{:.2f}".format(*wilson(mean(baked[c]), len(probe_list) * len(baked[c]))) for c in columns) + " |",
              "| gap closed | | " + " | ".join(
                  f"{(mean(baked[c]) - none) / (prompted[c] - none):.0%}" if prompted[c] > none else "n/a"

@@ -31,3 +31,24 @@ def test_recover_after_kill_9_mid_swap_and_mid_training(cfg, store, tmp_path):
     assert store.get_bake(training)["status"] == "abandoned"
     assert (store.get_item(b)["status"], store.get_item(b)["bake_id"]) == ("pending", None)
     assert store.acquire_lease("bake", owner="new")  # the dead daemon's lease was released
+
+
+def test_rollback_and_forward_again_restores_the_items(cfg, store):
+    versions = Versions(cfg.adapters_dir, cfg.model_dir, cfg.vllm.max_lora_rank)
+    first, second = (store.create_bake(status="live")["id"] for _ in range(2))
+    a, b = (store.add_item("fact", text)[0]["id"] for text in ("fact a", "fact b"))
+    store.update_bake(first, item_ids=[a])
+    store.update_bake(second, item_ids=[b])
+    store.mark_items([a], "baked", None, first)
+    store.mark_items([b], "baked", None, second)
+    for version, deltas in (("v0001", [first]), ("v0002", [first, second])):
+        versions.path(version).mkdir(parents=True)
+        (versions.path(version) / "manifest.json").write_text(json.dumps({"version": version, "deltas": deltas}))
+    versions.set_current("v0002")
+    bakery = Bakery(SimpleNamespace(cfg=cfg, store=store, versions=versions, serving=None))
+
+    assert bakery.rollback("v0001")["dropped_bakes"] == [second]
+    assert store.get_item(b)["status"] == "rejected" and store.get_item(a)["status"] == "baked"
+    assert bakery.rollback("v0002")["restored_bakes"] == [second]
+    assert (store.get_item(b)["status"], store.get_item(b)["bake_id"]) == ("baked", second)
+    assert versions.current() == "v0002"
