@@ -292,11 +292,20 @@ class Serving:
                 self._load_names(endpoint)
 
     def healthy(self) -> bool:
-        return bool(self.endpoints) and all(e.healthy() for e in self.endpoints)
+        """Every endpoint answers and serves `base` and `memory`: a vLLM that has just been
+        restarted is up a moment before its names are loaded again, and is not ready then."""
+        return bool(self.endpoints) and all(e.healthy() and _serves_our_names(e) for e in self.endpoints)
 
     def stop(self) -> None:
         if self.managed:
             self.managed.stop()
+
+
+def _serves_our_names(endpoint: Endpoint) -> bool:
+    try:
+        return {BASE_NAME, MEMORY_NAME} <= set(endpoint.served())
+    except ServingError:  # it died between the two calls
+        return False
 
 
 def ensure_port_free(host: str, port: int, key: str) -> None:
