@@ -13,12 +13,32 @@ import time
 import torch
 
 
-def idle_cores() -> int:
-    """Cores not busy elsewhere (1-minute load average). Measured on 2 shared cores: with another
-    process busy, 2 OpenMP threads ran a training step 4.5x SLOWER than 1 (threads spin on barriers
-    while descheduled), so we only take the cores that are free."""
+def idle_cores(window: float = 0.5) -> int:
+    """Cores not busy elsewhere right now. Measured on 2 shared cores: with another process busy,
+    2 OpenMP threads ran a training step 4.5x SLOWER than 1 (threads spin on barriers while
+    descheduled), so we only take the cores that are free. Sampled over `window` seconds, not the
+    1-minute load average: that lags, and after vLLM's probing of the previous bake it handed the next
+    bake 1 thread on an idle machine (training 127 s instead of 60)."""
     cores = os.cpu_count() or 1
-    return max(1, min(cores, round(cores - os.getloadavg()[0] + 0.3)))
+    return max(1, min(cores, round(cores - busy_cores(window) + 0.3)))
+
+
+def busy_cores(window: float = 0.5) -> float:
+    """How many cores' worth of CPU time the whole machine used over the last `window` seconds."""
+    try:
+        total0, idle0 = _cpu_times()
+        time.sleep(window)
+        total1, idle1 = _cpu_times()
+    except (OSError, ValueError, IndexError):  # not Linux: fall back on the load average
+        return os.getloadavg()[0]
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(total1 - total0, 1))
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(all, idle) jiffies from /proc/stat's cpu line: user nice system idle iowait irq softirq steal."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:9]]
+    return sum(values), values[3] + values[4]
 
 
 def matmul_gflops(dtype=torch.bfloat16, n: int = 1024, reps: int = 20) -> float:
@@ -32,8 +52,12 @@ def matmul_gflops(dtype=torch.bfloat16, n: int = 1024, reps: int = 20) -> float:
 
 
 def pick_dtype(name: str = "auto") -> torch.dtype:
-    """"bfloat16", "float32", or "auto": bf16 only where it multiplies 1.2x faster than fp32."""
+    """"bfloat16", "float32", or "auto": bf16 only where it multiplies 1.2x faster than fp32.
+
+    512-wide matrices, best of 3 short runs: 256-wide ones timed over 3 products flipped the choice
+    to fp32 on a machine where bf16 is 2.8x faster (one noisy sample decided it)."""
     if name != "auto":
         return torch.bfloat16 if name == "bfloat16" else torch.float32
-    bf16, fp32 = matmul_gflops(torch.bfloat16, 256, 3), matmul_gflops(torch.float32, 256, 3)
+    bf16 = max(matmul_gflops(torch.bfloat16, 512, 5) for _ in range(3))
+    fp32 = max(matmul_gflops(torch.float32, 512, 5) for _ in range(3))
     return torch.bfloat16 if bf16 > 1.2 * fp32 else torch.float32
