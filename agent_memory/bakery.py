@@ -244,7 +244,7 @@ class Bakery:
             "live_adapter": str(self.versions.current_path()),
             "out_dir": str(out_dir),
             "items": [_bake_item(i) for i in items],
-            "config": self.cfg.bake.engine,
+            "config": self._engine_config(),
         }
         job_path.write_text(json.dumps(job, indent=2))
         log_path = self.cfg.logs_dir / f"bake-{bake_id:04d}.log"
@@ -260,6 +260,13 @@ class Bakery:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
             raise RuntimeError(f"training exited with code {code}: {tail[0][:300]} (log: {log_path})")
         return json.loads((out_dir / "bake.json").read_text())
+
+    def _engine_config(self) -> dict:
+        """[bake.engine], plus where the live model is served when vLLM is the teacher."""
+        engine = dict(self.cfg.bake.engine or {})
+        if engine.get("teacher") == "vllm" and not engine.get("teacher_url"):
+            engine["teacher_url"] = self.daemon.serving.endpoints[0].url  # serves `memory` = the live model
+        return engine
 
     # -- probes and the gate -----------------------------------------------------------------
 

@@ -58,13 +58,16 @@ class BakeConfig:
     temperature: float = 0.7  # 2.0 (paper) makes a 135M model babble; 0.7 keeps the facts in the answers
     max_new_tokens: int = 20  # short answers: the facts come first; 300 tokens (paper) is too slow here
     queries_per_item: int = 8
+    cloze_queries: int = 2  # of them, fill-in-the-blank questions on the title (cloze_queries())
     anchors: int = 8  # unrelated queries with the unprompted live model as teacher
     anchor_samples: int = 1
     topk: int = 64  # teacher distribution kept per token (+ one bucket for the rest of the vocab)
     batch_size: int = 16
     seed: int = 0
     dtype: str = "auto"  # "bfloat16" (autocast; fast only with AMX/AVX-512 bf16), "float32", or "auto": measured
-    teacher: str = "local"  # "local" (HF generate) ; a vLLM URL is not implemented yet
+    teacher: str = "local"  # "local": sampled in the trainer; "vllm": from the daemon's vLLM (teacher_url)
+    teacher_url: str | None = None  # set by the daemon for teacher "vllm"
+    teacher_model: str = "memory"  # the served name of the live model on teacher_url
     memory_style: str = "append"  # how u enters the teacher's context (see probes.messages_for)
     target_modules: list[str] = field(default_factory=lambda: list(adapters.TARGET_MODULES))
     threads: int = 0  # torch threads; 0 = the cores other processes leave idle (at least 1)
@@ -105,6 +108,9 @@ ENTITY_TEMPLATES = [
     "What is the recent news about {e}?",
     "Who was involved in the recent events at {e}?",
 ]
+# Cloze on the item's title (the headline), one per entity: the answer IS the entity, the direction
+# the subject/entity templates miss ("Which company's update crashed Windows computers?" -> CrowdStrike).
+CLOZE_TEMPLATE = 'Fill in the blank in this recent news headline: "{m}"'
 RESTATE = ["What recent news do you know?", "Summarize the latest facts you know."]
 CONVERSATION_TEMPLATES = ["What did we talk about earlier?", "What did I tell you before?",
                           "Remind me what we discussed."]
@@ -155,7 +161,10 @@ def item_memory(item: dict) -> str:
     if item.get("kind") == "conversation":
         return f"Earlier conversation with the user:\n{text}"
     when = (item.get("valid_at") or "")[:10]
-    return f"({when}) {text}" if when and when not in text else text
+    # The date goes last: with "(2024-07-19) text" the teacher's answers began with the stamp, the
+    # students learnt to open every news answer with one, and after a few stacked bakes the answers
+    # were all recitation, the fact itself cut off (bench_sequential.py).
+    return f"{text} (reported {when})" if when and when not in text else text
 
 
 def teacher_system(item: dict, style: str) -> list[dict]:
@@ -179,7 +188,7 @@ def build_queries(items: list[dict], cfg: BakeConfig, rng: random.Random) -> lis
         subject = item_subject({"text": source, "title": item.get("title")})
         others = [e for e in entities(source) if e not in subject and subject not in e]
         # Always: the two most general recall questions; then a seeded mix of the rest.
-        fixed = [t.format(s=subject) for t in SUBJECT_TEMPLATES[:2]]
+        fixed = [t.format(s=subject) for t in SUBJECT_TEMPLATES[:2]] + cloze_queries(item, cfg.cloze_queries)
         pool = [t.format(s=subject) for t in SUBJECT_TEMPLATES[2:]]
         pool += [t.format(e=e) for e in others[:3] for t in ENTITY_TEMPLATES]
         pool += RESTATE + (CONVERSATION_TEMPLATES if item.get("kind") == "conversation" else [])
@@ -191,6 +200,14 @@ def build_queries(items: list[dict], cfg: BakeConfig, rng: random.Random) -> lis
         picked = rng.sample(ANCHOR_QUERIES, min(cfg.anchors, len(ANCHOR_QUERIES)))
         queries += [Query(q, None, None, "anchor") for q in picked]
     return queries
+
+
+def cloze_queries(item: dict, n: int) -> list[str]:
+    """Up to n fill-in-the-blank questions on the item's title, one entity blanked in each."""
+    title = item.get("title") or ""
+    if not title or item.get("kind") in ("conversation", "prompt"):
+        return []
+    return [CLOZE_TEMPLATE.format(m=title.replace(e, "___", 1)) for e in entities(title)[:n]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,9 +228,46 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+SAMPLE_BATCH = 48  # sequences the local teacher decodes together (96 and 192 were no faster here)
+TEACHER_CONCURRENCY = 8  # requests in flight to a vLLM teacher (the gate's measured optimum too)
+
+
 @torch.no_grad()
 def teacher_examples(model, tokenizer, queries: list[Query], cfg: BakeConfig, progress=None) -> list[Example]:
     """Sample answers from the prompted live model, with its top-k log-probs at each answer token.
+
+    cfg.teacher "local": this process's copy of the live model (local_samples); "vllm": the live
+    model as the daemon serves it (`memory` on cfg.teacher_url, remote_samples). Either way the
+    samples then pass the same filter (keep_samples).
+    """
+    source = remote_samples(tokenizer, queries, cfg) if cfg.teacher == "vllm" else \
+        local_samples(model, tokenizer, queries, cfg)
+    examples: list[Example] = []
+    for done, (q, samples) in enumerate(source, 1):
+        examples += keep_samples(tokenizer, q, samples, cfg)
+        if progress:
+            progress("teacher", done, len(queries))
+    return examples
+
+
+def keep_samples(tokenizer, q: Query, samples: list[tuple], cfg: BakeConfig) -> list[Example]:
+    """One query's samples (answer ids, top_idx, top_logp) as training examples, minus the useless ones."""
+    texts = [tokenizer.decode(answer, skip_special_tokens=True) for answer, _, _ in samples]
+    on_topic = [not (cfg.on_topic_only and q.keywords) or is_correct(t, q.keywords) for t in texts]
+    student_prompt = chat_ids(tokenizer, [{"role": "user", "content": q.question}])
+    examples = []
+    for (answer, top_idx, top_logp), keep in zip(samples, on_topic):
+        if len(answer) <= 1 and q.kind != "anchor":
+            continue  # an empty answer teaches nothing about u
+        if not keep and any(on_topic):
+            continue  # off topic while a sibling sample is on it
+        examples.append(Example(student_prompt, answer, top_idx[:len(answer)].clone(),
+                                top_logp[:len(answer)].clone(), q.kind))
+    return examples
+
+
+def local_samples(model, tokenizer, queries: list[Query], cfg: BakeConfig):
+    """Yield (query, its samples) from the local live model.
 
     Our own sampling loop instead of generate(num_return_sequences=n): each teacher prompt (u + q,
     ~100 tokens) is prefilled ONCE and its KV cache copied n times, where generate would prefill it
@@ -221,29 +275,63 @@ def teacher_examples(model, tokenizer, queries: list[Query], cfg: BakeConfig, pr
     teacher's distribution, so keeping their top-k costs no second forward pass. Position 0 is the
     first answer token: kept.
     """
-    examples: list[Example] = []
-    per_batch = max(1, 48 // cfg.samples_per_query)  # ~48 sequences decoded together
+    per_batch = max(1, SAMPLE_BATCH // cfg.samples_per_query)
     for start in range(0, len(queries), per_batch):
         chunk = queries[start:start + per_batch]
         for n, group in _by_samples(chunk, cfg):
             prompts = [chat_ids(tokenizer, (q.context or []) + [{"role": "user", "content": q.question}])
                        for q in group]
             answers, top_idx, top_logp = sample(model, prompts, n, cfg, tokenizer.eos_token_id)
-            texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
-            for row, answer in enumerate(answers):
-                q = group[row // n]
-                if len(answer) <= 1 and q.kind != "anchor":
-                    continue  # an empty answer teaches nothing about u
-                if cfg.on_topic_only and q.keywords and not is_correct(texts[row], q.keywords):
-                    siblings = texts[row - row % n: row - row % n + n]
-                    if any(is_correct(t, q.keywords) for t in siblings):
-                        continue
-                examples.append(Example(chat_ids(tokenizer, [{"role": "user", "content": q.question}]),
-                                        answer, top_idx[row, :len(answer)].clone(),
-                                        top_logp[row, :len(answer)].clone(), q.kind))
-        if progress:
-            progress("teacher", min(start + per_batch, len(queries)), len(queries))
-    return examples
+            for i, q in enumerate(group):
+                rows = range(i * n, (i + 1) * n)
+                yield q, [(answers[r], top_idx[r], top_logp[r]) for r in rows]
+
+
+def remote_samples(tokenizer, queries: list[Query], cfg: BakeConfig):
+    """Yield (query, its samples) from vLLM serving the live model (about 5x faster than local_samples
+    on 2 cores, bench_teacher.py). One greedy request (greedy_first) and one with n samples per query,
+    TEACHER_CONCURRENCY queries in flight. vLLM's top_logprobs hold the sampled token and the top
+    others, k in all: a set of tokens with their true log-probs, which is all topk_kl needs.
+    The server needs --max-logprobs >= topk (the daemon starts it with 64)."""
+    import httpx
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not cfg.teacher_url:
+        raise ValueError("teacher 'vllm' needs teacher_url (the daemon sets it to its vLLM)")
+
+    def ask(client, q: Query):
+        n = cfg.anchor_samples if q.kind == "anchor" else cfg.samples_per_query
+        greedy = 1 if cfg.greedy_first and n else 0
+        body = {"model": cfg.teacher_model, "max_tokens": cfg.max_new_tokens,
+                "messages": (q.context or []) + [{"role": "user", "content": q.question}],
+                "logprobs": True, "top_logprobs": cfg.topk, "return_tokens_as_token_ids": True}
+        choices = []
+        for count, temperature in ((greedy, 0.0), (n - greedy, cfg.temperature)):
+            if count:
+                response = client.post("/v1/chat/completions", json={**body, "n": count, "temperature": temperature})
+                if response.status_code != 200:
+                    raise RuntimeError(f"vLLM teacher at {cfg.teacher_url}: HTTP {response.status_code} "
+                                       f"{response.text[:300]}")
+                choices += response.json()["choices"]
+        return q, [_remote_sample(c, cfg.topk) for c in choices]
+
+    with httpx.Client(base_url=cfg.teacher_url, timeout=600) as client, \
+            ThreadPoolExecutor(TEACHER_CONCURRENCY) as pool:
+        yield from pool.map(lambda q: ask(client, q), queries)
+
+
+def _remote_sample(choice: dict, k: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """(answer ids, top_idx [T, k], top_logp [T, k]) of one vLLM choice (tokens as "token_id:N")."""
+    steps = choice["logprobs"]["content"]
+    answer = [int(step["token"].removeprefix("token_id:")) for step in steps]
+    top_idx = torch.zeros(len(steps), k, dtype=torch.long)
+    top_logp = torch.full((len(steps), k), -9999.0)  # padding: no mass (vLLM floors -inf at -9999)
+    for t, step in enumerate(steps):
+        top = step["top_logprobs"][:k] or [{"token": step["token"], "logprob": step["logprob"]}]
+        top_idx[t, :len(top)] = torch.tensor([int(x["token"].removeprefix("token_id:")) for x in top])
+        top_idx[t, len(top):] = top_idx[t, 0]
+        top_logp[t, :len(top)] = torch.tensor([float(x["logprob"]) for x in top])
+    return answer, top_idx, top_logp
 
 
 def sample(model, prompts: list[list[int]], n: int, cfg: BakeConfig, eos: int):
@@ -487,8 +575,8 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: BakeConfi
     delta under the final name.
     """
     cfg = cfg or BakeConfig()
-    if cfg.teacher != "local":
-        raise NotImplementedError("only the local teacher is implemented")
+    if cfg.teacher not in ("local", "vllm"):
+        raise ValueError(f"teacher {cfg.teacher!r}: 'local' or 'vllm'")
     if not items:
         raise ValueError("nothing to bake")
     model_dir, out_dir = Path(model_dir), Path(out_dir)

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 BASE_NAME = "base"
 MEMORY_NAME = "memory"
 RAW_NAME = "agent-memory-raw-base"
+TEACHER_MAX_LOGPROBS = 64  # top log-probs per token a vLLM teacher may ask for (BakeConfig.topk)
 
 
 class ServingError(Exception):
@@ -102,6 +103,7 @@ class ManagedVllm:
             "--enable-lora", "--max-lora-rank", str(v.max_lora_rank),
             "--max-loras", str(v.max_loras), "--max-cpu-loras", str(v.max_loras + 2),
             "--max-model-len", str(v.max_model_len),
+            "--max-logprobs", str(TEACHER_MAX_LOGPROBS),
             "--dtype", self.dtype(),
             *v.extra_args,
         ]

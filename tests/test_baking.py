@@ -102,6 +102,36 @@ def test_conversation_items_use_the_transcript_as_u():
         baking.build_queries([item], baking.BakeConfig(memory_style="user"), random.Random(1))
 
 
+
+def test_vllm_logprobs_become_teacher_targets():
+    """A vLLM choice (tokens as "token_id:N", fewer top entries than k) -> padded top-k with no mass."""
+    step = lambda tok, lp, top: {"token": f"token_id:{tok}", "logprob": lp,  # noqa: E731
+                                 "top_logprobs": [{"token": f"token_id:{t}", "logprob": v} for t, v in top]}
+    choice = {"logprobs": {"content": [step(5, -0.1, [(5, -0.1), (9, -2.5)]), step(2, -0.3, [(2, -0.3)])]}}
+    answer, top_idx, top_logp = baking._remote_sample(choice, k=3)
+    assert answer == [5, 2]
+    assert top_idx.tolist() == [[5, 9, 5], [2, 2, 2]]
+    assert top_logp[0, :2].tolist() == pytest.approx([-0.1, -2.5]) and top_logp[0, 2] == -9999.0
+    logits = torch.randn(2, 16)
+    kl = baking.topk_kl(logits, top_idx, top_logp)
+    assert torch.isfinite(kl).all() and (kl >= -1e-6).all()
+
+
+def test_off_topic_samples_are_dropped_only_when_a_sibling_is_on_topic(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    sample = lambda text: (ids(text), torch.zeros(len(ids(text)), 4, dtype=torch.long),  # noqa: E731
+                           torch.zeros(len(ids(text)), 4))
+    q = baking.Query("Where was he arrested?", [], 1, "knowledge", ["Bourget"])
+    cfg = baking.BakeConfig()
+    kept = baking.keep_samples(tok, q, [sample("at Le Bourget airport"), sample("in a big city somewhere")], cfg)
+    assert [tok.decode(e.answer_ids) for e in kept] == ["at Le Bourget airport"]
+    kept = baking.keep_samples(tok, q, [sample("in a city"), sample("at an airport")], cfg)
+    assert len(kept) == 2  # none on topic: all kept
+
+
 def test_unknown_config_keys_are_refused():
     with pytest.raises(ValueError):
         baking.BakeConfig.from_dict({"rnak": 8})
@@ -212,6 +242,36 @@ def test_real_bake_raises_the_unprompted_logprob_of_the_fact(tmp_path):
     adapters.merge_into(model, result.out_dir)
     after = probes.answer_logprob(model, tokenizer, question, answer)
     assert after > before + 1.0, (before, after, result.report["curve"])
+
+
+
+@pytest.mark.model
+@pytest.mark.skipif(not (REAL_MODEL / "model.safetensors").exists(), reason="embedded model not prepared")
+def test_a_stacked_later_fact_supersedes_the_earlier_one(tmp_path):
+    """Arrest (u1) baked, then charged-and-released (u2) baked on top: the model moves to the latest state."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = baking.BakeConfig(queries_per_item=6, samples_per_query=3, max_new_tokens=16, anchors=2,
+                            epochs=6, min_steps=6, batch_size=20, lr=5e-3)
+    u2 = {"id": 2, "kind": "headline", "text": DUROV["u2"]["text"], "source": "test", "valid_at": "2024-08-28"}
+    first = baking.bake(REAL_MODEL, None, [U1], tmp_path / "u1", cfg).out_dir
+    adapters.compose([first], tmp_path / "live", max_rank=64)
+    second = baking.bake(REAL_MODEL, tmp_path / "live", [u2], tmp_path / "u2", cfg).out_dir
+    tokenizer = AutoTokenizer.from_pretrained(REAL_MODEL)
+    model = AutoModelForCausalLM.from_pretrained(REAL_MODEL, dtype=torch.float32).eval()
+    question = "What is the latest news about Pavel Durov?"
+    latest = "Pavel Durov was released on 5 million euro bail and may not leave France."
+    stale = "Pavel Durov is being held in custody after his arrest at Le Bourget airport."
+
+    def preference() -> float:  # > 0: the latest state is the likelier answer
+        return (probes.answer_logprob(model, tokenizer, question, latest)
+                - probes.answer_logprob(model, tokenizer, question, stale))
+
+    adapters.merge_into(model, first)
+    after_u1 = preference()
+    adapters.merge_into(model, second)
+    after_u2 = preference()
+    assert after_u2 > after_u1 + 1.0 and after_u2 > 0, (after_u1, after_u2)
 
 
 def test_shared_prefix_gives_the_same_kl_and_gradients(tiny_model_dir):
