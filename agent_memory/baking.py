@@ -3,10 +3,12 @@
     theta_u = argmin KL( P_live(. | u, q) || P_live+delta(. | q) )    over sampled answers to queries q
 
 Read top to bottom:
-  1. queries      what to ask about each item (questions it answers, recall, reverse direction) and
-                  unrelated ANCHOR queries whose teacher is the unprompted live model (locality)
-  2. teacher      sample answers from the live model prompted with the item (u), the first greedy;
-                  keep the on-topic ones and the teacher's top-k distribution at every answer token
+  1. queries      what to ask about each item (questions it answers, recall, reverse direction,
+                  fill-in-the-blank on the headline) and unrelated ANCHOR queries whose teacher is
+                  the unprompted live model (locality)
+  2. teacher      sample answers from the live model prompted with the item (u), the first greedy,
+                  here or from the daemon's vLLM; keep the on-topic ones and the teacher's top-k
+                  distribution at every answer token
   3. student      the live model (live adapter merged, frozen) + one new trainable LoRA delta
   4. loss         KL(teacher || student) over all answer tokens, the FIRST one included
   5. train        AdamW, bf16 where the CPU is fast at it (hardware.py), length-sorted batches,

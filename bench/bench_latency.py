@@ -19,7 +19,8 @@ import json
 import sys
 import time
 
-from common import Report, context, log, parser, percentile, plot_path, pyplot, running_daemon, save_figure
+from common import (PeakMemory, Report, context, log, parser, percentile, plot_path, pyplot, running_daemon,
+                    save_figure, vllm_pid)
 
 FACTS = [
     "Vesna Kordic was named chief executive of Lumora Shipping on March 3, 2025.",
@@ -54,10 +55,26 @@ def main() -> int:
         return 0
     config = "[bake.engine]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in engine.items())
     with running_daemon("latency", config_toml=config, bake_min_pending="1000", bake_every="30d") as daemon:
-        results = [one_run(daemon, FACTS[i % len(FACTS)] + (f" (run {i + 1})" if i >= len(FACTS) else ""))
-                   for i in range(runs)]
-    write_report(report, results, ctx)
+        roots = {"daemon": lambda: daemon.process.pid, "trainer": lambda: trainer_pid(daemon.process.pid),
+                 "vllm": lambda: vllm_pid(daemon)}
+        with PeakMemory(roots, interval=0.5) as memory:
+            results = [one_run(daemon, FACTS[i % len(FACTS)] + (f" (run {i + 1})" if i >= len(FACTS) else ""))
+                       for i in range(runs)]
+    write_report(report, results, ctx, memory.peaks)
     return 0
+
+
+def trainer_pid(daemon_pid: int) -> int | None:
+    """The daemon's training subprocess (`python -m agent_memory.baking JOB.json`), while one runs."""
+    import psutil
+
+    try:
+        for child in psutil.Process(daemon_pid).children():
+            if "agent_memory.baking" in child.cmdline():
+                return child.pid
+    except psutil.Error:
+        pass
+    return None
 
 
 def one_run(daemon, fact: str) -> dict:
@@ -82,7 +99,7 @@ def one_run(daemon, fact: str) -> dict:
     return run
 
 
-def write_report(report: Report, runs: list[dict], ctx: str) -> None:
+def write_report(report: Report, runs: list[dict], ctx: str, peaks: dict) -> None:
     stage_names = list(dict.fromkeys(name for r in runs for name in r["stages"]))
     columns = stage_names + ["bake other", "bake total", "outside bake", "wall"]
 
@@ -101,6 +118,10 @@ def write_report(report: Report, runs: list[dict], ctx: str) -> None:
              "`remember` command, queueing, CLI start-up and `bake --wait`'s 2 s polling. "
              "Item probe accuracy per run: "
              + ", ".join("n/a" if r["items_acc"] is None else f"{r['items_acc']:.2f}" for r in runs) + ".")
+    report.table("Peak memory over the runs (GiB, sampled every 0.5 s)", ["process", "processes", "RSS", "PSS"],
+                 [[name, p["processes"], p["rss"], p["pss"]] for name, p in peaks.items()],
+                 note="trainer = the daemon's training subprocess; vllm = the vLLM server and its engine "
+                      "process. RSS summed over a tree counts shared pages once per process; PSS splits them.")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 2.2 + 0.5 * len(runs)))
     parts = stage_names + ["bake other", "outside bake"]

@@ -255,3 +255,41 @@ def tree_memory(pid: int | None, with_children: bool = True) -> tuple[float, flo
         except psutil.Error:
             continue
     return rss / 2**30, pss / 2**30, len(procs)
+
+
+# -- knowledge benchmarks: the engine in this process, no daemon -------------------------------
+
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion p over n trials (20-40 questions is a small sample)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    centre, half = p + z * z / (2 * n), z * ((p * (1 - p) + z * z / (4 * n)) / n) ** 0.5
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
+def load_model(deltas=(), model_dir: Path = PREPARED_MODEL):
+    """The base checkpoint (fp32, eval) with the given baked deltas merged in: what `memory` serves."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from agent_memory import adapters
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for delta in deltas:
+        adapters.merge_into(model, delta)
+    return model
+
+
+def feed_items(path: Path = REPO / "feeds" / "sample-news.xml") -> dict[str, dict]:
+    """A feed file's entries as the daemon queues them (feeds.entry_to_item), keyed by guid tail."""
+    import feedparser
+
+    from agent_memory import feeds
+
+    source = {"id": 0, "title": "bench", "url": str(path)}
+    items = {}
+    for entry in feedparser.parse(str(path)).entries:
+        key = (entry.get("id") or entry.get("link") or entry.title).removeprefix("agent-memory-sample-2024-")
+        item = feeds.entry_to_item(entry, source, max_chars=4000)
+        items[key] = {"id": key, "kind": "headline", **{k: item[k] for k in ("text", "title", "valid_at", "source")}}
+    return items
