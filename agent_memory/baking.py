@@ -290,11 +290,11 @@ def local_samples(model, tokenizer, queries: list[Query], cfg: BakeConfig):
 
 
 def remote_samples(tokenizer, queries: list[Query], cfg: BakeConfig):
-    """Yield (query, its samples) from vLLM serving the live model (about 5x faster than local_samples
-    on 2 cores, bench_teacher.py). One greedy request (greedy_first) and one with n samples per query,
-    TEACHER_CONCURRENCY queries in flight. vLLM's top_logprobs hold the sampled token and the top
-    others, k in all: a set of tokens with their true log-probs, which is all topk_kl needs.
-    The server needs --max-logprobs >= topk (the daemon starts it with 64)."""
+    """Yield (query, its samples) from vLLM serving the live model (bench_teacher.py compares the two
+    samplers, bench_news_vllm.py whole bakes). One greedy request (greedy_first) and one with n
+    samples per query, TEACHER_CONCURRENCY queries in flight. vLLM's top_logprobs hold the sampled
+    token and the top others, k in all: a set of tokens with their true log-probs, which is all
+    topk_kl needs. The server needs --max-logprobs >= topk (the daemon starts it with 64)."""
     import httpx
     from concurrent.futures import ThreadPoolExecutor
 

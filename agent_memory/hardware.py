@@ -55,7 +55,7 @@ def pick_dtype(name: str = "auto") -> torch.dtype:
     """"bfloat16", "float32", or "auto": bf16 only where it multiplies 1.2x faster than fp32.
 
     512-wide matrices, best of 3 short runs: 256-wide ones timed over 3 products flipped the choice
-    to fp32 on a machine where bf16 is 2.8x faster (one noisy sample decided it)."""
+    to fp32 on a machine where bf16 is 3-4x faster (one noisy sample decided it)."""
     if name != "auto":
         return torch.bfloat16 if name == "bfloat16" else torch.float32
     bf16 = max(matmul_gflops(torch.bfloat16, 512, 5) for _ in range(3))

@@ -8,7 +8,7 @@ place once, then clear the flag on the cached request: later requests only touch
 When such a request's sampled token is discarded (a prefill split over several steps), the model
 runner rewinds the generator with set_offset(), which only CUDA generators have: on CPU it raises
 "CPU Generator does not use offset", the engine dies and every in-flight request fails with a 500
-(found by bench_teacher.py; the same bug was fixed in vllm-rbln #1025). On CPU we skip the rewind:
+(found by bench_teacher.py; the same bug is described in vllm-rbln PR #1025). On CPU we skip the rewind:
 a seeded answer may then differ between runs whose prefills were split differently, nothing else.
 The engine workers run in spawned processes, so this module is also a vLLM general plugin
 (pyproject.toml's `vllm.general_plugins` entry point): vLLM calls apply_fixes() in every process.
