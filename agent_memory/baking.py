@@ -67,7 +67,9 @@ class BakeConfig:
     batch_size: int = 16
     seed: int = 0
     dtype: str = "auto"  # "bfloat16" (autocast; fast only with AMX/AVX-512 bf16), "float32", or "auto": measured
-    teacher: str = "local"  # "local": sampled in the trainer; "vllm": from the daemon's vLLM (teacher_url)
+    # "local": sampled in the trainer; "vllm": from the daemon's vLLM (teacher_url). On 2 CPU cores
+    # vLLM's LoRA path with top-64 log-probs was far slower (5-7 tok/s for 96 sequences vs ~170).
+    teacher: str = "local"
     teacher_url: str | None = None  # set by the daemon for teacher "vllm"
     teacher_model: str = "memory"  # the served name of the live model on teacher_url
     memory_style: str = "append"  # how u enters the teacher's context (see probes.messages_for)
