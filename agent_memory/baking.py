@@ -35,7 +35,7 @@ import torch
 from . import adapters
 from .hardware import idle_cores, matmul_gflops, pick_dtype
 from .orphan import stop_when_orphaned
-from .probes import DEFAULT_SYSTEM, entities, is_correct, item_subject, keywords, messages_for
+from .probes import DEFAULT_SYSTEM, REMOTE_CONCURRENCY, entities, is_correct, item_subject, keywords, messages_for
 
 
 @dataclass
@@ -233,7 +233,6 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 
 SAMPLE_BATCH = 48  # sequences the local teacher decodes together (96 and 192 were no faster here)
-TEACHER_CONCURRENCY = 8  # requests in flight to a vLLM teacher (the gate's measured optimum too)
 
 
 @torch.no_grad()
@@ -294,7 +293,7 @@ def local_samples(model, tokenizer, queries: list[Query], cfg: BakeConfig):
 def remote_samples(tokenizer, queries: list[Query], cfg: BakeConfig):
     """Yield (query, its samples) from vLLM serving the live model (bench_teacher.py compares the two
     samplers, bench_news_vllm.py whole bakes). One greedy request (greedy_first) and one with n
-    samples per query, TEACHER_CONCURRENCY queries in flight. vLLM's top_logprobs hold the sampled
+    samples per query, REMOTE_CONCURRENCY queries in flight. vLLM's top_logprobs hold the sampled
     token and the top others, k in all: a set of tokens with their true log-probs, which is all
     topk_kl needs. The server needs --max-logprobs >= topk (the daemon starts it with 64)."""
     import httpx
@@ -320,7 +319,7 @@ def remote_samples(tokenizer, queries: list[Query], cfg: BakeConfig):
         return q, [_remote_sample(c, cfg.topk) for c in choices]
 
     with httpx.Client(base_url=cfg.teacher_url, timeout=600) as client, \
-            ThreadPoolExecutor(TEACHER_CONCURRENCY) as pool:
+            ThreadPoolExecutor(REMOTE_CONCURRENCY) as pool:
         yield from pool.map(lambda q: ask(client, q), queries)
 
 

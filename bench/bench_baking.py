@@ -26,9 +26,9 @@ sys.path.insert(0, str(REPO))
 from agent_memory import adapters, baking, hardware, probes  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
-from common import RESULTS, context, load_model as load, wilson  # noqa: E402
+from common import PREPARED_MODEL, RESULTS, context, load_model as load, wilson  # noqa: E402
 
-MODEL = REPO / "state" / "models" / "smollm2-135m-instruct"
+MODEL = PREPARED_MODEL
 
 
 def main() -> None:
