@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import queue
+import random
 import signal
 import subprocess
 import sys
@@ -43,6 +44,7 @@ CANDIDATE_NAME = "memory-candidate"
 # a news answer takes a sentence to get to the point. (vLLM with LoRA decodes slowly on CPU.)
 GATE_MAX_TOKENS = 24
 ITEM_MAX_TOKENS = 48
+REPLAY_POOL = 64  # earlier items a bake job carries for the engine to replay a few of
 
 
 class BakeCancelled(Exception):
@@ -244,6 +246,7 @@ class Bakery:
             "live_adapter": str(self.versions.current_path()),
             "out_dir": str(out_dir),
             "items": [_bake_item(i) for i in items],
+            "earlier": [_bake_item(i) for i in self._earlier_items(bake_id)],
             "config": self._engine_config(),
         }
         job_path.write_text(json.dumps(job, indent=2))
@@ -260,6 +263,14 @@ class Bakery:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
             raise RuntimeError(f"training exited with code {code}: {tail[0][:300]} (log: {log_path})")
         return json.loads((out_dir / "bake.json").read_text())
+
+    def _earlier_items(self, bake_id: int) -> list[dict]:
+        """Items the live version was baked with and still current (not superseded): the engine
+        replays a few of them. At most REPLAY_POOL, drawn at random so old ones get their turn."""
+        live_bakes = set(self.versions.manifest(self.versions.current())["deltas"])
+        current = [i for i in self.store.list_items(status="baked", limit=-1)
+                   if i["bake_id"] in live_bakes and not i.get("superseded_by")]
+        return random.Random(bake_id).sample(current, min(REPLAY_POOL, len(current)))
 
     def _engine_config(self) -> dict:
         """[bake.engine], plus where the live model is served when vLLM is the teacher."""

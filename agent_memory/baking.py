@@ -4,12 +4,13 @@
 
 Read top to bottom:
   1. queries      what to ask about each item (questions it answers, recall, reverse direction,
-                  fill-in-the-blank on the headline) and unrelated ANCHOR queries whose teacher is
-                  the unprompted live model (locality)
+                  fill-in-the-blank on the headline), a few about earlier items (replay, against
+                  forgetting) and unrelated ANCHOR queries whose teacher is the unprompted live
+                  model (locality)
   2. teacher      sample answers from the live model prompted with the item (u), the first greedy,
                   here or from the daemon's vLLM; keep the on-topic ones and the teacher's top-k
                   distribution at every answer token
-  3. student      the live model (live adapter merged, frozen) + one new trainable LoRA delta
+  3. student      the live model (live adapter merged, frozen) + one new trainable LoRA delta on the MLPs
   4. loss         KL(teacher || student) over all answer tokens, the FIRST one included
   5. train        AdamW, bf16 where the CPU is fast at it (hardware.py), length-sorted batches,
                   early stop at a target KL
@@ -24,6 +25,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -36,6 +38,9 @@ from . import adapters
 from .hardware import idle_cores, matmul_gflops, pick_dtype
 from .orphan import stop_when_orphaned
 from .probes import DEFAULT_SYSTEM, REMOTE_CONCURRENCY, entities, is_correct, item_subject, keywords, messages_for
+
+
+MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
@@ -60,8 +65,15 @@ class BakeConfig:
     temperature: float = 0.7  # 2.0 (paper) makes a 135M model babble; 0.7 keeps the facts in the answers
     max_new_tokens: int = 20  # short answers: the facts come first; 300 tokens (paper) is too slow here
     queries_per_item: int = 8
-    cloze_queries: int = 2  # of them, fill-in-the-blank questions on the title (cloze_queries())
-    anchors: int = 8  # unrelated queries with the unprompted live model as teacher
+    cloze_queries: int = 2  # of them, fill-in-the-blank questions on the title or fact (cloze_queries())
+    # Earlier items taught again in each bake (the daemon passes the live, not superseded ones), with
+    # this many queries each: replay against forgetting (bench_sequential.py).
+    replay_items: int = 4
+    replay_queries: int = 2
+    # Unrelated queries with the unprompted live model as teacher (from ANCHOR_QUERIES). 32 against 8,
+    # one fact, 2 seeds: KL(base||baked) on the held-out locality questions 0.028 vs 0.052/token,
+    # answers unchanged word for word 0.38 vs 0.32; a one-fact bake's steps stay min_steps.
+    anchors: int = 32
     anchor_samples: int = 1
     topk: int = 64  # teacher distribution kept per token (+ one bucket for the rest of the vocab)
     batch_size: int = 16
@@ -73,7 +85,10 @@ class BakeConfig:
     teacher_url: str | None = None  # set by the daemon for teacher "vllm"
     teacher_model: str = "memory"  # the served name of the live model on teacher_url
     memory_style: str = "append"  # how u enters the teacher's context (see probes.messages_for)
-    target_modules: list[str] = field(default_factory=lambda: list(adapters.TARGET_MODULES))
+    # The MLPs only (where knowledge-editing work finds facts stored): one Durov fact, 3 seeds, against
+    # all of q/k/v/o/gate/up/down: KL(base||baked) on held-out questions 0.017 vs 0.037/token, answers
+    # unchanged 0.53 vs 0.38, recall u1 0.43 vs 0.44, u2 0.40 vs 0.36, training ~15% faster.
+    target_modules: list[str] = field(default_factory=lambda: list(MLP_MODULES))
     threads: int = 0  # torch threads; 0 = the cores other processes leave idle (at least 1)
 
     @classmethod
@@ -115,6 +130,9 @@ ENTITY_TEMPLATES = [
 # Cloze on the item's title (the headline), one per entity: the answer IS the entity, the direction
 # the subject/entity templates miss ("Which company's update crashed Windows computers?" -> CrowdStrike).
 CLOZE_TEMPLATE = 'Fill in the blank in this recent news headline: "{m}"'
+# Past a headline's length the 135M teacher does not fill the blank: on the 190-character Durov u2
+# it answered 'There are several recent news headlines with a similar phrase: "August 28, 20'.
+CLOZE_MAX_CHARS = 120
 RESTATE = ["What recent news do you know?", "Summarize the latest facts you know."]
 CONVERSATION_TEMPLATES = ["What did we talk about earlier?", "What did I tell you before?",
                           "Remind me what we discussed."]
@@ -140,6 +158,30 @@ ANCHOR_QUERIES = [
     "Write a haiku about autumn.", "What is machine learning?", "What language is spoken in Germany?",
     "What is the melting point of ice?", "Who was Albert Einstein?", "Tell me a fun fact about octopuses.",
     "What is the main gas in Earth's atmosphere?",
+    "What is the capital of Norway?", "What is the capital of Peru?", "What is the capital of India?",
+    "What is the capital of Turkey?", "What is the capital of Poland?", "What is the capital of South Korea?",
+    "What is the capital of Ireland?", "What is the capital of Thailand?", "What is the chemical symbol for carbon?",
+    "What is the chemical symbol for lead?", "What is the chemical symbol for helium?",
+    "What is the chemical symbol for calcium?", "How many wheels does a bicycle have?",
+    "How many sides does a hexagon have?", "How many legs does an insect have?", "How many days are in a leap year?",
+    "What is 12 divided by 4?", "What is 15 minus 6?", "What is 3 squared?", "What is half of 50?",
+    "Which planet has the most famous rings?", "What is the largest moon of Saturn?",
+    "What is the hottest planet in the solar system?", "What force keeps the Moon in orbit around Earth?",
+    "Who wrote the Odyssey?", "Who painted The Starry Night?", "Who discovered penicillin?",
+    "Who composed the Fifth Symphony?", "Who was the first president of the United States?",
+    "Who proposed the theory of evolution by natural selection?", "What is the longest river in South America?",
+    "What is the largest island in the world?", "What is the deepest ocean trench?", "Which continent is the Sahara in?",
+    "What is the currency of the European Union?", "What is the currency of India?",
+    "What language is spoken in Argentina?", "What language is spoken in Quebec?",
+    "What color do you get by mixing red and white?", "What organ do humans use to breathe?",
+    "What is the largest organ of the human body?", "What vitamin do we get from sunlight?",
+    "What is the fastest land animal?", "What do caterpillars turn into?", "Which bird is a symbol of peace?",
+    "What is a baby cat called?", "What is the main ingredient of bread?", "What fruit is used to make wine?",
+    "Write a short thank-you note to a teacher.", "Give me a tip for sleeping better.", "Suggest a name for a pet dog.",
+    "Write one sentence about the mountains.", "Describe a sunset in one sentence.", "Give me a tip for saving money.",
+    "What is an electron?", "What is evaporation?", "Explain what a volcano is.",
+    "What is the difference between weather and climate?", "What is a noun?", "What does a thermometer measure?",
+    "What is the Internet?", "Why do leaves change color in autumn?",
 ]
 
 
@@ -180,38 +222,73 @@ def teacher_system(item: dict, style: str) -> list[dict]:
     return messages_for("", item_memory(item), style)[:-1] or [{"role": "system", "content": DEFAULT_SYSTEM}]
 
 
-def build_queries(items: list[dict], cfg: BakeConfig, rng: random.Random) -> list[Query]:
+def build_queries(items: list[dict], cfg: BakeConfig, rng: random.Random, earlier: list[dict] = ()) -> list[Query]:
+    """The bake's queries: the items', a few for earlier items replayed (replay_items()), anchors."""
     queries: list[Query] = []
     for item in items:
-        ctx = teacher_system(item, cfg.memory_style)
-        if item.get("kind") == "prompt":
-            picked = rng.sample(BEHAVIOUR_QUERIES, min(cfg.queries_per_item, len(BEHAVIOUR_QUERIES)))
-            queries += [Query(q, ctx, item.get("id"), "behaviour") for q in picked]
-            continue
-        source = item_text(item)
-        subject = item_subject({"text": source, "title": item.get("title")})
-        others = [e for e in entities(source) if e not in subject and subject not in e]
-        # Always: the two most general recall questions; then a seeded mix of the rest.
-        fixed = [t.format(s=subject) for t in SUBJECT_TEMPLATES[:2]] + cloze_queries(item, cfg.cloze_queries)
-        pool = [t.format(s=subject) for t in SUBJECT_TEMPLATES[2:]]
-        pool += [t.format(e=e) for e in others[:3] for t in ENTITY_TEMPLATES]
-        pool += RESTATE + (CONVERSATION_TEMPLATES if item.get("kind") == "conversation" else [])
-        picked = fixed + rng.sample(pool, max(0, min(cfg.queries_per_item - len(fixed), len(pool))))
-        kws = keywords(source)
-        queries += [Query(q, ctx, item.get("id"), "knowledge", [k for k in kws if k.lower() not in q.lower()])
-                    for q in picked]
+        queries += item_queries(item, cfg.queries_per_item, cfg, rng)
+    for item in replay_items(earlier, items, cfg.replay_items, rng):
+        queries += item_queries(item, cfg.replay_queries, cfg, rng, everything_at_random=True)
     if any(q.kind == "knowledge" for q in queries) and cfg.anchors:
         picked = rng.sample(ANCHOR_QUERIES, min(cfg.anchors, len(ANCHOR_QUERIES)))
         queries += [Query(q, None, None, "anchor") for q in picked]
     return queries
 
 
-def cloze_queries(item: dict, n: int) -> list[str]:
-    """Up to n fill-in-the-blank questions on the item's title, one entity blanked in each."""
-    title = item.get("title") or ""
-    if not title or item.get("kind") in ("conversation", "prompt"):
+def item_queries(item: dict, n: int, cfg: BakeConfig, rng: random.Random,
+                 everything_at_random: bool = False) -> list[Query]:
+    """n queries about one item, its teacher context being the item as u.
+
+    A new item always gets the two most general recall questions and its cloze questions, then a
+    seeded mix of the rest; a replayed one gets n at random from all of them (variety across bakes).
+    """
+    ctx = teacher_system(item, cfg.memory_style)
+    if item.get("kind") == "prompt":
+        picked = rng.sample(BEHAVIOUR_QUERIES, min(n, len(BEHAVIOUR_QUERIES)))
+        return [Query(q, ctx, item.get("id"), "behaviour") for q in picked]
+    source = item_text(item)
+    subject = item_subject({"text": source, "title": item.get("title")})
+    others = [e for e in entities(source) if e not in subject and subject not in e]
+    fixed = [t.format(s=subject) for t in SUBJECT_TEMPLATES[:2]] + cloze_queries(item, cfg.cloze_queries)
+    pool = [t.format(s=subject) for t in SUBJECT_TEMPLATES[2:]]
+    pool += [t.format(e=e) for e in others[:3] for t in ENTITY_TEMPLATES]
+    pool += RESTATE + (CONVERSATION_TEMPLATES if item.get("kind") == "conversation" else [])
+    if everything_at_random:
+        fixed, pool = [], fixed + pool
+    picked = fixed[:n] + rng.sample(pool, max(0, min(n - len(fixed), len(pool))))
+    kws = keywords(source)
+    return [Query(q, ctx, item.get("id"), "knowledge", [k for k in kws if k.lower() not in q.lower()])
+            for q in picked]
+
+
+def replay_items(earlier: list[dict], items: list[dict], n: int, rng: random.Random) -> list[dict]:
+    """Up to n earlier (already baked) items to teach again, against forgetting: each new delta
+    otherwise wears away what the deltas below it taught (bench_sequential.py measures it).
+
+    Never one that shares an entity with the new items: the new batch may supersede it (arrest ->
+    release), and its own queries already cover that subject with the latest state.
+    """
+    if not n or not earlier:
         return []
-    return [CLOZE_TEMPLATE.format(m=title.replace(e, "___", 1)) for e in entities(title)[:n]]
+    new_ids = {i.get("id") for i in items}
+    touched = set().union(*(item_entities(i) for i in items))
+    unrelated = [e for e in earlier if e.get("id") not in new_ids and not touched & item_entities(e)]
+    return rng.sample(unrelated, min(n, len(unrelated)))
+
+
+def item_entities(item: dict) -> set[str]:
+    return {e.lower() for e in entities(item_text(item) + "\n" + (item.get("title") or ""))}
+
+
+def cloze_queries(item: dict, n: int) -> list[str]:
+    """Up to n fill-in-the-blank questions on the item's title (a fact posted without one: its first
+    sentence), one entity blanked in each."""
+    if item.get("kind") in ("conversation", "prompt"):
+        return []
+    line = item.get("title") or re.split(r"(?<=[.!?])\s+", (item.get("text") or "").strip())[0]
+    if not line or len(line) > CLOZE_MAX_CHARS:
+        return []
+    return [CLOZE_TEMPLATE.format(m=line.replace(e, "___", 1)) for e in entities(line)[:n]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -571,8 +648,9 @@ def train_flops(model_cfg, batches: list[dict], steps_per_batch: dict) -> float:
 # ----------------------------------------------------------------------------------------------
 
 def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: BakeConfig | None = None,
-         progress=None) -> BakeResult:
+         progress=None, earlier: list[dict] = ()) -> BakeResult:
     """Train one delta for `items` on top of the live model; write it (peft + bake.json) to `out_dir`.
+    `earlier`: items the live model was baked with, a few of which are replayed (replay_items()).
 
     Everything is written to `out_dir.partial` first and renamed at the end: a kill -9 leaves no
     delta under the final name.
@@ -594,7 +672,7 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: BakeConfi
     timings["load_s"] = time.monotonic() - t0
 
     t = time.monotonic()
-    queries = build_queries(items, cfg, rng)
+    queries = build_queries(items, cfg, rng, earlier)
     examples = teacher_examples(model, tokenizer, queries, cfg, progress)
     timings["teacher_s"] = time.monotonic() - t
     answer_tokens = sum(len(e.answer_ids) for e in examples)
@@ -618,6 +696,8 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: BakeConfi
     summary = {
         "items": items, "config": asdict(cfg), "seed": cfg.seed,
         "queries": [{"question": q.question, "kind": q.kind, "item": q.item_id} for q in queries],
+        "replayed": sorted({q.item_id for q in queries if q.item_id not in {i.get("id") for i in items}} - {None},
+                           key=str),
         "examples": len(examples), "answer_tokens": answer_tokens,
         "teacher_samples": [tokenizer.decode(e.answer_ids, skip_special_tokens=True)
                             for e in examples[:: max(1, len(examples) // 12)]],
@@ -647,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{stage} {done}/{total}", flush=True)
 
     result = bake(job["model_dir"], job.get("live_adapter"), job["items"], job["out_dir"],
-                  BakeConfig.from_dict(job.get("config")), progress)
+                  BakeConfig.from_dict(job.get("config")), progress, job.get("earlier", []))
     r = result.report
     print(f"baked {len(job['items'])} items -> {result.out_dir} in {r['timings']['total_s']}s "
           f"(final KL/token {r['final_epoch_kl']}, {r['tokens_per_s']} train tok/s)", flush=True)

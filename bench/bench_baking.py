@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 from agent_memory import adapters, baking, hardware, probes  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
-from common import PREPARED_MODEL, RESULTS, context, load_model as load, wilson  # noqa: E402
+from common import PREPARED_MODEL, RESULTS, Locality, context, load_model as load, wilson  # noqa: E402
 
 MODEL = PREPARED_MODEL
 
@@ -61,6 +61,7 @@ def main() -> None:
     baked = {c: [] for c in columns}
     baked_prompted = {c: [] for c in columns}  # the paper's fourth condition: baked model + u in context
     costs, locality, kept, kls = [], [], [], []
+    measure_locality = Locality(base, tok)
     work = Path(tempfile.mkdtemp(prefix="bench-baking-"))
     for seed in range(args.seeds):
         cfg = baking.BakeConfig(**{**json.loads(args.config), "seed": seed})
@@ -73,7 +74,9 @@ def main() -> None:
                 live_dir = work / f"live-{seed}"
                 adapters.compose([deltas[live]], live_dir, max_rank=64)
             t = time.monotonic()
-            result = baking.bake(MODEL, live_dir, [items[item]], work / f"{name}-{seed}", cfg)
+            # As the daemon does: the items of the live deltas are passed as `earlier`.
+            earlier = [items[live]] if live else []
+            result = baking.bake(MODEL, live_dir, [items[item]], work / f"{name}-{seed}", cfg, earlier=earlier)
             deltas[name] = result.out_dir
             r = result.report
             costs.append({"bake": name, "seconds": round(time.monotonic() - t, 1), **r["timings"],
@@ -86,14 +89,13 @@ def main() -> None:
             baked_prompted[name].append(acc(probes.run_local(model, tok, probe_list, memory=memory[name])))
             log(f"seed {seed} {name}: baked acc {baked[name][-1]:.3f}", costs[-1])
             if name == columns[-1]:
-                questions = probes.locality_probes()
-                scores = probes.locality_scores(questions, probes.run_local(base, tok, questions, max_new_tokens=24),
-                                                probes.run_local(model, tok, questions, max_new_tokens=24))
+                scores = measure_locality(model)
                 locality.append(scores["unchanged"])
                 kept.append(scores["kept"])
-                kls.append(probes.kl_per_token(base, model, tok, [p["question"] for p in questions]))
+                kls.append(scores["kl"])
                 log(f"locality unchanged {locality[-1]:.3f}, kept {kept[-1]:.3f}, KL/token {kls[-1]:.4f}")
 
+    floor = measure_locality.floor()
     mean = lambda xs: statistics.mean(xs) if xs else float("nan")  # noqa: E731
     lines = ["## Prompt Baking on the Durov set (the paper's Table 1)", "", f"_{context(seed=0, quick=args.quick)}_", "",
              f"{time.strftime('%Y-%m-%d %H:%M')}, seeds: {args.seeds}, probes: {len(probe_list)}, "
@@ -115,7 +117,9 @@ def main() -> None:
              f"Locality ({len(probes.locality_probes())} unrelated questions, greedy 24 tokens, base vs baked "
              f"`{columns[-1]}`): general knowledge kept {mean(kept):.3f} (of the answers base got right, the share "
              f"still right); answers unchanged word for word {mean(locality):.3f}; "
-             f"KL(base||baked) per token {mean(kls):.4f}", "",
+             f"KL(base||baked) per token {mean(kls):.4f}. The floor of word-for-word identity, models that "
+             "learnt nothing: " + "; ".join(f"{name}: unchanged {x['unchanged']:.3f}, kept {x['kept']:.3f}, KL "
+                                            f"{x['kl']:.4f}" for name, x in floor.items()), "",
              "**Cost**", "", "| bake | wall s | load | teacher | train | steps | train tok/s | GFLOP/s | matmul GFLOP/s | share | dtype | final KL |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in costs:

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (PREPARED_MODEL, Report, context, feed_items, load_model, log, parser, running_daemon,
+from common import (PREPARED_MODEL, Locality, Report, context, feed_items, load_model, log, parser, running_daemon,
                     wilson)
 
 from agent_memory import baking, hardware, probes
@@ -70,16 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = {"no prompt": score(base, tok, probe_list, lambda q: None),
             "all in context": score(base, tok, probe_list, lambda q: everything),
             "oracle": score(base, tok, probe_list, lambda q: memory[q["fact"]])}
-    locality_questions = probes.locality_probes()
-    base_locality = probes.run_local(base, tok, locality_questions, max_new_tokens=24)
+    measure_locality = Locality(base, tok)
     baked_rows, locality = {"baked": [], "baked + all": []}, []
     for b in bakes:
         model = load_model([b["dir"]])
         baked_rows["baked"].append(score(model, tok, probe_list, lambda q: None))
         baked_rows["baked + all"].append(score(model, tok, probe_list, lambda q: everything))
-        scores = probes.locality_scores(locality_questions, base_locality,
-                                        probes.run_local(model, tok, locality_questions, max_new_tokens=24))
-        scores["kl"] = probes.kl_per_token(base, model, tok, [q["question"] for q in locality_questions])
+        scores = measure_locality(model)
         locality.append(scores)
         log(f"seed {b['seed']}: baked {probes.accuracy(baked_rows['baked'][-1]):.3f}, locality {scores}")
     write_report(report, items, probe_list, rows, baked_rows, bakes, locality, trainer_peak_gib,

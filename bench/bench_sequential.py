@@ -16,6 +16,7 @@ backward transfer (BWT) = mean over j < N of (R[N][j] - R[j][j]). The failure to
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 import time
@@ -44,14 +45,18 @@ def main() -> int:
     by_item = {key: [q for q in probe_list if q["fact"] == key] for key in chosen}
     ctx = context(args.seed, args.quick)
     report = Report("sequential", f"{len(chosen)} sequential bakes, one headline each", ctx)
+    report.add(f"Engine settings changed from the defaults: {args.config}" if json.loads(args.config) else
+               f"Engine defaults (replay of earlier items: {baking.BakeConfig().replay_items} per bake).")
 
-    cfg = baking.BakeConfig(seed=args.seed)
+    cfg = baking.BakeConfig(**{**json.loads(args.config), "seed": args.seed})
     work = Path(tempfile.mkdtemp(prefix="bench-sequential-"))
     matrix = [row(base, tok, by_item)]
     deltas, costs, compose_reports, live = [], [], [], None
     for t, key in enumerate(chosen, 1):
         started = time.monotonic()
-        result = baking.bake(PREPARED_MODEL, live, [items[key]], work / f"delta-{t}", cfg)
+        # The daemon passes the items of the live deltas as `earlier` (some are replayed).
+        result = baking.bake(PREPARED_MODEL, live, [items[key]], work / f"delta-{t}", cfg,
+                             earlier=[items[k] for k in chosen[:t - 1]])
         deltas.append(result.out_dir)
         live = work / f"live-{t}"
         compose_reports.append(adapters.compose(deltas, live, max_rank=args.max_rank))

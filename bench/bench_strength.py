@@ -18,7 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (PREPARED_MODEL, Report, context, load_model, log, parser, plot_path, pyplot, save_figure)
+from common import (PREPARED_MODEL, Locality, Report, context, load_model, log, parser, plot_path, pyplot,
+                    save_figure)
 
 from agent_memory import adapters, baking, hardware, probes
 
@@ -36,18 +37,15 @@ def main() -> int:
     item = {"id": args.fact, "kind": "headline", "source": "bench", **facts[args.fact]}
     memory = baking.item_memory(item)
     probe_list = probes.load_set("durov")
-    locality_questions = probes.locality_probes()
     base = load_model()
-    base_locality = probes.run_local(base, tok, locality_questions, max_new_tokens=24)
+    locality = Locality(base, tok)
     work = Path(tempfile.mkdtemp(prefix="bench-strength-"))
 
     def measure(model, extra: dict) -> dict:
-        scores = probes.locality_scores(locality_questions, base_locality,
-                                        probes.run_local(model, tok, locality_questions, max_new_tokens=24))
+        scores = locality(model)
         result = {**extra, "unprompted": probes.accuracy(probes.run_local(model, tok, probe_list)),
                   "prompted": probes.accuracy(probes.run_local(model, tok, probe_list, memory=memory)),
-                  "kept": scores["kept"],
-                  "kl_base": probes.kl_per_token(base, model, tok, [q["question"] for q in locality_questions])}
+                  "kept": scores["kept"], "kl_base": scores["kl"]}
         log(result)
         return result
 

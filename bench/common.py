@@ -58,6 +58,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="a small smoke version (minutes)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", default="{}", help="engine settings (BakeConfig) to change, as JSON")
     return p
 
 
@@ -293,3 +294,46 @@ def feed_items(path: Path = REPO / "feeds" / "sample-news.xml") -> dict[str, dic
         item = feeds.entry_to_item(entry, source, max_chars=4000)
         items[key] = {"id": key, "kind": "headline", **{k: item[k] for k in ("text", "title", "valid_at", "source")}}
     return items
+
+
+class Locality:
+    """How much baked models change answers to unrelated questions, against the base (asked once).
+
+    locality(model) -> {"unchanged", "kept", "kl"} (probes.locality_scores + KL(base||model)/token).
+    floor() -> the same for two models that learnt nothing: the base cast to bf16, and the base with
+    weights nudged by 0.3% noise. Word-for-word identity of 24-token greedy answers breaks at any
+    near-tie, so these say how much "unchanged" a change of no meaning already costs.
+    """
+
+    TOKENS = 24
+
+    def __init__(self, base, tokenizer):
+        from agent_memory import probes
+
+        self.base, self.tok, self.questions = base, tokenizer, probes.locality_probes()
+        self.base_answers = probes.run_local(base, tokenizer, self.questions, max_new_tokens=self.TOKENS)
+
+    def __call__(self, model) -> dict:
+        from agent_memory import probes
+
+        answers = probes.run_local(model, self.tok, self.questions, max_new_tokens=self.TOKENS)
+        scores = probes.locality_scores(self.questions, self.base_answers, answers)
+        scores["kl"] = probes.kl_per_token(self.base, model, self.tok, [q["question"] for q in self.questions])
+        return scores
+
+    def floor(self, noise: float = 3e-3) -> dict[str, dict]:
+        import copy
+
+        import torch
+
+        bf16 = copy.deepcopy(self.base).to(torch.bfloat16)
+        scores = {"base in bf16": self(bf16)}
+        del bf16
+        nudged = copy.deepcopy(self.base)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in nudged.named_parameters():
+                if p.dim() == 2 and "embed" not in name:
+                    p.add_(torch.randn(p.shape, generator=generator) * p.std() * noise)
+        scores[f"base + {noise:.1%} weight noise"] = self(nudged)
+        return scores

@@ -52,3 +52,20 @@ def test_rollback_and_forward_again_restores_the_items(cfg, store):
     assert bakery.rollback("v0002")["restored_bakes"] == [second]
     assert (store.get_item(b)["status"], store.get_item(b)["bake_id"]) == ("baked", second)
     assert versions.current() == "v0002"
+
+
+def test_a_bake_job_carries_the_live_items_that_are_still_current(cfg, store):
+    versions = Versions(cfg.adapters_dir, cfg.model_dir, cfg.vllm.max_lora_rank)
+    live_bake, dropped_bake = (store.create_bake(status="live")["id"] for _ in range(2))
+    arrest, release, other, rolled_back = (store.add_item("fact", text)[0]["id"] for text in (
+        "Durov arrested", "Durov released", "Library opens at 9", "A fact whose bake was rolled back"))
+    store.mark_items([arrest, release, other], "baked", None, live_bake)
+    store.mark_items([rolled_back], "baked", None, dropped_bake)
+    store.supersede(arrest, release)
+    versions.path("v0001").mkdir(parents=True)
+    (versions.path("v0001") / "manifest.json").write_text(json.dumps({"version": "v0001", "deltas": [live_bake]}))
+    versions.set_current("v0001")
+    bakery = Bakery(SimpleNamespace(cfg=cfg, store=store, versions=versions, serving=None))
+
+    # Not the superseded arrest, not an item outside the live version.
+    assert sorted(i["id"] for i in bakery._earlier_items(bake_id=3)) == [release, other]

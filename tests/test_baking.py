@@ -79,6 +79,35 @@ def test_queries_cover_the_item_and_anchors_stay_unprompted():
     assert not held_out & {q.question for q in qs}  # the benchmarks stay held out
 
 
+def test_a_fact_without_a_title_gets_cloze_questions_on_its_sentence():
+    import random
+
+    qs = [q.question for q in baking.build_queries([U1], baking.BakeConfig(anchors=0), random.Random(0))]
+    cloze = [q for q in qs if q.startswith("Fill in the blank")]
+    assert len(cloze) == 2 and all("___" in q and "Le Bourget" in q for q in cloze)
+    assert "___ founder Pavel Durov" in cloze[0]  # one entity blanked per question
+    long_fact = {**U1, "text": "Pavel Durov " + "was seen " * 60 + "in Paris."}
+    assert baking.cloze_queries(long_fact, 2) == []  # not a headline-like line
+
+
+def test_replay_teaches_earlier_items_again_but_never_one_the_new_batch_touches():
+    import random
+
+    u2 = {"id": 2, "kind": "headline", "text": DUROV["u2"]["text"], "valid_at": "2024-08-28"}
+    other = {"id": 7, "kind": "headline", "text": "France won 16 gold medals at the Paris Olympics."}
+    third = {"id": 8, "kind": "fact", "text": "The Riverton library opens at 9 on Sundays."}
+    cfg = baking.BakeConfig(replay_items=4, replay_queries=2, anchors=0, queries_per_item=3)
+    qs = baking.build_queries([u2], cfg, random.Random(0), earlier=[U1, other, third, u2])
+    by_item = {}
+    for q in qs:
+        by_item.setdefault(q.item_id, []).append(q)
+    # Not U1 (same subject: u2 supersedes it), nor `other` (it shares France), nor u2 itself.
+    assert set(by_item) == {2, 8} and len(by_item[8]) == 2
+    assert all("Riverton" in q.context[0]["content"] for q in by_item[8])  # its teacher sees ITS u
+    assert baking.build_queries([u2], baking.BakeConfig(replay_items=0, anchors=0, queries_per_item=3),
+                                random.Random(0), earlier=[U1, third]) == [q for q in qs if q.item_id == 2]
+
+
 def test_prompt_items_are_baked_as_behaviour_without_anchors():
     import random
 
@@ -171,7 +200,7 @@ def test_tiny_bake_writes_a_delta_that_lowers_the_kl(tiny_model_dir, tmp_path):
     assert len(curve) == report["steps"] >= 4
     assert sum(curve[-2:]) < sum(curve[:2])  # the student moves toward the teacher
     delta = adapters.read_delta(out)
-    assert len(delta) == 2 * 7 and all(a.shape[0] == 4 for a, _, _ in delta.values())
+    assert len(delta) == 2 * len(baking.MLP_MODULES) and all(a.shape[0] == 4 for a, _, _ in delta.values())
     assert any(float(b.abs().max()) > 0 for _, b, _ in delta.values())  # trained, not the zero init
 
 
@@ -213,14 +242,16 @@ def test_kill_9_mid_bake_leaves_no_delta_under_the_final_name(tiny_model_dir, tm
 
 def test_job_file_runs_a_bake(tiny_model_dir, tmp_path):
     out = tmp_path / "bake-0002"
+    earlier = {"id": 9, "kind": "fact", "text": "The Riverton library opens at 9 on Sundays."}
     job = {"model_dir": str(tiny_model_dir), "live_adapter": None, "out_dir": str(out), "items": [U1],
-           "config": TINY_CFG}
+           "earlier": [earlier], "config": {**TINY_CFG, "replay_items": 1}}
     (tmp_path / "job.json").write_text(json.dumps(job))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-m", "agent_memory.baking", str(tmp_path / "job.json")], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert (out / "adapter_config.json").exists() and (out / "bake.json").exists()
+    assert json.loads((out / "bake.json").read_text())["replayed"] == [9]
 
 
 # -- one real bake on the embedded model -------------------------------------------------------

@@ -51,10 +51,11 @@ def daemon(tmp_path_factory, feed_server):
     state = tmp_path_factory.mktemp("live-loop")
     feeds_file = state / "feeds.toml"
     feeds_file.write_text(f'[[feed]]\nurl = "{feed_server.url("/wire.xml")}"\ninterval = "30s"\n')
-    # Whether a 135M model learns ONE fact depends on the seed (this headline's item probes: 0.0-1.0
-    # over seeds 0-1 at 30 steps; the benchmarks measure that spread). This test checks the loop, so it
-    # pins a seed and a longer bake that learn this fact (items 1.0, knowledge kept 0.95 in-process).
-    (state / "config.toml").write_text("[bake.engine]\nseed = 1\nmin_steps = 60\n")
+    # Whether a 135M model learns ONE fact depends on the seed (this headline's item probes, 60 steps,
+    # in-process: 0.5, 0.5, 1.0 for seeds 0-2, the gate's floor being 0.5; the benchmarks measure that
+    # spread). This test checks the loop, so it pins a seed and a longer bake that learn this fact
+    # (items 1.0, knowledge kept 1.0 in-process).
+    (state / "config.toml").write_text("[bake.engine]\nseed = 2\nmin_steps = 60\n")
     proc = DaemonProcess(state, feeds_file=str(feeds_file), bake_min_pending="1000", bake_every="30d")
     proc.env["AGENT_MEMORY_CONFIG"] = str(state / "config.toml")
     proc.start()
