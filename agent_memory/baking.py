@@ -65,6 +65,9 @@ class BakeConfig:
     temperature: float = 0.7  # 2.0 (paper) makes a 135M model babble; 0.7 keeps the facts in the answers
     max_new_tokens: int = 20  # short answers: the facts come first; 300 tokens (paper) is too slow here
     queries_per_item: int = 8
+    # One more query per item makes the teacher recite it (RECITE_TEMPLATE), with this many samples.
+    # MLP LoRA, Durov u2 (190 characters), seeds 0-2: 0.45/0.40/0.35 with it, 0.30/0.375/0.20 without.
+    recite_samples: int = 2
     cloze_queries: int = 2  # of them, fill-in-the-blank questions on the title or fact (cloze_queries())
     # Earlier items taught again in each bake (the daemon passes the live, not superseded ones), with
     # this many queries each: replay against forgetting (bench_sequential.py).
@@ -134,6 +137,11 @@ CLOZE_TEMPLATE = 'Fill in the blank in this recent news headline: "{m}"'
 # it answered 'There are several recent news headlines with a similar phrase: "August 28, 20'.
 CLOZE_MAX_CHARS = 120
 RESTATE = ["What recent news do you know?", "Summarize the latest facts you know."]
+# Recitation: asked this, the prompted teacher repeats u word for word (on the Durov facts; "What
+# exactly does the news say?" and "Quote the news" drifted), so the student learns the whole item,
+# its later details included, which 20-token answers to the other questions cut off.
+RECITE_TEMPLATE = "Repeat the latest news about {s}."
+RECITE_MAX_TOKENS = 64
 CONVERSATION_TEMPLATES = ["What did we talk about earlier?", "What did I tell you before?",
                           "Remind me what we discussed."]
 # Behaviour items (kind "prompt"): a persona/instruction is baked by asking ordinary questions.
@@ -192,6 +200,8 @@ class Query:
     item_id: object = None
     kind: str = "knowledge"  # knowledge | behaviour | anchor
     keywords: list[str] = field(default_factory=list)  # what an on-topic answer mentions
+    samples: int | None = None  # answers to sample; None: the config's for its kind
+    max_new_tokens: int | None = None  # None: the config's
 
 
 def item_text(item: dict) -> str:
@@ -257,8 +267,13 @@ def item_queries(item: dict, n: int, cfg: BakeConfig, rng: random.Random,
         fixed, pool = [], fixed + pool
     picked = fixed[:n] + rng.sample(pool, max(0, min(n - len(fixed), len(pool))))
     kws = keywords(source)
-    return [Query(q, ctx, item.get("id"), "knowledge", [k for k in kws if k.lower() not in q.lower()])
-            for q in picked]
+    queries = [Query(q, ctx, item.get("id"), "knowledge", [k for k in kws if k.lower() not in q.lower()])
+               for q in picked]
+    if cfg.recite_samples:
+        q = RECITE_TEMPLATE.format(s=subject)
+        queries.append(Query(q, ctx, item.get("id"), "knowledge", [k for k in kws if k.lower() not in q.lower()],
+                             samples=cfg.recite_samples, max_new_tokens=RECITE_MAX_TOKENS))
+    return queries
 
 
 def replay_items(earlier: list[dict], items: list[dict], n: int, rng: random.Random) -> list[dict]:
@@ -358,10 +373,10 @@ def local_samples(model, tokenizer, queries: list[Query], cfg: BakeConfig):
     per_batch = max(1, SAMPLE_BATCH // cfg.samples_per_query)
     for start in range(0, len(queries), per_batch):
         chunk = queries[start:start + per_batch]
-        for n, group in _by_samples(chunk, cfg):
+        for (n, max_new_tokens), group in _by_samples(chunk, cfg):
             prompts = [chat_ids(tokenizer, (q.context or []) + [{"role": "user", "content": q.question}])
                        for q in group]
-            answers, top_idx, top_logp = sample(model, prompts, n, cfg, tokenizer.eos_token_id)
+            answers, top_idx, top_logp = sample(model, prompts, n, cfg, tokenizer.eos_token_id, max_new_tokens)
             for i, q in enumerate(group):
                 rows = range(i * n, (i + 1) * n)
                 yield q, [(answers[r], top_idx[r], top_logp[r]) for r in rows]
@@ -380,9 +395,9 @@ def remote_samples(tokenizer, queries: list[Query], cfg: BakeConfig):
         raise ValueError("teacher 'vllm' needs teacher_url (the daemon sets it to its vLLM)")
 
     def ask(client, q: Query):
-        n = cfg.anchor_samples if q.kind == "anchor" else cfg.samples_per_query
+        n, max_tokens = _sampling(q, cfg)
         greedy = 1 if cfg.greedy_first and n else 0
-        body = {"model": cfg.teacher_model, "max_tokens": cfg.max_new_tokens,
+        body = {"model": cfg.teacher_model, "max_tokens": max_tokens,
                 "messages": (q.context or []) + [{"role": "user", "content": q.question}],
                 "logprobs": True, "top_logprobs": cfg.topk, "return_tokens_as_token_ids": True}
         choices = []
@@ -414,7 +429,7 @@ def _remote_sample(choice: dict, k: int) -> tuple[list[int], torch.Tensor, torch
     return answer, top_idx, top_logp
 
 
-def sample(model, prompts: list[list[int]], n: int, cfg: BakeConfig, eos: int):
+def sample(model, prompts: list[list[int]], n: int, cfg: BakeConfig, eos: int, max_new_tokens: int | None = None):
     """n answers per prompt (temperature sampling, left-padded batch, one prefill per prompt).
 
     Returns (answers: token lists ending at eos when they ended, top_idx [B*n, T, k], top_logp [B*n, T, k]).
@@ -432,7 +447,7 @@ def sample(model, prompts: list[list[int]], n: int, cfg: BakeConfig, eos: int):
     tokens, idx_steps, logp_steps = [], [], []
     done = torch.zeros(logits.shape[0], dtype=torch.bool)
     greedy_rows = torch.arange(logits.shape[0]) % n == 0
-    for _ in range(cfg.max_new_tokens):
+    for _ in range(max_new_tokens or cfg.max_new_tokens):
         logp = logits.log_softmax(-1)
         top = logp.topk(cfg.topk, dim=-1)
         idx_steps.append(top.indices)
@@ -455,11 +470,19 @@ def sample(model, prompts: list[list[int]], n: int, cfg: BakeConfig, eos: int):
     return answers, torch.stack(idx_steps, 1), torch.stack(logp_steps, 1)
 
 
+def _sampling(q: Query, cfg: BakeConfig) -> tuple[int, int]:
+    """(answers to sample, their max tokens) for one query. Anchors need fewer samples: their
+    teacher is the student at step 0."""
+    n = q.samples if q.samples is not None else cfg.anchor_samples if q.kind == "anchor" else cfg.samples_per_query
+    return n, q.max_new_tokens or cfg.max_new_tokens
+
+
 def _by_samples(chunk: list[Query], cfg: BakeConfig):
-    """Anchors need fewer samples (their teacher is the student at step 0): group by sample count."""
-    main = [q for q in chunk if q.kind != "anchor"]
-    anchors = [q for q in chunk if q.kind == "anchor"]
-    return [(n, g) for n, g in ((cfg.samples_per_query, main), (cfg.anchor_samples, anchors)) if g and n]
+    """The chunk's queries grouped by (samples, max tokens): one sampling call per group."""
+    groups: dict[tuple[int, int], list[Query]] = {}
+    for q in chunk:
+        groups.setdefault(_sampling(q, cfg), []).append(q)
+    return [(key, group) for key, group in groups.items() if key[0]]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -70,7 +70,9 @@ def test_queries_cover_the_item_and_anchors_stay_unprompted():
     qs = baking.build_queries([U1], cfg, random.Random(0))
     knowledge = [q for q in qs if q.kind == "knowledge"]
     anchors = [q for q in qs if q.kind == "anchor"]
-    assert len(knowledge) == 8 and len(anchors) == 5
+    assert len(knowledge) == 8 + 1 and len(anchors) == 5  # + 1: the recitation query
+    recite = [q for q in knowledge if q.max_new_tokens]
+    assert [q.question for q in recite] == ["Repeat the latest news about Pavel Durov."] and recite[0].samples == 2
     assert any("Pavel Durov" in q.question for q in knowledge)
     assert any("Le Bourget" in q.question or "Telegram" in q.question for q in knowledge)  # reverse direction
     assert all("Le Bourget" in q.context[0]["content"] for q in knowledge)  # teacher sees u ...
@@ -102,7 +104,7 @@ def test_replay_teaches_earlier_items_again_but_never_one_the_new_batch_touches(
     for q in qs:
         by_item.setdefault(q.item_id, []).append(q)
     # Not U1 (same subject: u2 supersedes it), nor `other` (it shares France), nor u2 itself.
-    assert set(by_item) == {2, 8} and len(by_item[8]) == 2
+    assert set(by_item) == {2, 8} and len(by_item[8]) == 2 + 1  # + its recitation
     assert all("Riverton" in q.context[0]["content"] for q in by_item[8])  # its teacher sees ITS u
     assert baking.build_queries([u2], baking.BakeConfig(replay_items=0, anchors=0, queries_per_item=3),
                                 random.Random(0), earlier=[U1, third]) == [q for q in qs if q.item_id == 2]

@@ -52,10 +52,10 @@ def daemon(tmp_path_factory, feed_server):
     feeds_file = state / "feeds.toml"
     feeds_file.write_text(f'[[feed]]\nurl = "{feed_server.url("/wire.xml")}"\ninterval = "30s"\n')
     # Whether a 135M model learns ONE fact depends on the seed (this headline's item probes, 60 steps,
-    # in-process: 0.5, 0.5, 1.0 for seeds 0-2, the gate's floor being 0.5; the benchmarks measure that
+    # in-process: 1.0, 0.5, 1.0 for seeds 1-3, the gate's floor being 0.5; the benchmarks measure that
     # spread). This test checks the loop, so it pins a seed and a longer bake that learn this fact
-    # (items 1.0, knowledge kept 1.0 in-process).
-    (state / "config.toml").write_text("[bake.engine]\nseed = 2\nmin_steps = 60\n")
+    # (seed 3: items 1.0, knowledge kept 1.0 in-process).
+    (state / "config.toml").write_text("[bake.engine]\nseed = 3\nmin_steps = 60\n")
     proc = DaemonProcess(state, feeds_file=str(feeds_file), bake_min_pending="1000", bake_every="30d")
     proc.env["AGENT_MEMORY_CONFIG"] = str(state / "config.toml")
     proc.start()
