@@ -267,12 +267,14 @@ def item_queries(item: dict, n: int, cfg: BakeConfig, rng: random.Random,
         fixed, pool = [], fixed + pool
     picked = fixed[:n] + rng.sample(pool, max(0, min(n - len(fixed), len(pool))))
     kws = keywords(source)
-    queries = [Query(q, ctx, item.get("id"), "knowledge", [k for k in kws if k.lower() not in q.lower()])
-               for q in picked]
+
+    def query(q: str, **sampling) -> Query:  # on topic = mentions a keyword the question does not give away
+        return Query(q, ctx, item.get("id"), "knowledge", [k for k in kws if k.lower() not in q.lower()], **sampling)
+
+    queries = [query(q) for q in picked]
     if cfg.recite_samples:
-        q = RECITE_TEMPLATE.format(s=subject)
-        queries.append(Query(q, ctx, item.get("id"), "knowledge", [k for k in kws if k.lower() not in q.lower()],
-                             samples=cfg.recite_samples, max_new_tokens=RECITE_MAX_TOKENS))
+        queries.append(query(RECITE_TEMPLATE.format(s=subject), samples=cfg.recite_samples,
+                             max_new_tokens=RECITE_MAX_TOKENS))
     return queries
 
 
@@ -429,7 +431,7 @@ def _remote_sample(choice: dict, k: int) -> tuple[list[int], torch.Tensor, torch
     return answer, top_idx, top_logp
 
 
-def sample(model, prompts: list[list[int]], n: int, cfg: BakeConfig, eos: int, max_new_tokens: int | None = None):
+def sample(model, prompts: list[list[int]], n: int, cfg: BakeConfig, eos: int, max_new_tokens: int):
     """n answers per prompt (temperature sampling, left-padded batch, one prefill per prompt).
 
     Returns (answers: token lists ending at eos when they ended, top_idx [B*n, T, k], top_logp [B*n, T, k]).
@@ -447,7 +449,7 @@ def sample(model, prompts: list[list[int]], n: int, cfg: BakeConfig, eos: int, m
     tokens, idx_steps, logp_steps = [], [], []
     done = torch.zeros(logits.shape[0], dtype=torch.bool)
     greedy_rows = torch.arange(logits.shape[0]) % n == 0
-    for _ in range(max_new_tokens or cfg.max_new_tokens):
+    for _ in range(max_new_tokens):
         logp = logits.log_softmax(-1)
         top = logp.topk(cfg.topk, dim=-1)
         idx_steps.append(top.indices)
@@ -713,14 +715,14 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: BakeConfi
     peak = matmul_gflops(dtype)
     achieved = flops / report["train_seconds"] / 1e9 if report["train_seconds"] else 0.0
 
+    new_ids = {i.get("id") for i in items}
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     timings["total_s"] = time.monotonic() - t0
     summary = {
         "items": items, "config": asdict(cfg), "seed": cfg.seed,
         "queries": [{"question": q.question, "kind": q.kind, "item": q.item_id} for q in queries],
-        "replayed": sorted({q.item_id for q in queries if q.item_id not in {i.get("id") for i in items}} - {None},
-                           key=str),
+        "replayed": sorted({q.item_id for q in queries if q.item_id not in new_ids} - {None}, key=str),
         "examples": len(examples), "answer_tokens": answer_tokens,
         "teacher_samples": [tokenizer.decode(e.answer_ids, skip_special_tokens=True)
                             for e in examples[:: max(1, len(examples) // 12)]],
