@@ -85,7 +85,8 @@ class BakeConfig:
     seed: int = 0
     dtype: str = "auto"  # "bfloat16" (autocast; fast only with AMX/AVX-512 bf16), "float32", or "auto": measured
     # "local": sampled in the trainer; "vllm": from the daemon's vLLM (teacher_url). On 2 CPU cores
-    # vLLM's LoRA path with top-64 log-probs was far slower (5-7 tok/s for 96 sequences vs ~170).
+    # vLLM's LoRA path with top-64 log-probs was 36x slower: 6.1 tok/s for 96 sequences against 220 for
+    # transformers in bf16 (bench_teacher.py; vLLM without LoRA: 159, but the teacher has the live adapter).
     teacher: str = "local"
     teacher_url: str | None = None  # set by the daemon for teacher "vllm"
     teacher_model: str = "memory"  # the served name of the live model on teacher_url

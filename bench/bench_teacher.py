@@ -163,7 +163,8 @@ def write_report(ctx: str, args, hf_rows: list[dict], vllm_rows: list[dict]) -> 
         f"{args.prompts} prompts (memory prompt + question) x n={args.n} samples x {args.tokens} tokens, "
         f"temperature 1, top {args.top} logprobs per token",
         ["engine", "sampled tokens", "wall s", "tokens/s", "vs transformers one-at-a-time"], rows,
-        note="transformers ran with no vLLM server up; vLLM through the daemon's managed server.")
+        note="transformers ran with no vLLM server up; vLLM through the daemon's managed server. The baking "
+             "teacher is the live model (base + live adapter): from vLLM, that is the LoRA path, the `base` row.")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.2))
     all_rows = hf_rows + vllm_rows
