@@ -79,7 +79,8 @@ def transformers_runs(prompts: list[list[dict]], args) -> list[dict]:
     torch.set_num_threads(os.cpu_count() or 1)
     tok = AutoTokenizer.from_pretrained(PREPARED_MODEL, padding_side="left")
     dtype = resolve_dtype(args.hf_dtype)
-    model = AutoModelForCausalLM.from_pretrained(PREPARED_MODEL, dtype=dtype, attn_implementation="eager")  # as the engine
+    model = AutoModelForCausalLM.from_pretrained(PREPARED_MODEL, dtype=dtype,
+                                                 attn_implementation="eager")  # as the engine loads it
     model.eval()
     texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
     hf_generate(model, tok, texts[:1], 1, 4, args.top)  # warm-up
