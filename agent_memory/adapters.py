@@ -247,3 +247,41 @@ def merge_into(model: torch.nn.Module, adapter_dir: Path, sign: float = 1.0) -> 
         w.copy_((w.float() + sign * s * (b @ a)).to(w.dtype))
         count += 1
     return count
+
+
+# -- a dense checkpoint with deltas merged in (what `memory` serves in merged mode) ----------------
+
+@torch.no_grad()
+def write_merged_checkpoint(model_dir: Path, delta_dirs: list[Path], out_dir: Path, dtype: str) -> Path:
+    """The base checkpoint with the exact sum of the deltas added to its weights, stored in `dtype`
+    (the dtype vLLM serves in), beside the base's config and tokenizer files; written atomically.
+
+    Sharded checkpoints are merged shard by shard, so peak memory is one shard, not the model.
+    """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    torch_dtype = getattr(torch, dtype)
+    changes: dict[str, torch.Tensor] = {}  # "model.layers.0.mlp.gate_proj.weight" -> summed delta (fp32)
+    for delta_dir in delta_dirs:
+        for module, weight in delta_weights(Path(delta_dir)).items():
+            key = f"{module}.weight"
+            changes[key] = changes[key] + weight if key in changes else weight
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        for path in model_dir.iterdir():
+            if path.is_file() and path.suffix != ".safetensors" and not path.name.startswith("."):
+                shutil.copy2(path, tmp / path.name)
+        for shard in sorted(model_dir.glob("*.safetensors")):
+            tensors = load_file(str(shard))
+            for key, value in tensors.items():
+                if key in changes:
+                    value = value.float() + changes.pop(key)
+                tensors[key] = value.to(torch_dtype) if value.is_floating_point() else value
+            save_file(tensors, str(tmp / shard.name), metadata={"format": "pt"})
+        if changes:
+            raise ValueError(f"deltas name weights the checkpoint {model_dir} lacks: {sorted(changes)[:3]}")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -342,6 +342,17 @@ def post_rollback(body: RollbackIn, request: Request):
     return _history_errors(_daemon(request).bakery.rollback, body.version)
 
 
+class RetryIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ids: list[ItemId] | None = Field(default=None, description="failed or rejected items; default: all of `statuses`")
+    statuses: list[Literal["failed", "rejected"]] = Field(default=["failed"])
+
+
+@history_router.post("/v1/memory/items/retry", dependencies=[writer])
+def post_retry(body: RetryIn, request: Request):
+    return _history_errors(_daemon(request).bakery.retry, body.ids, tuple(body.statuses))
+
+
 @history_router.delete("/v1/memory/items/{item_id}", dependencies=[writer])
 def forget_item(item_id: ItemId, request: Request):
     return _history_errors(_daemon(request).bakery.forget, item_id)

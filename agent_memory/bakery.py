@@ -1,14 +1,22 @@
-"""One bake from queue to live: lease, claim items, train a delta, compose, probe, gate, swap.
+"""One bake from queue to live: lease, claim items, train and probe, gate, compose, swap, check.
 
-    pending items --claim--> baking --train (subprocess)--> delta
-        --compose(live deltas + delta)--> candidate version --load as `memory-candidate`-->
-        probes (items, registered sets, locality) --gate--> pass: swap `memory`, CURRENT, items baked
-                                                          fail: unload, items rejected, live untouched
+    pending items --claim--> baking --train + probe (subprocess)--> delta + the gate's answers
+        --gate.decide--> pass: compose version, swap `memory`, check the served model, CURRENT, baked
+                         fail: items rejected with the reason, live untouched
 
 Training runs in a subprocess (`python -m agent_memory.baking JOB.json`): the daemon stays
 responsive, a stop can end it, and a kill -9 anywhere leaves at most a `.partial` directory, never
-a delta under its final name. At the next start `recover` settles what was cut off: a bake whose delta
-is in the live version is recorded live, any other unfinished bake abandoned and its items requeued.
+a delta under its final name. The same subprocess answers the gate's probes with the candidate and
+the live model it already holds (bf16, batched), so no probe waits on the model server.
+
+Only the gate's judgement rejects items. Everything else that can go wrong is infrastructure (the
+trainer killed by the OOM killer, vLLM restarting or stopped, a full disk) and is retried with
+backoff, resuming from the last finished stage: a trained delta is kept and re-used (not
+re-trained) while the live version it was trained on is still live. A bake that still cannot finish
+puts its items back in the queue with the reason (`failed` after `bake.max_attempts`, from where
+`agent-memory retry` takes them). At start `recover` settles what a stop or kill cut off: a bake
+whose delta is in the live version is recorded live, any other unfinished bake abandoned and its
+items requeued.
 """
 
 from __future__ import annotations
@@ -18,63 +26,65 @@ import logging
 import os
 import queue
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
-from typing import TYPE_CHECKING
+from dataclasses import asdict, fields, replace
+from typing import Callable, Protocol
 
+from . import gate as gate_mod
 from . import probes
-from .config import GateConfig, parse_duration, validate_gate
+from .client import ModelError
+from .config import Config, GateConfig, parse_duration, validate_gate
 from .errors import UserError
 from .orphan import child_env
-from .serving import MEMORY_NAME, ServingError
-from .versions import EMPTY_VERSION
-
-if TYPE_CHECKING:
-    from .daemon import Daemon
+from .serving import MEMORY_NAME, Serving, ServingError
+from .store import Store, utcnow
+from .versions import EMPTY_VERSION, Versions
 
 log = logging.getLogger(__name__)
 
-CANDIDATE_NAME = "memory-candidate"
-# Probe answers are checked for keywords. General-knowledge and probe-set answers state them early;
-# a news answer takes a sentence to get to the point. (vLLM with LoRA decodes slowly on CPU.)
-GATE_MAX_TOKENS = 24
-ITEM_MAX_TOKENS = 48
 REPLAY_POOL = 64  # earlier items a bake job carries for the engine to replay a few of
+SMOKE_PROBES = 8  # item probes asked of the served `memory` after a swap
 
 
 class BakeCancelled(Exception):
     """The daemon is stopping; the bake's items go back to pending."""
 
 
-@dataclass
-class Verdict:
-    passed: bool
-    reason: str
-    probes: dict  # probe set -> accuracy of the candidate
-    live_probes: dict  # probe set -> accuracy of the live version it would replace
-    locality: dict  # unchanged (word for word) and kept (still right), see probes.locality_scores
+class InfraError(Exception):
+    """A stage failed for a reason that is not the items' fault; worth retrying."""
+
+
+class Events(Protocol):
+    """What the bakery tells the daemon (systemd status, logs, metrics)."""
+
+    def bake_status(self, text: str) -> None: ...
+    def bake_finished(self, seconds: float) -> None: ...
+    def swapped(self, seconds: float) -> None: ...
 
 
 class Bakery:
-    def __init__(self, daemon: "Daemon"):
-        self.daemon = daemon
-        self.cfg = daemon.cfg
-        self.store = daemon.store
-        self.versions = daemon.versions
+    def __init__(self, cfg: Config, store: Store, versions: Versions, events: Events,
+                 serving: Serving | None = None):
+        self.cfg = cfg
+        self.store = store
+        self.versions = versions
+        self.events = events
+        self.serving = serving  # set by the daemon once vLLM is up
         # One worker thread runs bakes one at a time; the lease row guards against other processes.
         self.requests: queue.Queue[int | None] = queue.Queue()
         self.worker = threading.Thread(target=self._work, name="bakery", daemon=True)
         self.lock = threading.Lock()
         self.waiting: int | None = None  # bake id queued but not started
         self.running: int | None = None
+        self.stage: str | None = None  # of the running bake, with its progress ("train 12/30")
         self.process: subprocess.Popen | None = None  # the training subprocess
         self.stopping = threading.Event()
-        self.live_answers: dict[tuple, list[dict]] = {}  # (live version, probe set, size) -> answers
 
     # -- entry points ----------------------------------------------------------------------
 
@@ -85,12 +95,14 @@ class Bakery:
         for bake in self.store.unfinished_bakes():
             if bake["id"] in live_deltas:  # killed after the swap, before recording it: it is live
                 self.store.mark_items(bake["item_ids"] or [], "baked", None, bake["id"])
-                self.store.update_bake(bake["id"], status="live", verdict="passed", finished_at=_now(),
+                self.store.update_bake(bake["id"], status="live", verdict="passed", finished_at=utcnow(),
                                        version=int(current[1:]),
                                        reason="live; the daemon stopped before recording the verdict")
         self.store.requeue_stale_baking()  # items of bakes that did not reach live go back to pending
-        self.store.abandon_unfinished_bakes()
+        self.store.abandon_unfinished_bakes()  # their deltas stay on disk: a re-bake of the same items re-uses them
         self.store.release_dead_leases()  # held by a daemon that was killed -9
+        for partial in self.versions.deltas_dir.glob("*.partial"):
+            shutil.rmtree(partial, ignore_errors=True)  # a trainer killed mid-write
 
     def start(self) -> None:
         self.worker.start()
@@ -100,8 +112,8 @@ class Bakery:
 
         `gate` overrides `[gate]` settings for this bake only (e.g. a stricter min_item_accuracy).
         """
-        if self.daemon.serving is None:
-            raise UserError("no model is served (vllm.mode = 'off'): nothing can be baked")
+        if self.serving is None:
+            raise UserError("no model is served (vllm.mode = 'off', or still starting): nothing can be baked")
         gate_settings = asdict(self._gate_policy(gate or {}))  # validates the overrides now
         with self.lock:
             if self.waiting is None or gate:
@@ -115,7 +127,10 @@ class Bakery:
         unknown = set(overrides) - known
         if unknown:
             raise UserError(f"unknown gate setting(s): {', '.join(sorted(unknown))}")
-        policy = replace(self.cfg.gate, **{k: float(v) for k, v in overrides.items()})
+        try:
+            policy = replace(self.cfg.gate, **{k: float(v) for k, v in overrides.items()})
+        except (TypeError, ValueError):
+            raise UserError("gate settings are numbers, e.g. min_item_accuracy=0.8") from None
         validate_gate(policy)
         return policy
 
@@ -133,6 +148,14 @@ class Bakery:
         """Scheduled job: queue a bake when one is due and none is waiting."""
         if self.waiting is None and self.running is None and self.due():
             self.request("scheduled")
+
+    def retry(self, item_ids: list[int] | None = None, statuses: tuple[str, ...] = ("failed",)) -> dict:
+        """Put failed (or rejected) items back in the queue: these ids, or all in `statuses`."""
+        requeued = self.store.retry(item_ids, statuses)
+        if requeued:
+            self.store.record_event("retry", {"items": requeued})
+            log.info("retry: items %s back in the queue", requeued)
+        return {"requeued": requeued}
 
     def stop(self) -> None:
         """Daemon shutdown: end a running training subprocess (its items are requeued)."""
@@ -159,10 +182,11 @@ class Bakery:
                 log.exception("bake %s crashed", bake_id)
             finally:
                 self.running = None
+                self.stage = None
 
     def _run(self, bake_id: int) -> None:
         if not self.store.acquire_lease("bake", owner=f"{os.getpid()}:bake {bake_id}"):
-            self.store.update_bake(bake_id, status="skipped", verdict="skipped", finished_at=_now(),
+            self.store.update_bake(bake_id, status="skipped", verdict="skipped", finished_at=utcnow(),
                                    reason="another process holds the bake lease")
             return
         try:
@@ -174,95 +198,219 @@ class Bakery:
 
     def _bake(self, bake_id: int) -> None:
         started = time.monotonic()
-        self.store.update_bake(bake_id, status="claiming", started_at=_now())
+        self.store.update_bake(bake_id, status="claiming", started_at=utcnow())
         items = self.store.claim_pending(self.cfg.bake.max_items, bake_id=bake_id)
         if not items:
-            self.store.update_bake(bake_id, status="empty", finished_at=_now(), verdict="empty",
+            self.store.update_bake(bake_id, status="empty", finished_at=utcnow(), verdict="empty",
                                    reason="no pending items")
             return
         item_ids = [i["id"] for i in items]
-        gate = GateConfig(**(self.store.get_bake(bake_id)["config"] or {}).get("gate") or asdict(self.cfg.gate))
+        policy = GateConfig(**(self.store.get_bake(bake_id)["config"] or {}).get("gate") or asdict(self.cfg.gate))
         self.store.update_bake(bake_id, item_ids=item_ids)
-        self.daemon.notify(f"STATUS=baking {len(items)} items (bake {bake_id})")
+        log.info("bake %s: %d items %s", bake_id, len(items), item_ids)
         stages: dict[str, float] = {}
+        version, before = None, self.versions.current()
         try:
             with self._stage(bake_id, "training", stages):
-                train_report = self._train(bake_id, items)
-            with self._stage(bake_id, "composing", stages):
-                live = self.versions.manifest(self.versions.current())
-                version = self.versions.build(live["deltas"] + [bake_id], note=f"bake {bake_id}")
-            with self._stage(bake_id, "probing", stages):
-                verdict = self._gate(bake_id, version, items, gate)
+                train_report, answers = self._retrying("training", lambda: self._train(bake_id, items))
+            self.store.add_probe_results(bake_id, [
+                {**r, "probe_set": name, "model": model} for model in ("candidate", "live")
+                for name, results in answers[model].items() for r in results])
+            verdict = gate_mod.decide(answers["candidate"], answers["live"], policy)
+            log.info("bake %s: gate %s: %s", bake_id, "passed" if verdict.passed else "rejected", verdict.reason)
+            served = None
             if verdict.passed:
+                with self._stage(bake_id, "composing", stages):
+                    version = self._retrying("composing", lambda: self._compose(bake_id))
                 with self._stage(bake_id, "swapping", stages):
-                    failures = self._promote(version)
-                if failures:
-                    verdict.passed = False
-                    verdict.reason = "swap failed on " + ", ".join(f"{u}: {e}" for u, e in failures.items())
+                    self._retrying("swapping", lambda: self._promote(version))
+                with self._stage(bake_id, "checking", stages):
+                    served = self._retrying("checking", lambda: self._check_served(answers))
         except Exception as e:
-            if self.stopping.is_set():  # the daemon is stopping: not the items' fault
-                self.store.mark_items(item_ids, "pending", "bake cancelled: daemon stopping")
-                self.store.update_bake(bake_id, status="cancelled", finished_at=_now(),
-                                       verdict="cancelled", reason="daemon stopping")
-                raise BakeCancelled() from e
-            log.exception("bake %s failed", bake_id)
-            reason = f"{e.__class__.__name__}: {e}"
-            self.store.mark_items(item_ids, "failed", reason[:500], bake_id)
-            self.store.update_bake(bake_id, status="failed", finished_at=_now(), verdict="failed",
-                                   reason=reason[:2000], metrics={"stages": stages})
-            self.daemon.notify("STATUS=ready; last bake failed")
+            self._failed(bake_id, item_ids, e, stages, version, before)
             return
 
         outcome = "baked" if verdict.passed else "rejected"
         self.store.mark_items(item_ids, outcome, None if verdict.passed else verdict.reason[:500], bake_id)
+        total = time.monotonic() - started
         self.store.update_bake(
-            bake_id, status="live" if verdict.passed else "rejected", finished_at=_now(),
-            verdict="passed" if verdict.passed else "rejected", version=int(version[1:]),
+            bake_id, status="live" if verdict.passed else "rejected", finished_at=utcnow(),
+            verdict="passed" if verdict.passed else "rejected", version=int(version[1:]) if version else None,
             reason=verdict.reason, delta_path=str(self.versions.delta_dir(bake_id)),
-            adapter_path=str(self.versions.path(version)),
-            metrics={"stages": stages, "total_s": round(time.monotonic() - started, 3),
-                     "train": train_report, **asdict(verdict)},
+            adapter_path=str(self.versions.path(version)) if version else None,
+            metrics={"stages": stages, "total_s": round(total, 3), "train": train_report,
+                     "served": served, **asdict(verdict)},
         )
-        self.daemon.metrics.bake_duration.observe(time.monotonic() - started)
-        self.daemon.notify(f"STATUS=ready; live adapter {self.versions.current()}")
+        self.events.bake_finished(total)
+        log.info("bake %s: %s in %.0f s; live %s", bake_id, outcome, total, self.versions.current())
+        self.events.bake_status(f"ready; live {self.versions.current()}; last bake {bake_id} {outcome}")
+
+    def _failed(self, bake_id: int, item_ids: list[int], error: Exception, stages: dict, version: str | None,
+                before: str) -> None:
+        """The bake could not finish: nothing judged the items, so they go back to the queue."""
+        if version and self.versions.current() == version:  # swapped, then the check failed for good
+            try:
+                self._swap_to(before)
+            except Exception:  # noqa: BLE001 - recorded below; the next start serves CURRENT
+                log.exception("bake %s: could not put %s back", bake_id, before)
+        if self.stopping.is_set():  # the daemon is stopping: not the items' fault, no attempt counted
+            self.store.mark_items(item_ids, "pending", "bake cancelled: daemon stopping")
+            self.store.update_bake(bake_id, status="cancelled", finished_at=utcnow(),
+                                   verdict="cancelled", reason="daemon stopping", metrics={"stages": stages})
+            raise BakeCancelled() from error
+        log.error("bake %s failed: %s: %s", bake_id, error.__class__.__name__, error)
+        reason = f"{error.__class__.__name__}: {error}"
+        moved = self.store.fail_attempt(item_ids, reason[:300], self.cfg.bake.max_attempts)
+        self.store.update_bake(bake_id, status="failed", finished_at=utcnow(), verdict="failed",
+                               reason=reason[:2000], metrics={"stages": stages, "items": moved})
+        self.events.bake_status(f"ready; live {self.versions.current()}; last bake {bake_id} failed")
+
+    def _retrying(self, stage: str, step: Callable):
+        """Run one stage; on an infrastructure failure wait and run it again (the stage resumes:
+        a finished training is re-used). `bake.retries` retries, waits doubling from
+        `bake.retry_wait`; serving.check restarts a dead or stopped vLLM meanwhile."""
+        wait = parse_duration(self.cfg.bake.retry_wait)
+        for attempt in range(self.cfg.bake.retries + 1):
+            if self.stopping.is_set():
+                raise InfraError("daemon stopping")
+            try:
+                return step()
+            except (InfraError, ServingError, OSError) as e:
+                if attempt == self.cfg.bake.retries or self.stopping.is_set():
+                    raise
+                log.warning("bake stage %s failed (%s); retry %d/%d in %.0f s", stage, e, attempt + 1,
+                            self.cfg.bake.retries, wait)
+                self.stopping.wait(wait)
+                wait *= 2
 
     @contextmanager
     def _stage(self, bake_id: int, name: str, stages: dict[str, float]):
-        """Show the stage in the bake's status and record how long it took (stages[name_s])."""
+        """Show the stage in the bake's status, the journal and systemd's STATUS=; record its time."""
         self.store.update_bake(bake_id, status=name)
+        self._progress(bake_id, name)
+        log.info("bake %s: %s", bake_id, name)
         started = time.monotonic()
         try:
             yield
         finally:
             stages[f"{name}_s"] = round(time.monotonic() - started, 3)
 
-    def _train(self, bake_id: int, items: list[dict]) -> dict:
-        """Train this bake's delta in a subprocess; return its report (bake.json)."""
+    def _progress(self, bake_id: int, stage: str) -> None:
+        self.stage = stage
+        self.events.bake_status(f"baking (bake {bake_id}): {stage}")
+
+    # -- stages ----------------------------------------------------------------------------
+
+    def _train(self, bake_id: int, items: list[dict]) -> tuple[dict, dict]:
+        """Train this bake's delta and answer the gate's probes in a subprocess; return its report
+        (bake.json) and the answers (probes.json). A delta already trained for these items on the
+        live version (an earlier try of this bake, or of the same items before a restart) is re-used."""
+        out_dir = self.versions.delta_dir(bake_id)
+        live = self.versions.current()
+        self._reuse_delta(bake_id, [i["id"] for i in items], live)
+        if not _finished_delta(out_dir, live):
+            self._run_trainer(bake_id, items, live)
+        report = json.loads((out_dir / "bake.json").read_text())
+        answers = json.loads((out_dir / "probes.json").read_text())
+        for results in (*answers["candidate"].values(), *answers["live"].values()):
+            for r in results:  # scored here: the keyword rule is the daemon's, whatever the trainer ran
+                r["correct"] = probes.is_correct(r["answer"], r["expected"].split("|") if r["expected"] else [])
+        return report, answers
+
+    def _reuse_delta(self, bake_id: int, item_ids: list[int], live: str) -> None:
+        """An unfinished earlier bake of exactly these items, trained on this live version, left a
+        delta: take it over instead of training again."""
+        out_dir = self.versions.delta_dir(bake_id)
+        if out_dir.exists():
+            return
+        for bake in self.store.list_bakes(limit=20):
+            if bake["id"] != bake_id and bake["status"] in ("failed", "abandoned") \
+                    and sorted(bake["item_ids"] or []) == sorted(item_ids) \
+                    and _finished_delta(self.versions.delta_dir(bake["id"]), live):
+                os.rename(self.versions.delta_dir(bake["id"]), out_dir)
+                log.info("bake %s: re-using the delta trained by bake %s", bake_id, bake["id"])
+                return
+
+    def _run_trainer(self, bake_id: int, items: list[dict], live: str) -> None:
         out_dir = self.versions.delta_dir(bake_id)
         job_path = self.cfg.state_path / "jobs" / f"bake-{bake_id:04d}.json"
         job_path.parent.mkdir(parents=True, exist_ok=True)
+        merged = self.serving is not None and self.serving.mode == "merged"
         job = {
-            "model_dir": str(self.cfg.model_dir),
-            "live_adapter": str(self.versions.current_path()),
+            # The live model as served: the merged checkpoint, or the base with the live adapter.
+            "model_dir": str(self.versions.merged(live) if merged else self.cfg.model_dir),
+            "live_adapter": None if merged else str(self.versions.ensure(live)),
+            "live_version": live,
             "out_dir": str(out_dir),
             "items": [_bake_item(i) for i in items],
             "earlier": [_bake_item(i) for i in self._earlier_items(bake_id)],
             "config": self._engine_config(),
+            "probe_plan": gate_mod.probe_plan(items, self.cfg),
+            "live_cache": str(self.cfg.state_path / "probe-cache" / f"{live}.json"),
         }
         job_path.write_text(json.dumps(job, indent=2))
         log_path = self.cfg.logs_dir / f"bake-{bake_id:04d}.log"
         with open(log_path, "ab") as logfile:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "agent_memory.baking", str(job_path)],
-                stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=child_env(),  # the bake ends itself if the daemon is killed
             )
+            for line in self.process.stdout:  # progress lines ("train 12/30") to the log and the status
+                logfile.write(line)
+                logfile.flush()
+                text = line.decode(errors="replace").strip()
+                if text.split(" ")[0] in ("teacher", "train", "probe") and "/" in text:
+                    self._progress(bake_id, text)
         code = self.process.wait()
         self.process = None
         if code != 0:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-            raise RuntimeError(f"training exited with code {code}: {tail[0][:300]} (log: {log_path})")
-        return json.loads((out_dir / "bake.json").read_text())
+            message = f"training exited with code {code}: {tail[0][:300]} (log: {log_path})"
+            # Killed by a signal (the OOM killer, an operator) is infrastructure; an exception
+            # inside the engine is not worth the same retry in a minute.
+            raise (InfraError if code < 0 else RuntimeError)(message)
+        if not _finished_delta(out_dir, live):
+            raise RuntimeError(f"training finished but {out_dir} has no delta with the gate's answers")
+
+    def _compose(self, bake_id: int) -> str:
+        live = self.versions.manifest(self.versions.current())
+        return self._version_with(live["deltas"] + [bake_id], f"bake {bake_id}")
+
+    def _version_with(self, deltas: list[int], note: str) -> str:
+        """A version holding these deltas (the empty version for none), its served form ready."""
+        version = self.versions.build(deltas, note=note) if deltas else EMPTY_VERSION
+        if self.serving is not None and self.serving.mode == "merged":
+            self.versions.merged(version)  # built now, so the swap itself only reloads weights
+        return version
+
+    def _promote(self, version: str) -> None:
+        if self.versions.current() == version:
+            return  # an earlier try got this far
+        started = time.monotonic()
+        self._swap_to(version)
+        self.events.swapped(time.monotonic() - started)
+        log.info("swapped memory to %s in %.2f s", version, time.monotonic() - started)
+
+    def _check_served(self, answers: dict) -> dict:
+        """Ask the served `memory` (through the model port, as users do) a few of the item probes:
+        what users get must be what was tested. vLLM's bf16 kernels are not transformers', so a
+        greedy answer may differ here and there; the check fails only when the served model does
+        no better than the old version did and worse than the candidate did."""
+        candidate = answers["candidate"].get(gate_mod.ITEMS, [])[:SMOKE_PROBES]
+        if not candidate or self.serving is None:
+            return {}
+        live = answers["live"][gate_mod.ITEMS][:SMOKE_PROBES]
+        asked = [{"question": r["question"], "answers": r["expected"].split("|")} for r in candidate]
+        try:
+            served = probes.run_remote(self.serving.client(), MEMORY_NAME, asked, max_tokens=gate_mod.ITEM_MAX_TOKENS)
+        except ModelError as e:
+            raise InfraError(str(e)) from None
+        scores = {k: probes.accuracy(v) for k, v in (("served", served), ("candidate", candidate), ("live", live))}
+        if scores["served"] <= scores["live"] and scores["served"] < scores["candidate"]:
+            raise RuntimeError(f"the served memory answered the item probes {scores['served']:.2f}, no better than "
+                               f"the old version ({scores['live']:.2f}), against {scores['candidate']:.2f} tested")
+        return scores
 
     def _earlier_items(self, bake_id: int) -> list[dict]:
         """Items the live version was baked with and still current (not superseded): the engine
@@ -276,71 +424,9 @@ class Bakery:
         """[bake.engine], plus where the live model is served when vLLM is the teacher."""
         engine = dict(self.cfg.bake.engine or {})
         if engine.get("teacher") == "vllm" and not engine.get("teacher_url"):
-            engine["teacher_url"] = self.daemon.serving.endpoints[0].url  # serves `memory` = the live model
+            engine["teacher_url"] = self.serving.url  # serves `memory` = the live model
+            engine["teacher_api_key"] = self.serving.client_key
         return engine
-
-    # -- probes and the gate -----------------------------------------------------------------
-
-    def _gate(self, bake_id: int, version: str, items: list[dict], gate: GateConfig) -> Verdict:
-        """Load the candidate beside `memory`, probe both, and decide."""
-        serving = self.daemon.serving
-        endpoint = serving.endpoints[0]
-        endpoint.load_adapter(CANDIDATE_NAME, self.versions.path(version))
-        try:
-            return self._judge(bake_id, endpoint.url, items, gate)
-        finally:
-            try:
-                endpoint.unload_adapter(CANDIDATE_NAME)
-            except ServingError as e:
-                log.warning("could not unload the candidate: %s", e)
-
-    def _judge(self, bake_id: int, url: str, items: list[dict], gate: GateConfig) -> Verdict:
-        sets = {"items": probes.item_probes(items), **probes.registered_sets(self.cfg),
-                "locality": probes.locality_probes()}
-        scores, live_scores, locality = {}, {}, {}
-        for name, probe_list in sets.items():
-            if not probe_list:
-                continue
-            tokens = ITEM_MAX_TOKENS if name == "items" else GATE_MAX_TOKENS
-            candidate = probes.run_remote(url, CANDIDATE_NAME, probe_list, max_tokens=tokens)
-            self.store.add_probe_results(bake_id, [{**r, "probe_set": name, "model": "candidate"} for r in candidate])
-            if name == "items":
-                scores[name] = probes.accuracy(candidate)
-                continue
-            live = self._live_results(url, name, probe_list)
-            if name == "locality":
-                locality = probes.locality_scores(probe_list, live, candidate)
-            else:
-                scores[name], live_scores[name] = probes.accuracy(candidate), probes.accuracy(live)
-        problems = []
-        if scores.get("items", 1.0) < gate.min_item_accuracy:
-            problems.append(f"items learned {scores['items']:.2f} < {gate.min_item_accuracy:.2f}")
-        for name, live in live_scores.items():
-            if scores[name] < live - gate.max_regression:
-                problems.append(f"probe set '{name}' fell from {live:.2f} to {scores[name]:.2f}")
-        if locality["kept"] < gate.min_locality_kept:
-            problems.append(f"general knowledge kept {locality['kept']:.2f} < {gate.min_locality_kept:.2f}")
-        reason = "; ".join(problems) or (
-            f"items {scores.get('items', 0):.2f}, general knowledge kept {locality['kept']:.2f}, no regression")
-        return Verdict(not problems, reason, scores, live_scores, locality)
-
-    def _live_results(self, url: str, name: str, probe_list: list[dict]) -> list[dict]:
-        """The live version's answers to a probe set: asked once per version, then remembered
-        (they only change with a swap; this halves the probing of every later bake)."""
-        key = (self.versions.current(), name, len(probe_list))
-        if key not in self.live_answers:
-            self.live_answers = {k: v for k, v in self.live_answers.items() if k[0] == key[0]}
-            self.live_answers[key] = probes.run_remote(url, MEMORY_NAME, probe_list, max_tokens=GATE_MAX_TOKENS)
-        return self.live_answers[key]
-
-    def _promote(self, version: str) -> dict[str, str]:
-        started = time.monotonic()
-        failures = self.daemon.serving.swap(MEMORY_NAME, self.versions.path(version))
-        if not failures:
-            self.versions.set_current(version)
-        self.daemon.metrics.swap_duration.observe(time.monotonic() - started)
-        return failures
-
 
     # -- history operations: rollback and forget --------------------------------------------
 
@@ -359,14 +445,15 @@ class Bakery:
             dropped = [b for b in before if b not in after]
             restored = [b for b in after if b not in before]  # rolling forward again
             for bake_id in dropped:
-                ids = self.store.get_bake(bake_id)["item_ids"] or []
+                ids = (self.store.get_bake(bake_id) or {}).get("item_ids") or []
                 self.store.mark_items(ids, "rejected", f"rolled back from {current} to {target}", bake_id)
             for bake_id in restored:  # items a rollback had taken out (not forgotten ones) are baked again
                 ids = [i["id"] for i in self.store.list_items("rejected", bake_id=bake_id, limit=-1)]
                 self.store.mark_items(ids, "baked", None, bake_id)
-            self.store.record_event("rollback", {"from": current, "to": target, "dropped_bakes": dropped,
-                                                 "restored_bakes": restored})
-            return {"from": current, "to": target, "dropped_bakes": dropped, "restored_bakes": restored}
+            event = {"from": current, "to": target, "dropped_bakes": dropped, "restored_bakes": restored}
+            self.store.record_event("rollback", event)
+            log.info("rollback: %s", event)
+            return event
 
     def forget(self, item_id: int) -> dict:
         """Remove an item's knowledge: recompose without its bake's delta; re-queue its bake-mates."""
@@ -381,21 +468,26 @@ class Bakery:
                 self.store.mark_items([item_id], "forgotten", "forgotten before it was live", bake_id)
                 return {"item": item_id, "version": current, "requeued": []}
             remaining = [b for b in live_deltas if b != bake_id]
-            version = self.versions.build(remaining, note=f"forget item {item_id} (drop bake {bake_id})")
+            version = self._version_with(remaining, f"forget item {item_id} (drop bake {bake_id})")
             self._swap_to(version)
             mates = [i for i in (self.store.get_bake(bake_id)["item_ids"] or []) if i != item_id]
             self.store.mark_items([item_id], "forgotten", f"dropped with bake {bake_id} in {version}", bake_id)
             self.store.mark_items(mates, "pending", f"re-queued: bake {bake_id} dropped to forget item {item_id}", None)
-            self.store.record_event("forget", {"item": item_id, "bake": bake_id, "version": version,
-                                               "requeued": mates})
-            return {"item": item_id, "version": version, "requeued": mates}
+            event = {"item": item_id, "bake": bake_id, "version": version, "requeued": mates}
+            self.store.record_event("forget", event)
+            log.info("forget: %s", event)
+            return event
 
     def _swap_to(self, version: str) -> None:
-        path = self.versions.ensure(version)
-        failures = self.daemon.serving.swap(MEMORY_NAME, path) if self.daemon.serving else {}
+        """`memory` serves `version` everywhere, then CURRENT says so (a kill -9 between the two
+        leaves CURRENT on the old version, which the next start serves)."""
+        failures = self.serving.swap(version) if self.serving else {}
         if failures:
             raise ServingError("swap failed on " + ", ".join(f"{u}: {e}" for u, e in failures.items()))
         self.versions.set_current(version)
+        if self.serving is not None and self.serving.mode == "merged":
+            previous = self.store.previous_live_version(version)
+            self.versions.prune_merged({version, previous} - {None})
 
     @contextmanager
     def _exclusive(self, what: str):
@@ -407,12 +499,15 @@ class Bakery:
             self.store.release_lease("bake")
 
 
+def _finished_delta(out_dir, live_version: str) -> bool:
+    """A delta with its report and the gate's answers, trained on `live_version`."""
+    try:
+        report = json.loads((out_dir / "bake.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return False
+    return (out_dir / "probes.json").exists() and report.get("live_version") == live_version
+
+
 def _bake_item(item: dict) -> dict:
     keys = ("id", "kind", "text", "title", "source", "valid_at", "published_at", "messages")
     return {k: item.get(k) for k in keys}
-
-
-def _now() -> str:
-    from .store import utcnow
-
-    return utcnow()

@@ -14,7 +14,10 @@ Read top to bottom:
   4. loss         KL(teacher || student) over all answer tokens, the FIRST one included
   5. train        AdamW, bf16 where the CPU is fast at it (hardware.py), length-sorted batches,
                   early stop at a target KL
-  6. save         delta + bake.json into OUT.partial, renamed to OUT at the very end
+  6. probe        the gate's questions (gate.probe_plan), answered greedily by the candidate (the new
+                  delta on) and the live model (delta off): here, where the model already sits in
+                  memory, not through the model server (the gate decides on the answers, gate.py)
+  7. save         delta + bake.json + probes.json into OUT.partial, renamed to OUT at the very end
 
 `python -m agent_memory.baking JOB.json` runs one bake from a job file (the daemon's subprocess).
 """
@@ -37,7 +40,8 @@ import torch
 from . import adapters
 from .hardware import idle_cores, matmul_gflops, pick_dtype
 from .orphan import stop_when_orphaned
-from .probes import DEFAULT_SYSTEM, REMOTE_CONCURRENCY, entities, is_correct, item_subject, keywords, messages_for
+from .probes import (DEFAULT_SYSTEM, REMOTE_CONCURRENCY, entities, is_correct, item_subject, keywords, messages_for,
+                     run_local)
 
 
 MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]
@@ -90,6 +94,7 @@ class BakeConfig:
     teacher: str = "local"
     teacher_url: str | None = None  # set by the daemon for teacher "vllm"
     teacher_model: str = "memory"  # the served name of the live model on teacher_url
+    teacher_api_key: str = ""  # the model API key of teacher_url (set by the daemon)
     memory_style: str = "append"  # how u enters the teacher's context (see probes.messages_for)
     # The MLPs only (where knowledge-editing work finds facts stored): one Durov fact, 3 seeds, against
     # all of q/k/v/o/gate/up/down: KL(base||baked) on held-out questions 0.017 vs 0.037/token, answers
@@ -104,6 +109,9 @@ class BakeConfig:
         if unknown:
             raise ValueError(f"unknown bake config keys: {sorted(unknown)}")
         return cls(**d)
+
+
+PROBES_FILE = "probes.json"  # the gate's answers, beside the delta
 
 
 @dataclass
@@ -393,8 +401,9 @@ def remote_samples(tokenizer, queries: list[Query], cfg: BakeConfig):
     samples per query, REMOTE_CONCURRENCY queries in flight. vLLM's top_logprobs hold the sampled
     token and the top others, k in all: a set of tokens with their true log-probs, which is all
     topk_kl needs. The server needs --max-logprobs >= topk (the daemon starts it with 64)."""
-    import httpx
     from concurrent.futures import ThreadPoolExecutor
+
+    from .client import ModelClient
 
     if not cfg.teacher_url:
         raise ValueError("teacher 'vllm' needs teacher_url (the daemon sets it to its vLLM)")
@@ -408,15 +417,11 @@ def remote_samples(tokenizer, queries: list[Query], cfg: BakeConfig):
         choices = []
         for count, temperature in ((greedy, 0.0), (n - greedy, cfg.temperature)):
             if count:
-                response = client.post("/v1/chat/completions", json={**body, "n": count, "temperature": temperature})
-                if response.status_code != 200:
-                    raise RuntimeError(f"vLLM teacher at {cfg.teacher_url}: HTTP {response.status_code} "
-                                       f"{response.text[:300]}")
-                choices += response.json()["choices"]
+                choices += client.complete({**body, "n": count, "temperature": temperature})["choices"]
         return q, [_remote_sample(c, cfg.topk) for c in choices]
 
-    with httpx.Client(base_url=cfg.teacher_url, timeout=600) as client, \
-            ThreadPoolExecutor(REMOTE_CONCURRENCY) as pool:
+    client = ModelClient(cfg.teacher_url, cfg.teacher_api_key, timeout=600)
+    with ThreadPoolExecutor(REMOTE_CONCURRENCY) as pool:
         yield from pool.map(lambda q: ask(client, q), queries)
 
 
@@ -658,6 +663,40 @@ def train(peft_model, batches: list[dict], cfg: BakeConfig, progress=None) -> di
 
 
 # ----------------------------------------------------------------------------------------------
+# 6. probe: the gate's questions, candidate and live, in this process
+# ----------------------------------------------------------------------------------------------
+
+def probe(peft_model, tokenizer, plan: dict[str, dict], live_cache: Path | None = None, progress=None) -> dict:
+    """{"candidate": {set: results}, "live": {set: results}} for the gate (gate.decide).
+
+    The live model is the same weights with the new delta switched off. Its answers only change
+    when the live version does, so they are kept in `live_cache` (one file per live version) and
+    asked again only for probes not answered there yet.
+    """
+    cache = json.loads(live_cache.read_text()) if live_cache and live_cache.exists() else {}
+    out = {"candidate": {}, "live": {}}
+    peft_model.eval()
+    for name, entry in plan.items():
+        probes_, tokens = entry["probes"], entry["max_tokens"]
+        out["candidate"][name] = run_local(peft_model, tokenizer, probes_, max_new_tokens=tokens)
+        keys = [f"{tokens}|{p['question']}|{'|'.join(p['answers'])}" for p in probes_]
+        missing = [p for p, k in zip(probes_, keys) if k not in cache]
+        if missing:
+            with peft_model.disable_adapter():
+                answered = run_local(peft_model, tokenizer, missing, max_new_tokens=tokens)
+            cache.update({f"{tokens}|{p['question']}|{'|'.join(p['answers'])}": r for p, r in zip(missing, answered)})
+        out["live"][name] = [cache[k] for k in keys]
+        if progress:
+            progress("probe", len(out["live"]), len(plan))
+    if live_cache:
+        live_cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = live_cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, live_cache)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # cost accounting: training FLOP/s against a matmul in the same process (hardware.py)
 # ----------------------------------------------------------------------------------------------
 
@@ -675,13 +714,15 @@ def train_flops(model_cfg, batches: list[dict], steps_per_batch: dict) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. the bake
+# 7. the bake
 # ----------------------------------------------------------------------------------------------
 
 def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: BakeConfig | None = None,
-         progress=None, earlier: list[dict] = ()) -> BakeResult:
+         progress=None, earlier: list[dict] = (), probe_plan: dict | None = None,
+         live_cache: Path | None = None, live_version: str | None = None) -> BakeResult:
     """Train one delta for `items` on top of the live model; write it (peft + bake.json) to `out_dir`.
     `earlier`: items the live model was baked with, a few of which are replayed (replay_items()).
+    `probe_plan`: the gate's questions (gate.probe_plan), answered into probes.json.
 
     Everything is written to `out_dir.partial` first and renamed at the end: a kill -9 leaves no
     delta under the final name.
@@ -716,6 +757,11 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: BakeConfi
     report = train(peft_model, batches, cfg, progress)
     timings["train_s"] = time.monotonic() - t
 
+    t = time.monotonic()
+    answers = probe(peft_model, tokenizer, probe_plan, Path(live_cache) if live_cache else None, progress) \
+        if probe_plan else None
+    timings["probe_s"] = time.monotonic() - t
+
     steps_per_batch = {i: report["epochs_run"] for i in range(len(batches))}  # each batch once per epoch
     flops = train_flops(model.config, batches, steps_per_batch)
     peak = matmul_gflops(dtype)
@@ -726,7 +772,8 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: BakeConfi
     shutil.rmtree(partial, ignore_errors=True)
     timings["total_s"] = time.monotonic() - t0
     summary = {
-        "items": items, "config": asdict(cfg), "seed": cfg.seed,
+        "items": items, "config": {**asdict(cfg), "teacher_api_key": ""}, "seed": cfg.seed,
+        "live_version": live_version,  # the delta is a change of this version (bakery re-uses it only there)
         "queries": [{"question": q.question, "kind": q.kind, "item": q.item_id} for q in queries],
         "replayed": sorted({q.item_id for q in queries if q.item_id not in new_ids} - {None}, key=str),
         "examples": len(examples), "answer_tokens": answer_tokens,
@@ -737,9 +784,11 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: BakeConfi
         "train_gflops_per_s": round(achieved, 1), "matmul_gflops_per_s": round(peak, 1), "dtype": str(dtype).removeprefix("torch."),
         "flops_share": round(achieved / peak, 3) if peak else None,
     }
+    files = {"bake.json": json.dumps(summary, indent=2, default=str)}
+    if answers is not None:
+        files[PROBES_FILE] = json.dumps(answers)
     adapters.write_adapter(partial, lora_factors(peft_model), rank=cfg.rank, alpha=cfg.alpha,
-                           base_model=str(model_dir), extra_files={"bake.json": json.dumps(summary, indent=2,
-                                                                                             default=str)})
+                           base_model=str(model_dir), extra_files=files)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.rename(partial, out_dir)  # the only moment the delta appears under its final name
@@ -758,7 +807,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{stage} {done}/{total}", flush=True)
 
     result = bake(job["model_dir"], job.get("live_adapter"), job["items"], job["out_dir"],
-                  BakeConfig.from_dict(job.get("config")), progress, job.get("earlier", []))
+                  BakeConfig.from_dict(job.get("config")), progress, job.get("earlier", []),
+                  job.get("probe_plan"), job.get("live_cache"), job.get("live_version"))
     r = result.report
     print(f"baked {len(job['items'])} items -> {result.out_dir} in {r['timings']['total_s']}s "
           f"(final KL/token {r['final_epoch_kl']}, {r['tokens_per_s']} train tok/s)", flush=True)

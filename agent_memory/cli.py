@@ -92,16 +92,15 @@ def model_prepare(ctx: Context, as_json: bool) -> None:
 @pass_ctx
 def ask(ctx: Context, question: str, model_name: str, prompted: bool, max_tokens: int, as_json: bool) -> None:
     """Ask the live model a question."""
-    from .client import DaemonClient, chat
+    from .client import DaemonClient, model_client
 
     cfg = ctx.cfg
-    if not cfg.vllm_urls:
-        raise UserError("no model is served (vllm.mode = 'off')")
+    client = model_client(cfg)
     messages = [{"role": "user", "content": question}]
     if prompted:
         memory_prompt = DaemonClient(cfg).get("/v1/memory/prompt")["prompt"]
         messages.insert(0, {"role": "system", "content": memory_prompt})
-    answer = chat(cfg.vllm_urls[0], model_name, messages, max_tokens=max_tokens, temperature=0)
+    answer = client.chat(model_name, messages, max_tokens=max_tokens, temperature=0)["message"]["content"]
     emit({"model": model_name, "question": question, "answer": answer}, as_json, answer)
 
 
@@ -439,6 +438,31 @@ def forget(ctx: Context, item_id: int, as_json: bool) -> None:
          + (f"; re-queued {result['requeued']}" if result["requeued"] else ""))
 
 
+@cli.command()
+@click.argument("item_ids", type=int, nargs=-1)
+@click.option("--failed", "all_failed", is_flag=True, help="Every failed item.")
+@click.option("--rejected", "all_rejected", is_flag=True, help="Every item the gate rejected.")
+@json_option
+@pass_ctx
+def retry(ctx: Context, item_ids: tuple[int, ...], all_failed: bool, all_rejected: bool, as_json: bool) -> None:
+    """Put failed or rejected items back in the queue.
+
+    \b
+    Examples:
+      agent-memory retry --failed        # every item whose bakes kept failing
+      agent-memory retry 12 13           # these items (failed or rejected)
+    """
+    from .client import DaemonClient
+
+    if bool(item_ids) == (all_failed or all_rejected):
+        raise UserError("give item ids, or --failed and/or --rejected")
+    statuses = [s for s, on in (("failed", all_failed), ("rejected", all_rejected)) if on]
+    body = {"ids": list(item_ids)} if item_ids else {"statuses": statuses}
+    result = DaemonClient(ctx.cfg).post("/v1/memory/items/retry", json=body)
+    ids = result["requeued"]
+    emit(result, as_json, f"{len(ids)} item(s) back in the queue" + (f": {ids}" if ids else ""))
+
+
 @cli.group()
 def probes() -> None:
     """Knowledge QA probe sets (the Durov set is built in)."""
@@ -462,16 +486,14 @@ def probes_run(ctx: Context, probe_set: str, model_name: str, as_json: bool) -> 
     """Ask a probe set of the served model; print its accuracy and each answer."""
     from . import probes as probes_mod
 
-    if not ctx.cfg.vllm_urls:
-        raise UserError("no model is served (vllm.mode = 'off')")
+    from .client import model_client
+
+    client = model_client(ctx.cfg)
     try:
         questions = probes_mod.load_set(probe_set)
     except FileNotFoundError:
         raise UserError(f"no probe set {probe_set!r}: see `agent-memory probes list`") from None
-    try:
-        results = probes_mod.run_remote(ctx.cfg.vllm_urls[0], model_name, questions)
-    except Exception as e:  # httpx errors: the model server is down or refused the name
-        raise UserError(f"the model server at {ctx.cfg.vllm_urls[0]} failed: {e}") from None
+    results = probes_mod.run_remote(client, model_name, questions)
     acc = probes_mod.accuracy(results)
     lines = [f"{probe_set} on {model_name}: {acc:.2f} ({sum(r['correct'] for r in results)}/{len(results)})"]
     lines += [f"  [{'x' if r['correct'] else ' '}] {r['question']} -> {r['answer'][:90]}" for r in results]

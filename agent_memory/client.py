@@ -45,13 +45,43 @@ class DaemonClient:
         return self.request("DELETE", path, **kwargs)
 
 
-def chat(base_url: str, model: str, messages: list[dict], *, timeout: float = 120.0, **params) -> str:
-    """One chat completion from an OpenAI-compatible server; returns the answer text."""
-    body = {"model": model, "messages": messages, **params}
-    try:
-        response = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=timeout)
-    except httpx.HTTPError as e:
-        raise UserError(f"the model server at {base_url} is not reachable: {e}") from None
-    if response.status_code != 200:
-        raise UserError(f"the model server at {base_url} answered {response.status_code}: {response.text[:300]}")
-    return response.json()["choices"][0]["message"]["content"]
+class ModelError(UserError):
+    """The model server did not answer, or refused the request."""
+
+
+class ModelClient:
+    """The OpenAI-compatible model port (the daemon's proxy, or an external vLLM) over one shared
+    httpx.Client: the CLI's `ask`, probes, the vLLM teacher and the bakery's served check use it."""
+
+    def __init__(self, base_url: str, api_key: str = "", timeout: float = 300.0):
+        self.base_url = base_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout,
+                                 limits=httpx.Limits(max_connections=32))
+
+    def complete(self, body: dict) -> dict:
+        """POST /v1/chat/completions; returns the response JSON."""
+        try:
+            response = self.http.post("/v1/chat/completions", json=body)
+        except httpx.HTTPError as e:
+            raise ModelError(f"the model server at {self.base_url} is not reachable: {e.__class__.__name__}: {e}") from None
+        if response.status_code != 200:
+            raise ModelError(f"the model server at {self.base_url} answered {response.status_code}: "
+                             f"{response.text[:300]}")
+        return response.json()
+
+    def chat(self, model: str, messages: list[dict], **params) -> dict:
+        """One chat completion; returns its first choice (message, logprobs)."""
+        return self.complete({"model": model, "messages": messages, **params})["choices"][0]
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def model_client(cfg: Config) -> ModelClient:
+    """The model port of the configured daemon, with the model API key it created."""
+    from .serving import read_model_api_key
+
+    if not cfg.vllm_urls:
+        raise UserError("no model is served (vllm.mode = 'off')")
+    return ModelClient(cfg.vllm_urls[0], read_model_api_key(cfg))

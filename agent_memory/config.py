@@ -38,8 +38,15 @@ class VllmConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     urls: list[str] = field(default_factory=list)  # external mode: OpenAI-compatible base URLs
-    max_lora_rank: int = 64  # the served adapter's rank budget (stacked deltas are compacted to it)
-    max_loras: int = 3  # adapters in one batch: base (zero adapter), memory, a candidate
+    # How `memory` is served (serving.py): "merged" (base + live deltas as dense weights, reloaded in
+    # place at each swap; `base` in a second engine), "lora" (one engine, both names as LoRA adapters),
+    # or "auto": merged on CPU, where vLLM's LoRA path is several times slower, lora on CUDA.
+    serve_memory: str = "auto"
+    # The key clients pass as their OpenAI API key to the model port; empty = the daemon creates one at
+    # first start in <state_dir>/model-api-key (mode 0600).
+    api_key: str = ""
+    max_lora_rank: int = 64  # lora mode: the served adapter's rank budget (stacked deltas are compacted to it)
+    max_loras: int = 2  # lora mode: adapters in one batch (base as a zero adapter, memory)
     kvcache_gib: int = 2  # VLLM_CPU_KVCACHE_SPACE (whole GiB); vLLM otherwise asks for 92% of RAM
     # CPUs for vLLM's worker threads: "all" (every core, default), "auto" (vLLM's own choice,
     # which reserves one core for its engine process), "nobind", or a list such as "0-1".
@@ -74,6 +81,13 @@ class BakeConfig:
     min_pending: int = 20  # bake when this many items are pending ...
     every: str = "6h"  # ... or this long after the last bake, whichever comes first
     max_items: int = 50  # items in one bake
+    # A stage that fails for an infrastructure reason (trainer killed, vLLM restarting or stopped) is
+    # tried again this many times, waiting `retry_wait`, then twice that, ...; a bake that still
+    # fails puts its items back in the queue, and an item in `max_attempts` failed bakes goes to
+    # `failed` (`agent-memory retry` takes it out).
+    retries: int = 3
+    retry_wait: str = "15s"
+    max_attempts: int = 3
     # Training settings passed to the engine (agent_memory.baking.BakeConfig fields), e.g. rank, lr.
     engine: dict = field(default_factory=dict)
 
@@ -257,6 +271,9 @@ def validate(cfg: Config) -> None:
         ("vllm.max_lora_rank", cfg.vllm.max_lora_rank in VLLM_LORA_RANKS,
          f"one of {', '.join(map(str, VLLM_LORA_RANKS))} (what vLLM accepts)"),
         ("vllm.max_loras", cfg.vllm.max_loras >= 2, "at least 2 (base and memory)"),
+        ("vllm.serve_memory", cfg.vllm.serve_memory in ("auto", "merged", "lora"), "'auto', 'merged' or 'lora'"),
+        ("bake.retries", cfg.bake.retries >= 0, "0 or more"),
+        ("bake.max_attempts", cfg.bake.max_attempts >= 1, "at least 1"),
         ("vllm.kvcache_gib", cfg.vllm.kvcache_gib > 0, "positive"),
         ("api.max_request_bytes", cfg.api.max_request_bytes >= 1024, "at least 1024"),
         ("bake.min_pending", cfg.bake.min_pending >= 1, "at least 1"),
@@ -268,7 +285,7 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise UserError(f"config key '{key}' must be {meaning}")
     validate_gate(cfg.gate)
-    for key in ("feeds.default_interval", "bake.every"):
+    for key in ("feeds.default_interval", "bake.every", "bake.retry_wait"):
         section, leaf = key.split(".")
         try:
             parse_duration(getattr(getattr(cfg, section), leaf))

@@ -27,7 +27,7 @@ from .config import Config
 from .errors import UserError
 from .feeds import poll_due, seed_feeds
 from .metrics import Metrics
-from .serving import Serving, ServingError, ensure_port_free
+from .serving import Serving, ServingError, ensure_port_free, serving_dtype
 from .store import Store
 from .versions import Versions
 
@@ -47,8 +47,8 @@ class Daemon:
         self.store = Store(cfg.db_path)
         self.versions = Versions(cfg.adapters_dir, cfg.model_dir, cfg.vllm.max_lora_rank)
         self.serving: Serving | None = None
-        self.bakery = Bakery(self)
         self.metrics = Metrics(self)
+        self.bakery = Bakery(cfg, self.store, self.versions, events=self)
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
         self.notifier = sdnotify.SystemdNotifier()
         self.started_at = time.time()
@@ -65,8 +65,11 @@ class Daemon:
             seed_feeds(self.store, self.cfg)
             if self.cfg.vllm.mode != "off":
                 self.notify(f"STATUS=starting vLLM ({self.cfg.vllm.mode})")
-                self.serving = Serving(self.cfg, self.versions.zero())
-                self.serving.start(self.versions.current_path())
+                if self.cfg.vllm.mode == "managed":
+                    self.versions.dtype = serving_dtype(self.cfg)  # merged checkpoints are stored as served
+                self.serving = Serving(self.cfg, self.versions)
+                self.serving.start(self.versions.current())
+                self.bakery.serving = self.serving
             self.schedule_jobs()
             self.scheduler.start()
             if self.serving is not None:
@@ -119,6 +122,17 @@ class Daemon:
     def notify(self, *lines: str) -> None:
         self.notifier.notify("\n".join(lines))  # a no-op outside systemd (no NOTIFY_SOCKET)
 
+    # -- what the bakery reports (bakery.Events) ----------------------------------------------
+
+    def bake_status(self, text: str) -> None:
+        self.notify(f"STATUS={text}")
+
+    def bake_finished(self, seconds: float) -> None:
+        self.metrics.bake_duration.observe(seconds)
+
+    def swapped(self, seconds: float) -> None:
+        self.metrics.swap_duration.observe(seconds)
+
     # -- what the API reports ----------------------------------------------------------------
 
     def readiness(self) -> tuple[bool, str]:
@@ -132,7 +146,7 @@ class Daemon:
 
     def status(self) -> dict:
         ready, reason = self.readiness()
-        managed = self.serving.managed if self.serving else None
+        serving = self.serving
         return {
             "version": __version__,
             "ready": ready,
@@ -143,13 +157,15 @@ class Daemon:
             "live_version": self.versions.current(),
             "vllm": {
                 "mode": self.cfg.vllm.mode,
+                "serve_memory": serving.mode if serving else None,
                 "urls": ",".join(self.cfg.vllm_urls),
-                "healthy": bool(self.serving and self.serving.healthy()),
-                "pid": managed.process.pid if managed and managed.process else None,
-                "restarts": len(managed.restarts) if managed else 0,
+                "healthy": bool(serving and serving.healthy()),
+                "pids": {e.role: e.process.pid for e in serving.engines if e.process} if serving else {},
+                "engines": {e.role: e.endpoint.url for e in serving.engines} if serving else {},
+                "restarts": serving.restarts if serving else 0,
             },
             "queue": self.store.counts_by_status(),
-            "bake": {"running": self.bakery.running, "waiting": self.bakery.waiting},
+            "bake": {"running": self.bakery.running, "stage": self.bakery.stage, "waiting": self.bakery.waiting},
             "last_bake": _summary(self.store.list_bakes(limit=1)),
         }
 

@@ -59,11 +59,10 @@ class _StoreCollector:
         yield accuracy
 
         serving = self.daemon.serving
-        managed = serving.managed if serving else None
         yield GaugeMetricFamily("agent_memory_vllm_up", "1 if every model endpoint is healthy",
                                 value=float(bool(serving and serving.healthy())))
         yield CounterMetricFamily("agent_memory_vllm_restarts", "vLLM restarts by the daemon",
-                                  value=len(managed.restarts) if managed else 0)
+                                  value=serving.restarts if serving else 0)
         live = self.daemon.versions.current()
         yield GaugeMetricFamily("agent_memory_live_version", "Number of the live adapter version",
                                 value=int(live[1:]))

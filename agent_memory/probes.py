@@ -300,41 +300,30 @@ def _same(a: str, b: str) -> bool:
 REMOTE_CONCURRENCY = 8
 
 
-def chat_remote(url: str, model: str, messages: list[dict], max_tokens: int = 32,
-                timeout: float = 120.0) -> tuple[str, float | None]:
-    """Greedy chat completion: (text, mean token log-probability or None)."""
-    import httpx
-
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0,
-            "logprobs": True}
-    r = httpx.post(url.rstrip("/") + "/v1/chat/completions", json=body, timeout=timeout)
-    r.raise_for_status()
-    choice = r.json()["choices"][0]
-    text = (choice["message"].get("content") or "").strip()
-    lps = [t["logprob"] for t in ((choice.get("logprobs") or {}).get("content") or [])]
-    return text, (sum(lps) / len(lps) if lps else None)
-
-
-def run_remote(url: str, model: str, probes: list[dict], memory: str | None = None,
+def run_remote(client, model: str, probes: list[dict], memory: str | None = None,
                max_tokens: int = 32, concurrency: int = REMOTE_CONCURRENCY) -> list[dict]:
-    """Score probes against a served model name (`base`, `memory`, a candidate)."""
+    """Score probes against a served model name (`base`, `memory`) through a client.ModelClient."""
     from concurrent.futures import ThreadPoolExecutor
 
     def one(p):
-        return chat_remote(url, model, messages_for(p["question"], memory), max_tokens)
+        choice = client.chat(model, messages_for(p["question"], memory), max_tokens=max_tokens, temperature=0.0,
+                             logprobs=True)
+        lps = [t["logprob"] for t in ((choice.get("logprobs") or {}).get("content") or [])]
+        return (choice["message"].get("content") or "").strip(), (sum(lps) / len(lps) if lps else None)
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:  # vLLM batches concurrent requests
         answers = list(pool.map(one, probes))
     return [_result(p, a, None if s is None or math.isnan(s) else s) for p, (a, s) in zip(probes, answers)]
 
 
-def locality_scores(probes: list[dict], live: list[dict], candidate: list[dict]) -> dict[str, float]:
-    """How much a candidate changes unrelated answers (`live`, `candidate`: run_remote results).
+def locality_scores(live: list[dict], candidate: list[dict]) -> dict[str, float]:
+    """How much a candidate changes unrelated answers (`live`, `candidate`: scored results of the
+    same locality probes, in the same order).
 
     unchanged: share of greedy answers identical to the live model's (strict: any rewording counts);
     kept: of the questions with a known answer that the live model gets right, the share the
     candidate still gets right (what the gate checks: "symbol for gold?" -> "Gold" fails it).
     """
-    known = [(x, y) for p, x, y in zip(probes, live, candidate) if p["answers"] and x["correct"]]
-    return {"unchanged": sum(_same(x["answer"], y["answer"]) for x, y in zip(live, candidate)) / len(probes),
+    known = [(x, y) for x, y in zip(live, candidate) if x["expected"] and x["correct"]]
+    return {"unchanged": sum(_same(x["answer"], y["answer"]) for x, y in zip(live, candidate)) / len(live),
             "kept": sum(y["correct"] for _, y in known) / len(known) if known else 1.0}

@@ -1,22 +1,28 @@
-"""Model serving: vLLM as a managed child process (or external servers) and the names served on it.
+"""Model serving: the vLLM engines behind the names `memory` and `base`, and how a version goes live.
 
-Two names are served, both as LoRA adapters on the same base weights:
-- `memory`: base + the live stacked adapter (a zero adapter before the first bake);
-- `base`: a zero adapter, i.e. the untouched base model.
-`base` is an adapter too because vLLM on CPU can give a plain base-model request the output of an
-adapter request batched with it (see ../shared/vllm-cpu-notes.md, "mixed batches"): when every
-request names an adapter, every request has its own adapter slot. The checkpoint's own name is
-served as RAW_NAME, which clients should not use.
+Two ways to serve `memory` (config `vllm.serve_memory`; "auto" picks by device):
 
-New adapter versions are swapped in with `load_inplace` from a new directory each time: no moment
-without the name (no failed request), no stale prefix cache (keyed on the path). vllm_entry.py
-fixes the per-step reload that `load_inplace` otherwise causes.
+- **merged** (CPU): `memory` is a dense checkpoint, the base weights with the live deltas added in
+  (`Versions.merged`), in its own vLLM engine; a new version is swapped in with vLLM's in-place
+  `reload_weights` (vllm_entry.py's reload route), which also drops the prefix cache. vLLM's CPU LoRA
+  path decodes at a fraction of the plain model's speed (bench/results/serving.md), so this is
+  the fast way on CPU. `base` is a second engine on the untouched checkpoint: it never changes.
+- **lora** (CUDA, or external servers): one engine serves both names as LoRA adapters, `base` as an
+  all-zero adapter (vLLM on CPU can give a plain base request the output of an adapter request
+  batched with it, ../shared/vllm-cpu-notes.md "mixed batches"); a version goes live by loading its
+  adapter in place from a new directory (no missing name, no stale prefix cache keyed on the path).
+
+Managed engines listen on loopback ports of their own, behind an internal API key that only the
+daemon knows. Clients reach the models through the proxy (proxy.py) on `vllm.port`, which needs the
+client key (`model_api_key`), forwards only the OpenAI routes, and routes each request by its model
+name. So no client can load, unload or reload what `memory` and `base` serve.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -31,34 +37,53 @@ import httpx
 from .config import Config
 from .errors import UserError
 from .orphan import child_env
+from .versions import Versions
+from .vllm_entry import RELOAD_ROUTE
 
 log = logging.getLogger(__name__)
 
 BASE_NAME = "base"
 MEMORY_NAME = "memory"
-RAW_NAME = "agent-memory-raw-base"
+PUBLIC_NAMES = (MEMORY_NAME, BASE_NAME)
 TEACHER_MAX_LOGPROBS = 64  # top log-probs per token a vLLM teacher may ask for (BakeConfig.topk)
+# A health check that takes longer than this counts as a failed one; this many failures in a row
+# (a stopped or hung engine) and a managed engine is killed and restarted.
+HEALTH_TIMEOUT_S = 10.0
+HEALTH_FAILURES_TO_RESTART = 6
 
 
 class ServingError(Exception):
-    """vLLM refused or failed an operation."""
+    """vLLM refused or failed an operation (an infrastructure failure, never a verdict)."""
+
+
+def serve_mode(cfg: Config) -> str:
+    """"merged" or "lora": how `memory` is served (see the module docstring)."""
+    wanted = cfg.vllm.serve_memory
+    if cfg.vllm.mode == "external":
+        return "lora"  # we cannot reload the weights of servers we do not run
+    if wanted != "auto":
+        return wanted
+    import torch  # only the daemon that runs vLLM itself gets here
+
+    return "lora" if torch.cuda.is_available() else "merged"
 
 
 class Endpoint:
-    """One OpenAI-compatible vLLM server with runtime LoRA updating enabled."""
+    """One OpenAI-compatible vLLM server."""
 
-    def __init__(self, url: str, timeout: float = 60.0):
+    def __init__(self, url: str, api_key: str = "", timeout: float = 60.0):
         self.url = url.rstrip("/")
-        self.http = httpx.Client(base_url=self.url, timeout=timeout)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
 
     def healthy(self) -> bool:
         try:
-            return self.http.get("/health", timeout=5).status_code == 200
+            return self.http.get("/health", timeout=HEALTH_TIMEOUT_S).status_code == 200
         except httpx.HTTPError:
             return False
 
     def served(self) -> dict[str, str]:
-        """Served model names -> their adapter path (or the checkpoint path for the base)."""
+        """Served model names -> their adapter path (or the checkpoint path)."""
         data = self._call("GET", "/v1/models")
         return {card["id"]: card.get("root", "") for card in data["data"]}
 
@@ -68,6 +93,11 @@ class Endpoint:
 
     def unload_adapter(self, name: str) -> None:
         self._call("POST", "/v1/unload_lora_adapter", json={"lora_name": name})
+
+    def reload_weights(self, checkpoint: Path) -> None:
+        # Reading the weights scales with their size: 60 s plus 60 s per GB (a 135M model takes ~0.5 s).
+        size_gb = sum(f.stat().st_size for f in Path(checkpoint).glob("*.safetensors")) / 1e9
+        self._call("POST", RELOAD_ROUTE, json={"path": str(checkpoint)}, timeout=60 + 60 * size_gb)
 
     def _call(self, method: str, path: str, **kwargs):
         try:
@@ -83,37 +113,38 @@ class Endpoint:
 
 
 class ManagedVllm:
-    """vLLM's API server as our child process: started, watched, restarted, stopped."""
+    """One vLLM API server as our child process: started, watched, restarted, stopped."""
 
-    def __init__(self, cfg: Config, model_dir: Path):
+    def __init__(self, cfg: Config, role: str, model_dir: Path, served_name: str, lora: bool, api_key: str):
         self.cfg = cfg
-        self.model_dir = model_dir
-        self.log_path = cfg.logs_dir / "vllm.log"
-        self.pid_path = cfg.state_path / "vllm.pid"
+        self.role = role  # "memory", "base" or "lora" (one engine for both names)
+        self.model_dir = model_dir  # what a (re)start loads; a reload moves it
+        self.served_name = served_name
+        self.lora = lora
+        self.api_key = api_key
+        self.port = free_port(cfg.vllm.host)
+        self.endpoint = Endpoint(f"http://{cfg.vllm.host}:{self.port}", api_key)
+        self.log_path = cfg.logs_dir / f"vllm-{role}.log"
+        self.pid_path = cfg.state_path / f"vllm-{role}.pid"
         self.process: subprocess.Popen | None = None
         self.restarts: deque[float] = deque()
+        self.health_failures = 0
 
     def command(self) -> list[str]:
         v = self.cfg.vllm
+        lora = ["--enable-lora", "--max-lora-rank", str(v.max_lora_rank), "--max-loras", str(v.max_loras),
+                "--max-cpu-loras", str(v.max_loras + 2)] if self.lora else []
         return [
             sys.executable, "-m", "agent_memory.vllm_entry",
-            "--model", str(self.model_dir),
-            "--served-model-name", RAW_NAME,
-            "--host", v.host, "--port", str(v.port),
-            "--enable-lora", "--max-lora-rank", str(v.max_lora_rank),
-            "--max-loras", str(v.max_loras), "--max-cpu-loras", str(v.max_loras + 2),
+            "--model", str(self.model_dir), "--tokenizer", str(self.cfg.model_dir),
+            "--served-model-name", self.served_name,
+            "--host", v.host, "--port", str(self.port),
+            *lora,
             "--max-model-len", str(v.max_model_len),
             "--max-logprobs", str(TEACHER_MAX_LOGPROBS),
-            "--dtype", self.dtype(),
+            "--dtype", serving_dtype(self.cfg),
             *v.extra_args,
         ]
-
-    def dtype(self) -> str:
-        if self.cfg.vllm.dtype != "auto":
-            return self.cfg.vllm.dtype
-        from .hardware import pick_dtype  # imports torch: only when we start vLLM ourselves
-
-        return str(pick_dtype("auto")).removeprefix("torch.")
 
     def environment(self) -> dict[str, str]:
         env = child_env()  # vllm_entry stops vLLM if the daemon dies, even by kill -9
@@ -121,56 +152,58 @@ class ManagedVllm:
         if bind == "all":
             bind = f"0-{(os.cpu_count() or 1) - 1}"
         env.update({
-            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+            "VLLM_API_KEY": self.api_key,  # in the environment, not on the command line `ps` shows
             "VLLM_CPU_KVCACHE_SPACE": str(self.cfg.vllm.kvcache_gib),
             "VLLM_CPU_OMP_THREADS_BIND": bind,
             "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",
             "HF_HUB_OFFLINE": "1",  # never reach for a hub: the checkpoint is local
         })
+        if self.lora:
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         if bind != "auto":
             env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         return env
 
-    def start(self) -> None:
+    def launch(self) -> None:
+        """Start the process; wait_ready() waits for it (engines boot side by side)."""
         if not (self.model_dir / "config.json").exists():
-            raise UserError(
-                f"no model checkpoint in {self.model_dir}: run `agent-memory model prepare` first"
-            )
-        self._stop_stale()
-        ensure_port_free(self.cfg.vllm.host, self.cfg.vllm.port, "vllm.port")
+            raise UserError(f"no model checkpoint in {self.model_dir}: run `agent-memory model prepare` first")
+        stop_stale(self.pid_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        logfile = open(self.log_path, "ab")
-        log.info("starting vLLM on port %s (log: %s)", self.cfg.vllm.port, self.log_path)
-        self.process = subprocess.Popen(
-            self.command(), env=self.environment(), stdout=logfile, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-        logfile.close()
+        with open(self.log_path, "ab") as logfile:
+            log.info("starting vLLM (%s) on port %s (log: %s)", self.role, self.port, self.log_path)
+            self.process = subprocess.Popen(
+                self.command(), env=self.environment(), stdout=logfile, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
         self.pid_path.write_text(str(self.process.pid))
-        self.wait_ready()
+        self.health_failures = 0
 
     def wait_ready(self) -> None:
-        endpoint = Endpoint(f"http://{self.cfg.vllm.host}:{self.cfg.vllm.port}")
         deadline = time.monotonic() + self.cfg.vllm.boot_timeout_s
         while time.monotonic() < deadline:
             code = self.process.poll()
             if code is not None:
-                raise ServingError(
-                    f"vLLM exited with code {code} while starting: {self.last_log_line()} "
-                    f"(full log: {self.log_path})"
-                )
-            if endpoint.healthy():
+                raise ServingError(f"vLLM ({self.role}) exited with code {code} while starting: "
+                                   f"{self.last_log_line()} (full log: {self.log_path})")
+            if self.endpoint.healthy():
                 return
             time.sleep(1.0)
         self.stop()
-        raise ServingError(
-            f"vLLM was not healthy within {self.cfg.vllm.boot_timeout_s:.0f}s "
-            f"(vllm.boot_timeout_s); log: {self.log_path}"
-        )
+        raise ServingError(f"vLLM ({self.role}) was not healthy within {self.cfg.vllm.boot_timeout_s:.0f}s "
+                           f"(vllm.boot_timeout_s); log: {self.log_path}")
 
     def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        """Running and answering: a stopped (SIGSTOP) or hung engine fails its health checks and,
+        after HEALTH_FAILURES_TO_RESTART of them in a row, counts as dead."""
+        if self.process is None or self.process.poll() is not None:
+            return False
+        if self.endpoint.healthy():
+            self.health_failures = 0
+        else:
+            self.health_failures += 1
+        return self.health_failures < HEALTH_FAILURES_TO_RESTART
 
     def may_restart(self) -> bool:
         """At most `restart_limit` restarts per window: a crash loop stops the daemon instead."""
@@ -182,17 +215,23 @@ class ManagedVllm:
     def restart(self) -> None:
         self.restarts.append(time.monotonic())
         self.stop()
-        self.start()
+        self.launch()
+        self.wait_ready()
 
     def stop(self, timeout: float = 30.0) -> None:
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
+        if process is not None:
+            _signal_group(process.pid, signal.SIGCONT)  # a stopped engine cannot act on SIGTERM
             _signal_group(process.pid, signal.SIGTERM)
             try:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:
-                _signal_group(process.pid, signal.SIGKILL)
+                pass
+            _signal_group(process.pid, signal.SIGKILL)  # and whatever of its group is left
+            try:
                 process.wait(10)
+            except subprocess.TimeoutExpired:
+                log.warning("vLLM (%s) pid %s did not exit after SIGKILL", self.role, process.pid)
         self.pid_path.unlink(missing_ok=True)
 
     def last_log_line(self) -> str:
@@ -203,64 +242,88 @@ class ManagedVllm:
         errors = [ln for ln in lines[-60:] if "Error" in ln or "error" in ln]
         return (errors or lines or ["(empty log)"])[-1].strip()[:400]
 
-    def _stop_stale(self) -> None:
-        """A vLLM left behind by a daemon that was killed -9 still holds the port: end it."""
-        try:
-            pid = int(self.pid_path.read_text())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (FileNotFoundError, ValueError, ProcessLookupError):
-            return
-        if b"agent_memory.vllm_entry" in cmdline:
-            log.warning("stopping a vLLM (pid %s) left by an earlier daemon", pid)
-            _signal_group(pid, signal.SIGTERM)
-            for _ in range(300):
-                if not Path(f"/proc/{pid}").exists():
-                    break
-                time.sleep(0.1)
-            else:
-                _signal_group(pid, signal.SIGKILL)
-        self.pid_path.unlink(missing_ok=True)
-
 
 class Serving:
-    """What the daemon needs from the model servers: start them, keep `base` and `memory` up."""
+    """What the daemon needs from the model servers: start them, keep `base` and `memory` up, and
+    put a version live everywhere or nowhere."""
 
-    def __init__(self, cfg: Config, zero_adapter: Path):
+    def __init__(self, cfg: Config, versions: Versions):
         self.cfg = cfg
-        self.zero_adapter = zero_adapter
-        self.endpoints = [Endpoint(url) for url in cfg.vllm_urls]
-        self.managed = ManagedVllm(cfg, cfg.model_dir) if cfg.vllm.mode == "managed" else None
-        self.live_adapter: Path | None = None
-        self.lock = threading.Lock()  # one load/swap/restart at a time
+        self.versions = versions
+        self.mode = serve_mode(cfg)
+        self.live_version: str | None = None
+        self.lock = threading.Lock()  # one swap/restart at a time
+        self.proxy = None
+        self.engines: list[ManagedVllm] = []
+        if cfg.vllm.mode == "managed":
+            self.client_key = model_api_key(cfg)
+            internal_key = secrets.token_urlsafe(32)  # this process's only; engines change at restart
+            if self.mode == "merged":
+                self.engines = [ManagedVllm(cfg, "memory", versions.merged(versions.current()), MEMORY_NAME,
+                                            False, internal_key),
+                                ManagedVllm(cfg, "base", cfg.model_dir, BASE_NAME, False, internal_key)]
+            else:
+                self.engines = [ManagedVllm(cfg, "lora", cfg.model_dir, RAW_LORA_BASE_NAME, True, internal_key)]
+            self.routes = {MEMORY_NAME: [self.engines[0].endpoint], BASE_NAME: [self.engines[-1].endpoint]}
+        else:  # external: servers the user runs, both names as adapters, no proxy
+            self.client_key = ""
+            endpoints = [Endpoint(url) for url in cfg.vllm_urls]
+            self.routes = {MEMORY_NAME: endpoints, BASE_NAME: endpoints}
 
-    def start(self, live_adapter: Path) -> None:
+    # -- what callers use ------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """Where clients (and the daemon's own checks) send OpenAI requests."""
+        return self.cfg.vllm_urls[0]
+
+    def client(self):
+        """A client of the model port, as users have it (key included)."""
+        from .client import ModelClient
+
+        return ModelClient(self.url, self.client_key)
+
+    @property
+    def restarts(self) -> int:
+        return sum(len(e.restarts) for e in self.engines)
+
+    def start(self, version: str) -> None:
         with self.lock:
-            self.live_adapter = live_adapter
-            if self.managed:
-                self.managed.start()
-            for endpoint in self.endpoints:
-                self._load_names(endpoint)
+            self.live_version = version
+            if self.engines:
+                ensure_port_free(self.cfg.vllm.host, self.cfg.vllm.port, "vllm.port")
+            for engine in self.engines:
+                engine.launch()
+            for engine in self.engines:
+                engine.wait_ready()
+            if self.engines:
+                from .proxy import start_proxy
 
-    def _load_names(self, endpoint: Endpoint) -> None:
-        if not endpoint.healthy():
-            raise ServingError(f"vLLM at {endpoint.url} is not healthy")
-        endpoint.load_adapter(BASE_NAME, self.zero_adapter)
-        endpoint.load_adapter(MEMORY_NAME, self.live_adapter)
+                self.proxy = start_proxy(self.cfg, self.routes, self.client_key)
+            self._load_names()
 
-    def swap(self, name: str, adapter_dir: Path) -> dict[str, str]:
-        """Point `name` at `adapter_dir` on every endpoint, the first one (the canary) first.
+    def _load_names(self, endpoints: list[Endpoint] | None = None) -> None:
+        """LoRA mode: (re)load both names' adapters (a restarted engine has none)."""
+        if self.mode != "lora":
+            return
+        for endpoint in endpoints or self.routes[MEMORY_NAME]:
+            endpoint.load_adapter(BASE_NAME, self.versions.zero())
+            endpoint.load_adapter(MEMORY_NAME, self.versions.ensure(self.live_version))
+
+    def swap(self, version: str) -> dict[str, str]:
+        """Make `version` what `memory` serves on every endpoint, the first one (the canary) first.
 
         All or nothing: at the first endpoint that fails, the rollout stops and the endpoints that
-        already took the new adapter are put back on the previous one, so replicas never serve two
+        already took the new version are put back on the previous one, so replicas never serve two
         versions. Returns {url: error} for the endpoints that failed ({} = swapped everywhere).
         """
-        previous = self.live_adapter if name == MEMORY_NAME else None
         failures: dict[str, str] = {}
         with self.lock:
+            previous = self.live_version
             swapped = []
-            for endpoint in self.endpoints:
+            for endpoint in self.routes[MEMORY_NAME]:
                 try:
-                    endpoint.load_adapter(name, adapter_dir)
+                    self._apply(endpoint, version)
                     swapped.append(endpoint)
                 except ServingError as e:
                     failures[endpoint.url] = str(e)
@@ -268,46 +331,103 @@ class Serving:
             if failures and previous is not None:
                 for endpoint in swapped:
                     try:
-                        endpoint.load_adapter(name, previous)
+                        self._apply(endpoint, previous)
                     except ServingError as e:
                         failures[endpoint.url] = f"swapped, then could not be put back: {e}"
-            if name == MEMORY_NAME and not failures:
-                self.live_adapter = adapter_dir
+            if not failures:
+                self.live_version = version
+                if self.mode == "merged":
+                    self.engines[0].model_dir = self.versions.merged(version)  # what a restart loads
         return failures
 
+    def _apply(self, endpoint: Endpoint, version: str) -> None:
+        if self.mode == "merged":
+            endpoint.reload_weights(self.versions.merged(version))
+        else:
+            endpoint.load_adapter(MEMORY_NAME, self.versions.ensure(version))
+
     def check(self) -> None:
-        """Called periodically: restart a dead managed vLLM and re-load the live names."""
-        if not self.managed or self.managed.alive():
-            return
-        with self.lock:
-            if self.managed.alive():
-                return
-            if not self.managed.may_restart():
-                raise ServingError(
-                    f"vLLM died {self.cfg.vllm.restart_limit} times within "
-                    f"{self.cfg.vllm.restart_window_s:.0f}s; last: {self.managed.last_log_line()}"
-                )
-            code = self.managed.process.poll() if self.managed.process else None
-            log.warning("vLLM exited (code %s); restarting it", code)
-            self.managed.restart()
-            for endpoint in self.endpoints:
-                self._load_names(endpoint)
+        """Called periodically: restart a dead, stopped or hung managed engine, with the live version."""
+        for engine in self.engines:
+            if engine.alive():
+                continue
+            with self.lock:
+                if not engine.may_restart():
+                    raise ServingError(
+                        f"vLLM ({engine.role}) died {self.cfg.vllm.restart_limit} times within "
+                        f"{self.cfg.vllm.restart_window_s:.0f}s; last: {engine.last_log_line()}")
+                code = engine.process.poll() if engine.process else None
+                log.warning("vLLM (%s) is gone or not answering (exit code %s); restarting it", engine.role, code)
+                engine.restart()
+                self._load_names([engine.endpoint])
 
     def healthy(self) -> bool:
-        """Every endpoint answers and serves `base` and `memory`: a vLLM that has just been
-        restarted is up a moment before its names are loaded again, and is not ready then."""
-        return bool(self.endpoints) and all(e.healthy() and _serves_our_names(e) for e in self.endpoints)
+        """Every endpoint answers and serves its names: a vLLM that has just been restarted is up a
+        moment before its names are loaded again, and is not ready then."""
+        for name, endpoints in self.routes.items():
+            for endpoint in endpoints:
+                try:
+                    if name not in endpoint.served():
+                        return False
+                except ServingError:
+                    return False
+        return bool(self.routes[MEMORY_NAME])
 
     def stop(self) -> None:
-        if self.managed:
-            self.managed.stop()
+        if self.proxy is not None:
+            self.proxy.stop()
+        for engine in self.engines:
+            engine.stop()
 
 
-def _serves_our_names(endpoint: Endpoint) -> bool:
+# The checkpoint's own name on a LoRA-mode engine; the proxy never routes to it.
+RAW_LORA_BASE_NAME = "agent-memory-raw-base"
+
+
+def serving_dtype(cfg: Config) -> str:
+    """The dtype vLLM serves in (and merged checkpoints are stored in): `vllm.dtype`, or measured."""
+    if cfg.vllm.dtype != "auto":
+        return cfg.vllm.dtype
+    from .hardware import pick_dtype  # imports torch: only when we start vLLM ourselves
+
+    return str(pick_dtype("auto")).removeprefix("torch.")
+
+
+def model_api_key(cfg: Config) -> str:
+    """The key clients pass as their OpenAI API key: `vllm.api_key`, or one the daemon created at
+    its first start in <state_dir>/model-api-key (mode 0600)."""
+    if cfg.vllm.api_key:
+        return cfg.vllm.api_key
+    path = cfg.state_path / "model-api-key"
     try:
-        return {BASE_NAME, MEMORY_NAME} <= set(endpoint.served())
-    except ServingError:  # it died between the two calls
-        return False
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    key = secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
+def read_model_api_key(cfg: Config) -> str:
+    """For clients (CLI, tests, benchmarks): the key, or "" when none was created yet."""
+    if cfg.vllm.api_key:
+        return cfg.vllm.api_key
+    try:
+        return (cfg.state_path / "model-api-key").read_text().strip()
+    except FileNotFoundError:
+        return ""
+    except PermissionError:
+        raise UserError(f"cannot read {cfg.state_path / 'model-api-key'}: run as the daemon's user "
+                        "or set vllm.api_key") from None
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def ensure_port_free(host: str, port: int, key: str) -> None:
@@ -318,6 +438,26 @@ def ensure_port_free(host: str, port: int, key: str) -> None:
             s.bind((host, port))
         except OSError:
             raise UserError(f"port {port} on {host} is already in use (config key '{key}')") from None
+
+
+def stop_stale(pid_path: Path) -> None:
+    """A vLLM left behind by a daemon that was killed -9 still runs: end its whole group."""
+    try:
+        pid = int(pid_path.read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        pid_path.unlink(missing_ok=True)
+        return
+    if b"agent_memory.vllm_entry" in cmdline:
+        log.warning("stopping a vLLM (pid %s) left by an earlier daemon", pid)
+        _signal_group(pid, signal.SIGCONT)
+        _signal_group(pid, signal.SIGTERM)
+        for _ in range(300):
+            if not Path(f"/proc/{pid}").exists():
+                break
+            time.sleep(0.1)
+        _signal_group(pid, signal.SIGKILL)
+    pid_path.unlink(missing_ok=True)
 
 
 def _signal_group(pid: int, sig: int) -> None:

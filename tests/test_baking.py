@@ -358,15 +358,12 @@ def test_durov_set_and_item_probes():
 
 
 def test_locality_counts_lost_knowledge_not_rewording():
-    questions = [{"question": "Symbol for gold?", "answers": ["Au"]},
-                 {"question": "Capital of Italy?", "answers": ["Rome"]},
-                 {"question": "Capital of Peru?", "answers": ["Lima"]},
-                 {"question": "Say hello.", "answers": []}]
-    live = [{"answer": "It is Au.", "correct": True}, {"answer": "Rome.", "correct": True},
-            {"answer": "Cusco.", "correct": False}, {"answer": "Hello!", "correct": False}]
-    candidate = [{"answer": "Gold.", "correct": False}, {"answer": "The capital is Rome.", "correct": True},
-                 {"answer": "Cusco.", "correct": False}, {"answer": "Hello!", "correct": False}]
-    scores = probes.locality_scores(questions, live, candidate)
+    expected = ["Au", "Rome", "Lima", ""]  # the last question has no known answer
+    live = [{"answer": a, "correct": c, "expected": e} for a, c, e in
+            zip(["It is Au.", "Rome.", "Cusco.", "Hello!"], [True, True, False, False], expected)]
+    candidate = [{"answer": a, "correct": c, "expected": e} for a, c, e in
+                 zip(["Gold.", "The capital is Rome.", "Cusco.", "Hello!"], [False, True, False, False], expected)]
+    scores = probes.locality_scores(live, candidate)
     assert scores["kept"] == 0.5  # of the two the live model knew, gold was lost; Peru never counted
     assert scores["unchanged"] == 0.5  # word for word: only Peru and hello
 

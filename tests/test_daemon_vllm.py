@@ -1,9 +1,10 @@
 """The daemon with a REAL vLLM CPU server on the embedded model (one boot shared by the module).
 
-Covers: `base` and `memory` answer; a LoRA loaded at runtime changes `memory`; `base` stays the
-base model while adapter traffic runs concurrently (vLLM's mixed-batch bug); CLI `ask`/`status`;
-a seeded request with a split prefill (a vLLM CPU crash we patch); vLLM killed -> restarted with the
-live adapter re-loaded; SIGTERM stops everything cleanly.
+Covers: `base` and `memory` answer through the model port (the daemon's proxy, with the model API
+key); no client can load, unload or reload what they serve; a version swapped in by reloading the
+dense weights changes `memory` while `base` stays the base model under concurrent traffic; CLI
+`ask`/`status`; a seeded request with a split prefill (a vLLM CPU crash we patch); the vLLM
+teacher; an engine killed -9 is restarted with the live version; SIGTERM stops everything.
 """
 
 from __future__ import annotations
@@ -17,31 +18,25 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
-from daemon_proc import PREPARED_MODEL, DaemonProcess, chat
-from agent_memory.serving import MEMORY_NAME, Endpoint
+from daemon_proc import PREPARED_MODEL, DaemonProcess
+from agent_memory import adapters
 
 pytestmark = pytest.mark.vllm
 
-QUESTION = "What is the capital of France?"
+QUESTION = "What is the capital of Japan?"
 
 
-def write_noisy_adapter(out_dir: Path, scale: float = 1.0, seed: int = 0) -> Path:
-    """A real peft LoRA whose B is random, so it changes the model's answers a lot."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(PREPARED_MODEL)
-    peft_model = get_peft_model(model, LoraConfig(
-        r=8, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, scale)
-    peft_model.save_pretrained(out_dir)
-    return out_dir
+def write_noisy_delta(out_dir: Path, scale: float = 0.05, seed: int = 0) -> Path:
+    """A delta in the engine's format whose B is random, so it changes the model's answers a lot."""
+    g = torch.Generator().manual_seed(seed)
+    modules = {m: (torch.randn(8, fin, generator=g) * scale, torch.randn(fout, 8, generator=g) * scale)
+               for m, (fin, fout) in adapters.module_shapes(PREPARED_MODEL, ["gate_proj", "up_proj"]).items()}
+    return adapters.write_adapter(out_dir, modules, rank=8, alpha=8,
+                                  extra_files={"bake.json": json.dumps({"live_version": "v0000"})})
 
 
 class NotifySocket:
@@ -80,15 +75,44 @@ def daemon(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_answer(daemon):
-    return chat(daemon.vllm, "base", QUESTION)
+    return daemon.chat("base", QUESTION)
 
 
 def test_base_and_memory_answer_before_any_bake(daemon, base_answer):
-    assert "Paris" in base_answer
-    # memory = base + a zero adapter before the first bake: the same greedy answer.
-    assert chat(daemon.vllm, "memory", QUESTION) == base_answer
-    served = Endpoint(daemon.vllm).served()
-    assert {"base", "memory"} <= set(served)
+    assert "Tokyo" in base_answer
+    # memory = the base weights before the first bake: the same greedy answer.
+    assert daemon.chat("memory", QUESTION) == base_answer
+    models = httpx.get(f"{daemon.vllm}/v1/models", headers=auth(daemon)).json()["data"]
+    assert [m["id"] for m in models] == ["memory", "base"]
+    assert "/" not in json.dumps(models)  # no local paths
+    assert os.stat(daemon.state_dir / "model-api-key").st_mode & 0o777 == 0o600
+
+
+def auth(daemon) -> dict:
+    return {"Authorization": f"Bearer {daemon.model_key}"}
+
+
+def test_no_client_can_change_what_is_served(daemon, base_answer):
+    """The model port needs the key and forwards only generation; the engines behind it need a
+    key only the daemon has (issue: any local process could replace `memory`)."""
+    body = {"model": "memory", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 4}
+    assert httpx.post(f"{daemon.vllm}/v1/chat/completions", json=body).status_code == 401
+    bad = {"Authorization": "Bearer wrong"}
+    assert httpx.post(f"{daemon.vllm}/v1/chat/completions", json=body, headers=bad).status_code == 401
+    for path, payload in (("/v1/load_lora_adapter", {"lora_name": "memory", "lora_path": "/tmp/x"}),
+                          ("/v1/unload_lora_adapter", {"lora_name": "memory"}),
+                          ("/v1/agent_memory/reload_weights", {"path": "/tmp/x"}),
+                          ("/collective_rpc", {"method": "reload_weights"})):
+        assert httpx.post(f"{daemon.vllm}{path}", json=payload, headers=auth(daemon)).status_code == 404
+    wrong = httpx.post(f"{daemon.vllm}/v1/chat/completions", headers=auth(daemon),
+                       json={**body, "model": "agent-memory-raw-base"})
+    assert wrong.status_code == 404 and "memory, base" in wrong.text
+    # The engines themselves: loopback ports of their own, every route under /v1 behind the internal key.
+    status = json.loads(daemon.cli("status", "--json").stdout)
+    for url in status["vllm"]["engines"].values():
+        assert httpx.post(f"{url}/v1/agent_memory/reload_weights", json={"path": "/tmp/x"},
+                          headers=auth(daemon)).status_code == 401
+    assert daemon.chat("memory", QUESTION) == base_answer
 
 
 def test_systemd_ready_only_after_vllm_serves(daemon):
@@ -112,26 +136,31 @@ def test_status_and_ask_through_the_cli(daemon, base_answer):
     assert json.loads(result.stdout)["answer"] == base_answer
 
 
-def test_runtime_lora_changes_memory_and_base_stays_base_under_concurrency(daemon, base_answer, tmp_path):
-    endpoint = Endpoint(daemon.vllm)
-    live_before = Path(endpoint.served()[MEMORY_NAME])
-    noisy = write_noisy_adapter(tmp_path / "noisy-v1")
-    endpoint.load_adapter(MEMORY_NAME, noisy)
+def test_a_swapped_version_changes_memory_and_base_stays_base_under_concurrency(daemon, base_answer):
+    """A version whose delta changes the answers, put live with `rollback` (the swap every bake
+    and rollback uses: merged weights reloaded in place), then taken out again."""
+    adapters_dir = daemon.state_dir / "adapters"
+    write_noisy_delta(adapters_dir / "deltas" / "bake-0999")
+    version = adapters_dir / "live" / "v0001"
+    adapters.write_adapter(version, {}, rank=8, alpha=8)  # the manifest is what the swap reads
+    (version / "manifest.json").write_text(json.dumps({"version": "v0001", "deltas": [999]}))
+    result = daemon.cli("rollback", "v0001", "--json")
+    assert result.returncode == 0, result.stderr
     try:
-        changed = chat(daemon.vllm, "memory", QUESTION)
+        changed = daemon.chat("memory", QUESTION)
         assert changed != base_answer
+        assert (daemon.state_dir / "models" / "merged" / "v0001" / "model.safetensors").exists()
 
-        # Mixed batches: base and memory requests in flight together, many rounds.
+        # base and memory requests in flight together, many rounds: two engines, never mixed.
         jobs = [("base" if i % 2 else "memory") for i in range(24)]
         with ThreadPoolExecutor(max_workers=8) as pool:
-            answers = list(pool.map(lambda model: (model, chat(daemon.vllm, model, QUESTION)), jobs))
-        base_answers = [a for m, a in answers if m == "base"]
-        memory_answers = [a for m, a in answers if m == "memory"]
-        assert base_answers == [base_answer] * len(base_answers)
-        assert all(a != base_answer for a in memory_answers)
+            answers = list(pool.map(lambda model: (model, daemon.chat(model, QUESTION)), jobs))
+        assert [a for m, a in answers if m == "base"] == [base_answer] * 12
+        assert [a for m, a in answers if m == "memory"] == [changed] * 12
     finally:
-        endpoint.load_adapter(MEMORY_NAME, live_before)
-    assert chat(daemon.vllm, "memory", QUESTION) == base_answer
+        result = daemon.cli("rollback", "v0000", "--json")
+        assert result.returncode == 0, result.stderr
+    assert daemon.chat("memory", QUESTION) == base_answer
 
 
 
@@ -140,15 +169,15 @@ def test_a_seeded_request_with_a_split_prefill_does_not_kill_vllm(daemon, base_a
     engine died rewinding the request's generator ("CPU Generator does not use offset")."""
     import httpx
 
-    pid = json.loads(daemon.cli("status", "--json").stdout)["vllm"]["pid"]
+    pid = json.loads(daemon.cli("status", "--json").stdout)["vllm"]["pids"]["memory"]
     story = " ".join(f"On day {i} the harbour master counted {i * 7} ships and wrote it down." for i in range(200))
-    response = httpx.post(f"{daemon.vllm}/v1/chat/completions", timeout=300, json={
+    response = httpx.post(f"{daemon.vllm}/v1/chat/completions", timeout=300, headers=auth(daemon), json={
         "model": "memory", "messages": [{"role": "user", "content": story + "\nHow many days are listed?"}],
         "max_tokens": 8, "temperature": 0.8, "seed": 7, "n": 2})
     assert response.status_code == 200, response.text[:500]
     assert len(response.json()["choices"]) == 2 and response.json()["usage"]["prompt_tokens"] > 2048
-    assert chat(daemon.vllm, "memory", QUESTION) == base_answer
-    assert json.loads(daemon.cli("status", "--json").stdout)["vllm"]["pid"] == pid  # not restarted
+    assert daemon.chat("memory", QUESTION) == base_answer
+    assert json.loads(daemon.cli("status", "--json").stdout)["vllm"]["pids"]["memory"] == pid  # not restarted
 
 
 
@@ -160,7 +189,8 @@ def test_vllm_teacher_samples_the_live_models_distribution(daemon):
     from agent_memory import baking, probes
 
     tok = AutoTokenizer.from_pretrained(PREPARED_MODEL)
-    cfg = baking.BakeConfig(teacher="vllm", teacher_url=daemon.vllm, samples_per_query=3, max_new_tokens=12)
+    cfg = baking.BakeConfig(teacher="vllm", teacher_url=daemon.vllm, teacher_api_key=daemon.model_key,
+                            samples_per_query=3, max_new_tokens=12)
     fact = {"kind": "headline", "text": probes.set_facts("durov")["u1"]["text"]}
     query = baking.Query("Where was Pavel Durov arrested?", baking.teacher_system(fact, "append"), 1, "knowledge")
     [(_, samples)] = list(baking.remote_samples(tok, [query], cfg))
@@ -178,29 +208,28 @@ def test_vllm_teacher_samples_the_live_models_distribution(daemon):
     assert examples and examples[0].prompt_ids == baking.chat_ids(tok, [{"role": "user", "content": query.question}])
 
 
-def test_vllm_killed_is_restarted_with_the_live_adapter(daemon, base_answer):
-    status = json.loads(daemon.cli("status", "--json").stdout)
-    old_pid = status["vllm"]["pid"]
+def test_an_engine_killed_is_restarted_with_the_live_version(daemon, base_answer):
+    old_pid = daemon.vllm_pids()["memory"]
     os.killpg(old_pid, signal.SIGKILL)
-    daemon.wait_ready(timeout=400)  # readyz goes 503 while vLLM is down, then 200 again
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline:
         status = json.loads(daemon.cli("status", "--json").stdout)
-        if status["vllm"]["pid"] not in (None, old_pid) and status["ready"]:
+        if status["vllm"]["pids"].get("memory") not in (None, old_pid) and status["ready"]:
             break
         time.sleep(2)
-    assert status["vllm"]["restarts"] == 1 and status["vllm"]["pid"] != old_pid
-    assert {"base", "memory"} <= set(Endpoint(daemon.vllm).served())
-    assert chat(daemon.vllm, "memory", QUESTION) == base_answer
+    assert status["vllm"]["restarts"] == 1 and status["vllm"]["pids"]["memory"] != old_pid
+    assert not Path(f"/proc/{old_pid}").exists() or _is_zombie(old_pid)
+    assert daemon.chat("memory", QUESTION) == base_answer
 
 
 def test_sigterm_stops_daemon_and_vllm(daemon):
-    vllm_pid = json.loads(daemon.cli("status", "--json").stdout)["vllm"]["pid"]
+    pids = daemon.vllm_pids()
+    assert set(pids) == {"memory", "base"}
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.wait_exit(timeout=90) == 0
     assert daemon.notify.first("STOPPING=1") is not None
-    assert not Path(f"/proc/{vllm_pid}").exists() or _is_zombie(vllm_pid)
-    assert not (daemon.state_dir / "vllm.pid").exists()
+    assert all(not Path(f"/proc/{pid}").exists() or _is_zombie(pid) for pid in pids.values())
+    assert not daemon.vllm_pids()
 
 
 def _is_zombie(pid: int) -> bool:

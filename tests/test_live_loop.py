@@ -18,9 +18,9 @@ import httpx
 import pytest
 
 from agent_memory import probes
-from agent_memory.bakery import ITEM_MAX_TOKENS
+from agent_memory.gate import ITEM_MAX_TOKENS
 from conftest import HttpServer
-from daemon_proc import DaemonProcess, chat
+from daemon_proc import DaemonProcess
 
 pytestmark = pytest.mark.vllm
 
@@ -79,7 +79,7 @@ def bake(daemon, *args) -> tuple[int, dict]:
 
 
 def item_accuracy(daemon, model: str, items: list[dict]) -> float:
-    return probes.accuracy(probes.run_remote(daemon.vllm, model, probes.item_probes(items),
+    return probes.accuracy(probes.run_remote(daemon.model(), model, probes.item_probes(items),
                                              max_tokens=ITEM_MAX_TOKENS))  # as the gate asks
 
 
@@ -114,7 +114,7 @@ def test_feed_headline_is_baked_and_memory_answers_it(daemon):
 
 
 def test_rejected_bake_leaves_live_untouched(daemon):
-    reference = chat(daemon.vllm, "memory", "What is the latest news about Vesna Kordic?")
+    reference = daemon.chat("memory", "What is the latest news about Vesna Kordic?")
     result = daemon.cli("remember", SECOND_FACT, "--json")
     assert result.returncode == 0, result.stderr
     # max_regression = -1: every probe set must improve by 1.0, which nothing can.
@@ -122,21 +122,21 @@ def test_rejected_bake_leaves_live_untouched(daemon):
     assert code == 2 and record["status"] == "rejected"
     assert "fell from" in record["reason"]
     assert json.loads(daemon.cli("status", "--json").stdout)["live_version"] == "v0001"
-    assert chat(daemon.vllm, "memory", "What is the latest news about Vesna Kordic?") == reference
+    assert daemon.chat("memory", "What is the latest news about Vesna Kordic?") == reference
     rejected = [i for i in queue(daemon) if i["text"] == SECOND_FACT]
     assert rejected[0]["status"] == "rejected" and rejected[0]["status_reason"]
-    served = httpx.get(f"{daemon.vllm}/v1/models").json()["data"]
-    assert "memory-candidate" not in {m["id"] for m in served}  # the candidate was unloaded
+    probed = httpx.get(f"{daemon.api}/v1/bakes/{record['id']}").json()["probe_results"]
+    assert {(r["probe_set"], r["model"]) for r in probed} >= {("items", "candidate"), ("durov", "live")}
 
 
 def test_swaps_under_concurrent_traffic_fail_no_request(daemon):
-    base_reference = chat(daemon.vllm, "base", "What is the capital of Italy?")
+    base_reference = daemon.chat("base", "What is the capital of Italy?")
     failures, base_answers, stop = [], [], threading.Event()
 
     def traffic(model):
         while not stop.is_set():
             try:
-                answer = chat(daemon.vllm, model, "What is the capital of Italy?")
+                answer = daemon.chat(model, "What is the capital of Italy?")
                 if model == "base":
                     base_answers.append(answer)
             except Exception as e:  # noqa: BLE001 - any failure counts

@@ -14,6 +14,7 @@ import pytest
 
 from agent_memory.config import Config
 from agent_memory.serving import MEMORY_NAME, Serving
+from agent_memory.versions import Versions
 
 
 class Replica:
@@ -61,36 +62,41 @@ def serving_for(replicas, tmp_path) -> Serving:
     cfg = Config(state_dir=str(tmp_path))
     cfg.vllm.mode = "external"
     cfg.vllm.urls = [r.url for r in replicas]
-    serving = Serving(cfg, tmp_path / "zero")
-    serving.live_adapter = tmp_path / "v0001"
+    serving = Serving(cfg, Versions(cfg.adapters_dir, cfg.model_dir, cfg.vllm.max_lora_rank))
+    assert serving.mode == "lora"  # external servers are never reloaded: adapters only
+    serving.live_version = "v0001"
     for r in replicas:
-        r.adapters[MEMORY_NAME] = str(tmp_path / "v0001")
+        r.adapters[MEMORY_NAME] = path(tmp_path, "v0001")
     return serving
+
+
+def path(tmp_path, version: str) -> str:
+    return str(tmp_path / "adapters" / "live" / version)
 
 
 def test_swap_reaches_every_replica_canary_first(replicas, tmp_path):
     serving = serving_for(replicas, tmp_path)
-    assert serving.swap(MEMORY_NAME, tmp_path / "v0002") == {}
-    assert all(r.adapters[MEMORY_NAME] == str(tmp_path / "v0002") for r in replicas)
-    assert serving.live_adapter == tmp_path / "v0002"
+    assert serving.swap("v0002") == {}
+    assert all(r.adapters[MEMORY_NAME] == path(tmp_path, "v0002") for r in replicas)
+    assert serving.live_version == "v0002"
 
 
 def test_failing_canary_stops_the_rollout(replicas, tmp_path):
     serving = serving_for(replicas, tmp_path)
     replicas[0].failing = True
-    failures = serving.swap(MEMORY_NAME, tmp_path / "v0002")
+    failures = serving.swap("v0002")
     assert list(failures) == [replicas[0].url] and "500" in failures[replicas[0].url]
     assert replicas[1].loads == [] and replicas[2].loads == []  # never asked
-    assert serving.live_adapter == tmp_path / "v0001"
+    assert serving.live_version == "v0001"
 
 
 def test_a_failing_replica_puts_the_others_back(replicas, tmp_path):
     serving = serving_for(replicas, tmp_path)
     replicas[1].failing = True
-    failures = serving.swap(MEMORY_NAME, tmp_path / "v0002")
+    failures = serving.swap("v0002")
     assert list(failures) == [replicas[1].url]
     # The canary took v0002, then went back: no two versions served side by side.
-    assert replicas[0].loads == [str(tmp_path / "v0002"), str(tmp_path / "v0001")]
-    assert replicas[0].adapters[MEMORY_NAME] == str(tmp_path / "v0001")
+    assert replicas[0].loads == [path(tmp_path, "v0002"), path(tmp_path, "v0001")]
+    assert replicas[0].adapters[MEMORY_NAME] == path(tmp_path, "v0001")
     assert replicas[2].loads == []
-    assert serving.live_adapter == tmp_path / "v0001"
+    assert serving.live_version == "v0001"
