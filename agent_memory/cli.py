@@ -179,17 +179,42 @@ def feeds() -> None:
 @click.argument("url")
 @click.option("--interval", help="Poll interval: 90s, 30m, 6h, 1d (default: feeds.default_interval).")
 @click.option("--title", help="Display name (default: the feed's own title).")
+@click.option("--no-check", is_flag=True, help="Add it without fetching it first.")
+@click.option("--allow-local-file", is_flag=True,
+              help="URL may be a local file (a path or file:// URL): written to the database directly, "
+                   "as the daemon's API never takes one.")
 @json_option
 @pass_ctx
-def feeds_add(ctx: Context, url: str, interval: str | None, title: str | None, as_json: bool) -> None:
-    """Follow the feed at URL (http(s), or a local file path)."""
+def feeds_add(ctx: Context, url: str, interval: str | None, title: str | None, no_check: bool,
+              allow_local_file: bool, as_json: bool) -> None:
+    """Follow the feed at URL (http or https). It is fetched first and refused when it is no
+    RSS/Atom feed (unless --no-check)."""
     from .client import DaemonClient
-    from .feeds import normalise_url
+    from .feeds import add_feed, display_url, is_local_file, normalise_url
 
-    body = {"url": normalise_url(url), "interval": interval, "title": title}  # paths: from here, not the daemon's cwd
-    data = DaemonClient(ctx.cfg).post("/v1/feeds", {k: v for k, v in body.items() if v is not None})
+    url = normalise_url(url, allow_local=allow_local_file)  # a path: from here, not the daemon's cwd
+    if is_local_file(url):
+        feed, created = add_feed(_writable_store(ctx.cfg), ctx.cfg, url, interval, title,
+                                 check=not no_check, allow_local=True)
+        data = {"id": feed["id"], "duplicate": not created, "feed": feed}
+    else:
+        body = {"url": url, "interval": interval, "title": title, "check": not no_check}
+        data = DaemonClient(ctx.cfg, timeout=ctx.cfg.feeds.timeout_s + 30).post(
+            "/v1/feeds", {k: v for k, v in body.items() if v is not None})
     verb = "already following" if data["duplicate"] else "added"
-    emit(data, as_json, f"{verb} feed {data['id']}: {data['feed']['url']}")
+    emit(data, as_json, f"{verb} feed {data['id']}: {display_url(data['feed']['url'])}")
+
+
+def _writable_store(cfg: config_mod.Config):
+    """The database opened for writing by this process (the daemon sees the change at once)."""
+    import sqlite3
+
+    from .store import Store
+
+    try:
+        return Store(cfg.db_path)
+    except (OSError, sqlite3.Error) as e:
+        raise UserError(f"cannot write the database {cfg.db_path}: {e}") from None
 
 
 @feeds.command("list")
@@ -197,10 +222,12 @@ def feeds_add(ctx: Context, url: str, interval: str | None, title: str | None, a
 @json_option
 @pass_ctx
 def feeds_list(ctx: Context, include_removed: bool, as_json: bool) -> None:
-    """The feeds, their last poll and last error (read from the database)."""
+    """The feeds, their last poll and last error (read from the database). Passwords in URLs
+    are shown as ***."""
+    from .feeds import for_display
     from .store import Store
 
-    rows = Store(ctx.cfg.db_path, readonly=True).list_feeds(include_removed=include_removed)
+    rows = [for_display(f) for f in Store(ctx.cfg.db_path, readonly=True).list_feeds(include_removed=include_removed)]
     lines = []
     for feed in rows:
         state = "ok" if not feed["last_error"] else f"{feed['failures']} failures: {feed['last_error']}"
@@ -235,7 +262,7 @@ def feeds_remove(ctx: Context, feed_id: int, as_json: bool) -> None:
 @json_option
 @pass_ctx
 def feeds_poll(ctx: Context, feed_id: int | None, as_json: bool) -> None:
-    """Poll feed FEED_ID, or every feed, now."""
+    """Poll feed FEED_ID, or every feed, now. Exits non-zero when any of them failed."""
     from .client import DaemonClient
 
     client = DaemonClient(ctx.cfg, timeout=600.0)  # each feed may take up to feeds.timeout_s
@@ -252,6 +279,9 @@ def feeds_poll(ctx: Context, feed_id: int | None, as_json: bool) -> None:
         for r in results
     ]
     emit(data, as_json, "\n".join(lines) or "no feeds")
+    failed = sum(1 for r in results if r["error"])
+    if failed:
+        raise UserError(f"{failed} of {len(results)} feeds failed")
 
 
 @cli.command()

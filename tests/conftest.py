@@ -20,10 +20,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def cfg(tmp_path) -> Config:
-    """Defaults, state in a temp dir, no model (`vllm.mode = "off"`), short feed timeouts."""
+    """Defaults, state in a temp dir, no model (`vllm.mode = "off"`), short feed timeouts, and
+    feeds on 127.0.0.1 allowed (the test servers' address)."""
     cfg = Config(state_dir=str(tmp_path / "state"))
     cfg.vllm.mode = "off"
     cfg.feeds.timeout_s = 2.0
+    cfg.feeds.allow_loopback = True
     cfg.feeds.file = str(tmp_path / "no-feeds.toml")
     return cfg
 

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from agent_memory import api as api_mod
-from agent_memory.ingest import MAX_CONVERSATION_CHARS, MAX_FACT_CHARS, memory_prompt
+from agent_memory.ingest import MAX_CONVERSATION_CHARS, MAX_FACT_CHARS, memory_prompt, strip_control_chars
 from agent_memory.store import Store
 from conftest import DATA
 from daemon_proc import DaemonProcess
@@ -164,8 +164,15 @@ def test_conversation_stored_whole_with_linked_facts(api):
 @pytest.mark.parametrize("body, status, error", [
     ({"messages": []}, 422, "messages: List should have at least 1 item"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, 422, "messages.0.role"),
-    ({"messages": [{"role": "user"}]}, 422, "messages.0.content: Field required"),
-    ({"messages": [{"role": "user", "content": None}]}, 422, "messages.0.content"),
+    ({"messages": [{"role": "user"}]}, 422, "messages[0].content is missing"),
+    ({"messages": [{"role": "user", "content": None}]}, 422, "messages[0].content is missing"),
+    ({"messages": [{"role": "user", "content": 5}]}, 422, "messages[0].content must be a string, a list"),
+    ({"messages": [{"role": "user", "content": ["hi"]}]}, 422, "messages[0].content[0] must be a content part"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, 422,
+     "messages[0].content[0].text must be a string"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": "f()"}]}, 422,
+     "messages[0].tool_calls must be a list"),
+    ({"messages": [{"role": "user", "content": "\x00\x1b\x07 "}]}, 422, "every message content is empty"),
     ({"messages": [{"role": "user", "content": "  "}]}, 422, "every message content is empty"),
     ({"messages": [{"role": "user", "content": "x" * (MAX_CONVERSATION_CHARS + 1)}]}, 413, "the limit is 200,000"),
     ({"messages": [{"role": "user", "content": "hi"}], "facts": [""]}, 422, "facts[0]: text is empty"),
@@ -247,7 +254,7 @@ def test_feeds_api(api, http_server):
 # Each strategy mixes well-formed bodies (that must be stored) with anything-goes ones (that must
 # get a clear 4xx): no 500, and every acknowledged id must be in the database.
 texts = st.one_of(st.text(max_size=60), st.sampled_from(["", " ", "\x00", "a" * 20_001, "Durov"]))
-words = st.text(min_size=1, max_size=60).filter(str.strip)
+words = st.text(min_size=1, max_size=60).filter(lambda t: strip_control_chars(t).strip())
 scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**80, max_value=2**80),
                     st.floats(allow_nan=False, allow_infinity=False), texts)
 good_dates = st.sampled_from(["2024-08-24", "2024-08-24T21:00:00Z", "2024-08-24T21:00+05:30"])
@@ -326,7 +333,8 @@ def test_fuzz_conversations(api, store, bodies):
 @pytest.fixture
 def daemon(tmp_path):
     """`agent-memory daemon` with no model (vllm.mode = off), a token, on free ports."""
-    proc = DaemonProcess(tmp_path / "state", vllm_mode="off", api_token="tok", model_path="")
+    proc = DaemonProcess(tmp_path / "state", vllm_mode="off", api_token="tok", model_path="",
+                         feeds_allow_loopback="true")
     proc.start()
     try:
         proc.wait_ready(timeout=60)
