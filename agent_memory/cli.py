@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from . import __version__
 from . import config as config_mod
 from .errors import UserError
 
@@ -41,7 +42,9 @@ def emit(data, as_json: bool, text: str | None = None) -> None:
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="agent-memory",
+                      message="%(prog)s %(version)s")
 @click.option("--config", "config_path", envvar="AGENT_MEMORY_CONFIG", default=None,
               help="Config TOML file (default: built-in defaults + AGENT_MEMORY_* env vars).")
 @click.pass_context

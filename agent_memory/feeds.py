@@ -447,10 +447,11 @@ def _fetch_file(url: str, last_modified: str | None) -> Fetched:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError:
         raise FeedError(UNREADABLE_FILE) from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise FeedError(UNREADABLE_FILE)
     with os.fdopen(fd, "rb") as file:
-        info = os.fstat(file.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise FeedError(UNREADABLE_FILE)
         if info.st_size > MAX_FEED_BYTES:
             raise FeedError(f"feed larger than {MAX_FEED_BYTES // 2**20} MiB")
         mtime = format_datetime(datetime.fromtimestamp(info.st_mtime, timezone.utc), usegmt=True)
@@ -617,10 +618,11 @@ def clean_text(fragment: str) -> str:
     """HTML fragment -> plain text on one line: tags, scripts and styles dropped, entities
     decoded, control characters removed, whitespace collapsed. Markup escaped once more than
     it should be ("&lt;script&gt;", as some feeds send) is text that still holds tags: it is
-    converted again, and whatever tag survives that is removed."""
+    converted again (until nothing changes, UNESCAPE_ROUNDS at most), and whatever tag survives
+    that is removed."""
     for _ in range(UNESCAPE_ROUNDS):
         text = _html_to_text(fragment)
-        if text == fragment or "<" not in text:
+        if text == fragment:
             break
         fragment = text
     text = TAG.sub(" ", text)

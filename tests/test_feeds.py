@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -316,3 +317,182 @@ def test_bad_feeds_toml(tmp_path):
     path.write_text('[[feed]]\nurl = "a.xml"\ninterval = "often"\n')
     with pytest.raises(UserError, match="not a duration"):
         feeds.load_feeds_file(path)
+
+
+# --- where a feed may point (issue 15 #3) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("url", [
+    "file:///etc/passwd", "/etc/passwd", "etc/passwd", "file://evil.example/etc/passwd",
+    "FILE:///etc/shadow", "data:text/xml,<rss/>", "javascript:alert(1)", "gopher://example.org/",
+])
+def test_api_never_takes_a_local_file(api, store, url):
+    response = api.post("/v1/feeds", json={"url": url, "check": False})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert "must be http:// or https://" in error and "\n" not in error
+    assert store.list_feeds(include_removed=True) == []
+
+
+def test_local_files_only_with_allow_local(store, cfg, tmp_path):
+    sample = tmp_path / "news.xml"
+    sample.write_bytes((DATA / "news_v1.xml").read_bytes())
+    with pytest.raises(UserError, match="--allow-local-file"):
+        feeds.add_feed(store, cfg, str(sample))
+    with pytest.raises(UserError, match="not on 'evil.example'"):
+        feeds.add_feed(store, cfg, "file://evil.example/etc/passwd", allow_local=True)
+    for special in ("/dev/zero", str(tmp_path)):
+        with pytest.raises(UserError, match="not a regular file"):
+            feeds.add_feed(store, cfg, special, allow_local=True, check=False)
+    feed, created = feeds.add_feed(store, cfg, str(sample), allow_local=True)
+    assert created and feed["url"] == sample.as_uri()
+    assert feeds.poll_feed(store, feed["id"], cfg)["new"] == 3
+
+
+def test_special_files_are_refused_at_poll_time_without_hanging(store, cfg, tmp_path):
+    """/dev/zero would be read until memory runs out, a FIFO would block: neither is read."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    ids = [add(store, Path(p).as_uri()) for p in ("/dev/zero", str(fifo), str(tmp_path))]
+    started = time.monotonic()
+    result = feeds.poll_due(store, cfg)
+    assert time.monotonic() - started < 5
+    assert {e["feed_id"]: e["error"] for e in result["errors"]} == dict.fromkeys(ids, feeds.UNREADABLE_FILE)
+
+
+def test_loopback_is_refused_unless_configured(api, store, cfg, http_server):
+    url = http_server.serve("/news.xml", (DATA / "news_v1.xml").read_bytes(), **RSS)
+    cfg.feeds.allow_loopback = False
+    port = http_server.server.server_address[1]
+    for target in (url, f"http://localhost:{port}/news.xml", f"http://[::1]:{port}/news.xml",
+                   f"http://0.0.0.0:{port}/news.xml"):
+        response = api.post("/v1/feeds", json={"url": target})
+        assert response.status_code == 422, target
+        assert "points at this machine (loopback)" in response.json()["error"]
+    # A name that only resolves to loopback is caught at fetch time (also for a feed added unchecked).
+    sneaky = add(store, f"http://127.1:{port}/news.xml")
+    assert "points at this machine" in feeds.poll_feed(store, sneaky, cfg)["error"]
+    assert http_server.requests == []
+    assert api.get("/v1/feeds").json()["feeds"] == [{**store.get_feed(sneaky)}]
+
+    cfg.feeds.allow_loopback = True
+    assert api.post("/v1/feeds", json={"url": url}).status_code == 201
+
+
+def test_the_daemons_own_ports_are_refused_even_with_loopback_allowed(store, cfg, http_server):
+    cfg.api.port = http_server.server.server_address[1]  # pretend the test server is the daemon
+    with pytest.raises(UserError, match="daemon's own port"):
+        feeds.add_feed(store, cfg, http_server.url("/v1/bakes"), check=False)
+    # A feed that redirects to the daemon (here vLLM's port) is refused at that hop.
+    cfg.api.port, cfg.vllm.port = 1, 2
+    target = add(store, http_server.url("/start"))
+    http_server.routes["/start"] = Reply(302, {"Location": "http://127.0.0.1:2/v1/load_lora_adapter"})
+    assert feeds.poll_feed(store, target, cfg)["error"] == "feed URL points at the daemon's own port"
+    http_server.routes["/start"] = Reply(302, {"Location": "file:///etc/passwd"})
+    assert feeds.poll_feed(store, target, cfg)["error"] == "only http:// and https:// URLs are fetched"
+
+
+def test_redirects_are_followed_and_bounded(store, cfg, http_server):
+    http_server.serve("/news.xml", (DATA / "news_v1.xml").read_bytes(), **RSS)
+    http_server.routes["/old"] = Reply(301, {"Location": "/news.xml"})
+    assert feeds.poll_feed(store, add(store, http_server.url("/old")), cfg)["new"] == 3
+    http_server.routes["/loop"] = Reply(302, {"Location": "/loop"})
+    assert feeds.poll_feed(store, add(store, http_server.url("/loop")), cfg)["error"] == "more than 5 redirects"
+
+
+# --- checked when added (issue 14 #6) -------------------------------------------------------
+
+
+def test_feeds_are_checked_when_added(api, store, http_server):
+    http_server.serve("/index.html", (DATA / "page.html").read_bytes(), content_type="text/html")
+    http_server.serve("/notes.txt", "just some text, no feed", content_type="text/plain")
+    http_server.serve("/empty.xml", "", **RSS)
+    cases = {
+        "http://127.0.0.1:9/feed.xml": "fetch failed: no HTTP answer from the server",  # closed port
+        http_server.url("/index.html"): "not an RSS/Atom feed: got an HTML page",
+        http_server.url("/notes.txt"): "not an RSS/Atom feed",
+        http_server.url("/missing.xml"): "HTTP 404 Not Found",
+        http_server.url("/empty.xml"): "not an RSS/Atom feed: the response is empty",
+        "no such feed": "must be http:// or https://",
+    }
+    for url, reason in cases.items():
+        response = api.post("/v1/feeds", json={"url": url})
+        assert response.status_code == 422, url
+        assert reason in response.json()["error"], (url, response.json())
+        assert "\n" not in response.json()["error"]
+    assert store.list_feeds(include_removed=True) == []
+
+    unchecked = api.post("/v1/feeds", json={"url": http_server.url("/missing.xml"), "check": False})
+    assert unchecked.status_code == 201
+    good = api.post("/v1/feeds", json={"url": http_server.serve("/news.xml", (DATA / "news_v1.xml").read_bytes(), **RSS)})
+    assert good.status_code == 201 and len(store.list_feeds()) == 2
+
+
+# --- bad values and one feed's fault (issue 15 #4) -----------------------------------------
+
+
+@pytest.mark.parametrize("interval", ["inf", "nan", "1e400s", "-1s", "0", "400d", "soon"])
+def test_bad_intervals_get_a_clear_422(api, store, http_server, interval):
+    url = http_server.serve("/news.xml", (DATA / "news_v1.xml").read_bytes(), **RSS)
+    response = api.post("/v1/feeds", json={"url": url, "interval": interval})
+    assert response.status_code == 422
+    assert response.json()["error"].startswith("interval: ")
+    assert store.list_feeds() == []
+
+
+def test_one_broken_feed_does_not_stop_the_others(api, store, cfg, http_server):
+    """A row the poller cannot handle (here an infinite interval, as an older version stored)
+    is reported as that feed's error; every other feed is still polled."""
+    broken = add(store, http_server.serve("/a.xml", (DATA / "news_v1.xml").read_bytes(), **RSS),
+                 interval_s=float("inf"))
+    good = add(store, http_server.serve("/b.xml", (DATA / "atom.xml").read_bytes(), content_type="application/atom+xml"))
+    response = api.post("/v1/feeds/poll")
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["feeds"] == 2 and result["new"] >= 1
+    assert [e["feed_id"] for e in result["errors"]] == [broken]
+    assert result["errors"][0]["error"] == "unexpected error: OverflowError"
+    assert store.get_feed(good)["last_ok_at"]
+    assert [i["feed_id"] for i in headlines(store)].count(good) == 1
+
+
+# --- smaller ones (issue 15 #8) and markup (issue 15 #9) ----------------------------------
+
+
+def test_passwords_in_urls_are_masked(api, store):
+    feed_id = add(store, "https://reader:hunter2@example.org/private.xml")
+    assert feeds.display_url("https://reader:hunter2@example.org/x") == "https://reader:***@example.org/x"
+    assert feeds.display_url("https://example.org/x") == "https://example.org/x"
+    shown = api.get("/v1/feeds").json()["feeds"]
+    assert [f["url"] for f in shown] == ["https://reader:***@example.org/private.xml"]
+    assert store.get_feed(feed_id)["url"].endswith("hunter2@example.org/private.xml")  # still polled with it
+
+
+HOSTILE = b"""<?xml version="1.0"?><rss version="2.0"><channel><title>Evil \x1b[31mWire</title>
+<item><title>CDATA script</title><guid isPermaLink="false">1</guid><link>javascript:alert(1)</link>
+  <description><![CDATA[<p>Hello <b>world</b></p><script>alert("cdata")</script><style>p{}</style><!-- hidden -->]]></description></item>
+<item><title>Escaped twice</title><guid>data:text/html,hi</guid>
+  <description>&amp;lt;script&amp;gt;alert("twice")&amp;lt;/script&amp;gt;Kept &amp;lt;i&amp;gt;text&amp;lt;/i&amp;gt;</description></item>
+<item><title>Escaped three times &amp;amp;lt;img src=x onerror=alert(3)&amp;amp;gt;</title><guid>https://example.org/3</guid>
+  <description>a &amp;lt; b and c &gt; d</description></item>
+<item><title>Control\x07 chars\x00 here</title><link>https://example.org/4</link></item>
+</channel></rss>"""
+
+
+def test_markup_and_control_characters_are_stripped(store, cfg, http_server):
+    url = http_server.serve("/evil.xml", HOSTILE, **RSS)
+    result = feeds.poll_feed(store, add(store, url), cfg)
+    assert result["error"] is None and result["new"] == 4
+    items = headlines(store)
+    assert [i["text"] for i in items] == [
+        "CDATA script\nHello world",
+        "Escaped twice\nKept text",
+        "Escaped three times\na < b and c > d",
+        "Control chars here",
+    ]
+    for item in items:
+        assert "<" not in item["text"].replace("a < b", "") and "alert" not in item["text"]
+        assert not any(ord(c) < 32 and c != "\n" for c in item["text"] + item["source"])
+    assert items[0]["source"] == "Evil [31mWire"
+    # Only links fit to follow are kept as the source reference.
+    assert [i["source_ref"] for i in items] == ["1", None, "https://example.org/3", "https://example.org/4"]
