@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
 import os
+import socket
+import threading
 import time
+import tracemalloc
+import zlib
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -496,3 +502,97 @@ def test_markup_and_control_characters_are_stripped(store, cfg, http_server):
     assert items[0]["source"] == "Evil [31mWire"
     # Only links fit to follow are kept as the source reference.
     assert [i["source_ref"] for i in items] == ["1", None, "https://example.org/3", "https://example.org/4"]
+
+
+# --- bounded reads (issue 15 #5) ----------------------------------------------------------
+
+
+def _gzip_of_zeros(megabytes: int) -> bytes:
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    chunk = bytes(2**20)
+    return b"".join(packer.compress(chunk) for _ in range(megabytes)) + packer.flush()
+
+
+def test_stacked_gzip_bomb_is_refused_within_a_memory_bound(store, cfg, http_server, monkeypatch):
+    """"Content-Encoding: gzip, gzip": a few KB on the wire, 200 MB unpacked. Every layer is
+    unpacked with the size cap, so memory stays near the cap (here 1 MiB), not the bomb's size."""
+    monkeypatch.setattr(feeds, "MAX_FEED_BYTES", 2**20)
+    bomb = gzip.compress(_gzip_of_zeros(200), 9)
+    assert len(bomb) < 10_000
+    url = http_server.serve("/bomb.xml", bomb, content_encoding="gzip, gzip", **RSS)
+    tracemalloc.start()
+    try:
+        result = feeds.poll_feed(store, add(store, url), cfg)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result["error"] == "feed larger than 1 MiB once unpacked"
+    assert peak < 16 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+
+
+def test_gzip_and_deflate_layers_are_unpacked(store, cfg, http_server):
+    body = (DATA / "news_v1.xml").read_bytes()
+    http_server.serve("/gz.xml", gzip.compress(gzip.compress(body)), content_encoding="gzip, gzip", **RSS)
+    http_server.serve("/deflate.xml", zlib.compress(body), content_encoding="deflate", **RSS)
+    http_server.serve("/br.xml", body, content_encoding="br", **RSS)
+    assert feeds.poll_feed(store, add(store, http_server.url("/gz.xml")), cfg)["new"] == 3
+    assert feeds.poll_feed(store, add(store, http_server.url("/deflate.xml")), cfg)["unchanged"] == 3
+    assert feeds.poll_feed(store, add(store, http_server.url("/br.xml")), cfg)["error"] == (
+        "unsupported Content-Encoding 'br'")
+    assert http_server.hits("/gz.xml")[0]["accept-encoding"] == "gzip, deflate"
+
+
+def test_headers_sent_a_byte_at_a_time_hit_the_total_deadline(store, cfg):
+    """Each byte comes well within the per-read timeout; the whole fetch still ends on time."""
+    cfg.feeds.timeout_s = 0.5
+    stop = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 1000:
+                if stop.wait(0.05):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        started = time.monotonic()
+        result = feeds.poll_feed(store, add(store, f"http://127.0.0.1:{listener.getsockname()[1]}/"), cfg)
+        assert time.monotonic() - started < 2
+        assert result["error"] == "timed out after 0.5s"
+    finally:
+        stop.set()
+        listener.close()
+
+
+def test_entries_per_poll_are_capped_and_committed_in_batches(store, cfg, http_server, monkeypatch):
+    monkeypatch.setattr(feeds, "MAX_ENTRIES_PER_POLL", 50)
+    monkeypatch.setattr(feeds, "ENTRIES_PER_COMMIT", 20)
+    items = "".join(f"<item><title>Story {n}</title><guid>s{n}</guid></item>" for n in range(120))
+    url = http_server.serve("/many.xml", f'<?xml version="1.0"?><rss version="2.0"><channel><title>Many</title>'
+                                         f'{items}</channel></rss>', **RSS)
+    feed_id = add(store, url)
+    commits, depth = [], [0]
+    real = store.transaction
+
+    @contextmanager
+    def outermost_counted():
+        commits.append(1) if depth[0] == 0 else None
+        depth[0] += 1
+        try:
+            with real() as db:
+                yield db
+        finally:
+            depth[0] -= 1
+
+    monkeypatch.setattr(store, "transaction", outermost_counted)
+    result = feeds.poll_feed(store, feed_id, cfg)
+    assert (result["new"], result["skipped"]) == (50, 70)
+    assert [i["title"] for i in headlines(store)] == [f"Story {n}" for n in range(50)]
+    assert len(commits) == 4  # entries 20 + 20 + 10, then the feed's own row
