@@ -116,7 +116,8 @@ def _check_unicode(text: str, what: str) -> None:
 def check_messages(messages) -> list[dict]:
     """OpenAI chat messages as clients send them today: a non-empty list of {"role", "content"}
     where content is a string, a list of content parts ({"type": "text", "text": ...}, images,
-    audio, files, refusals), or null/absent on an assistant message that makes `tool_calls`;
+    audio, files, refusals), or null/absent on an assistant message (which then makes
+    `tool_calls` or has a `refusal`);
     `tool` (and legacy `function`) messages carry the results. Every message is kept whole, its
     extra keys (name, tool_call_id, tool_calls, ...) included; message_text says what of it goes
     into the transcript."""
@@ -162,10 +163,9 @@ def message_text(message: dict, where: str = "message") -> str:
         raise IngestError(f"{where}.tool_calls must be a list")
     calls = list(calls or []) + ([message["function_call"]] if message.get("function_call") else [])
     pieces += [_call_text(call) for call in calls]
-    if content is None and not calls:
-        raise IngestError(f"{where}.content is missing (only an assistant message with tool_calls may "
-                          "leave it out)")
-    return strip_control_chars("\n".join(p.strip() for p in pieces if p.strip()))
+    if content is None and message.get("role") != "assistant":
+        raise IngestError(f"{where}.content is missing (only an assistant message may leave it out)")
+    return strip_control_chars(" ".join(p.strip() for p in pieces if p.strip()))
 
 
 def _part_text(part, where: str) -> str:
@@ -186,11 +186,13 @@ def _part_text(part, where: str) -> str:
 
 
 def _call_text(call) -> str:
-    """An assistant's tool call ({"type": "function", "function": {"name", "arguments"}}) or a
-    legacy function_call ({"name", "arguments"}) as "[tool call: name(arguments)]"."""
-    function = call.get("function", call) if isinstance(call, dict) else {}
+    """An assistant's tool call ({"type": "function", "function": {"name", "arguments"}}, or
+    "custom" with {"name", "input"}) or a legacy function_call ({"name", "arguments"}) as
+    "[tool call: name(arguments)]"."""
+    call = call if isinstance(call, dict) else {}
+    function = call.get("function") or call.get("custom") or call
     function = function if isinstance(function, dict) else {}
-    name, arguments = function.get("name"), function.get("arguments")
+    name, arguments = function.get("name"), function.get("arguments", function.get("input"))
     if not isinstance(arguments, str):
         arguments = "" if arguments is None else json.dumps(arguments, ensure_ascii=False, default=str)
     return f"[tool call: {_short(name) if isinstance(name, str) else '?'}({_short(arguments)})]"

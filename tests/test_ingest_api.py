@@ -418,3 +418,64 @@ def _cli_with_stdin(daemon, args, text):
 
     return subprocess.run([sys.executable, "-m", "agent_memory.cli", *args], env=daemon.env, input=text,
                           capture_output=True, text=True, timeout=60)
+
+
+# --- today's OpenAI message format (issue 14 #5) ------------------------------------------
+
+OPENAI_CHAT = [
+    {"role": "developer", "content": "You are a news assistant."},
+    {"role": "user", "content": [
+        {"type": "text", "text": "What happened to Durov?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}},
+    ]},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "search_news", "arguments": '{"query": "Durov"}'}},
+        {"id": "call_2", "type": "custom", "custom": {"name": "lookup", "input": "Le Bourget"}},
+    ]},
+    {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "Durov was released on bail."}]},
+    {"role": "tool", "tool_call_id": "call_2", "content": "An airport near Paris."},
+    {"role": "assistant", "content": [{"type": "text", "text": "He was released on bail."}], "refusal": None},
+    {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+                                 {"type": "file", "file": {"filename": "notes.pdf", "file_data": "JVBERi0="}}]},
+    {"role": "assistant", "content": None, "refusal": "I cannot open that file."},
+]
+OPENAI_TRANSCRIPT = (
+    "developer: You are a news assistant.\n"
+    "user: What happened to Durov? [image]\n"
+    'assistant: [tool call: search_news({"query": "Durov"})] [tool call: lookup(Le Bourget)]\n'
+    "tool: Durov was released on bail.\n"
+    "tool: An airport near Paris.\n"
+    "assistant: He was released on bail.\n"
+    "user: [audio] [file: notes.pdf]\n"
+    "assistant: [refusal: I cannot open that file.]"
+)
+
+
+def test_openai_fixture_is_what_the_sdk_accepts():
+    """The conversation above is valid by the official SDK's own types (so the test below is
+    about the format clients send, not one we made up)."""
+    from openai.types.chat import ChatCompletionMessageParam
+    from pydantic import TypeAdapter, ValidationError
+
+    adapter = TypeAdapter(list[ChatCompletionMessageParam])
+    for message in adapter.validate_python(OPENAI_CHAT):
+        list(message.get("tool_calls") or [])  # (validated lazily)
+    with pytest.raises(ValidationError):
+        adapter.validate_python([{"role": "robot", "content": "hi"}])
+
+
+def test_openai_content_parts_tool_calls_and_tool_messages_are_accepted(api):
+    response = api.post(CONVERSATIONS, json={"messages": OPENAI_CHAT, "facts": ["Durov was released on bail."]})
+    assert response.status_code == 201, response.text
+    stored = api.get(f"{ITEMS}/{response.json()['id']}").json()
+    assert stored["text"] == OPENAI_TRANSCRIPT
+    assert stored["messages"] == OPENAI_CHAT  # the rest (images, call ids, ...) is kept whole
+    assert [f["text"] for f in stored["facts"]] == ["Durov was released on bail."]
+
+
+def test_tool_call_notes_are_short():
+    from agent_memory.ingest import message_text
+
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "x" * 10_000}}
+    text = message_text({"role": "assistant", "content": None, "tool_calls": [call]})
+    assert text.startswith("[tool call: f(xxx") and text.endswith("…)]") and len(text) < 230
