@@ -154,8 +154,9 @@ def remember_cmd(ctx: Context, text: str, kind: str, source: str, valid_at: str 
 @json_option
 @pass_ctx
 def ingest_chat(ctx: Context, file, source: str | None, as_json: bool) -> None:
-    """Queue a conversation: FILE.json holds OpenAI-style messages, as a list or as
-    {"messages": [...], "facts": [...]} (facts the agent drew from it). `-` reads stdin."""
+    """Queue a conversation: FILE.json holds OpenAI chat messages (content as text or parts,
+    tool calls, tool results), as a list or as {"messages": [...], "facts": [...]} (facts the
+    agent drew from it). `-` reads stdin."""
     from .client import DaemonClient
 
     try:
