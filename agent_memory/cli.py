@@ -49,7 +49,20 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Machine-read
               help="Config TOML file (default: built-in defaults + AGENT_MEMORY_* env vars).")
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None) -> None:
-    """agent-memory: bake new facts into your model's weights."""
+    """agent-memory: bake new facts into your model's weights.
+
+    \b
+    Examples:
+      agent-memory remember "Pavel Durov was released on bail." --valid-at 2024-08-28
+      agent-memory feeds add https://example.org/rss.xml --interval 30m
+      agent-memory ingest-chat chat.json
+      agent-memory bake --now --wait
+      agent-memory ask "What happened to Pavel Durov?"
+
+    \b
+    Shell completion (bash; zsh and fish likewise):
+      eval "$(_AGENT_MEMORY_COMPLETE=bash_source agent-memory)"
+    """
     ctx.obj = Context(config_path)
 
 

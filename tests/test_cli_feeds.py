@@ -98,5 +98,6 @@ def test_ingest_chat_takes_openai_messages(daemon, tmp_path):
 def test_version_and_short_help(tmp_path):
     proc = DaemonProcess(tmp_path)
     assert ok(proc.cli("--version")) == "agent-memory 0.1.0\n"
-    assert ok(proc.cli("-h")).startswith("Usage: ")
+    help_text = ok(proc.cli("-h"))
+    assert help_text.startswith("Usage: ") and "agent-memory feeds add https://" in help_text
     assert "--allow-local-file" in ok(proc.cli("feeds", "add", "-h"))
