@@ -45,6 +45,7 @@ def test_duplicate_returns_the_existing_id(api):
 @pytest.mark.parametrize("body, status, error", [
     ({"text": ""}, 422, "text is empty"),
     ({"text": " \n\t "}, 422, "text is empty"),
+    ({"text": "\x00\x1b\x07\x9b"}, 422, "text is empty"),
     ({"text": "x" * (MAX_FACT_CHARS + 1)}, 413, "the limit is 20,000"),
     ({}, 422, "text: Field required"),
     ({"text": 42}, 422, "text: Input should be a valid string"),
@@ -61,6 +62,13 @@ def test_bad_items_get_clear_4xx(api, body, status, error):
     assert response.status_code == status, response.text
     assert error in response.json()["error"]
     assert api.get(ITEMS).json()["items"] == []
+
+
+def test_control_characters_are_not_stored(api):
+    response = api.post(ITEMS, json={"text": "Durov\x00 arrested\x1b[2J\nat Le\tBourget", "source": "wire\x07"})
+    assert response.status_code == 201, response.text
+    item = response.json()["item"]
+    assert (item["text"], item["source"]) == ("Durov arrested[2J\nat Le\tBourget", "wire")
 
 
 def test_bad_json_and_lone_surrogates(api):
