@@ -121,9 +121,9 @@ class ItemIn(BaseModel):
 
 
 class MessageIn(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ... are kept
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str
+    model_config = ConfigDict(extra="allow")  # name, tool_calls, tool_call_id, ... are kept
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: Any = None  # a string, content parts or null: ingest.check_messages says which are fine
 
 
 class FactIn(BaseModel):
@@ -147,6 +147,7 @@ class FeedIn(BaseModel):
     url: str
     interval: str | None = Field(None, description="e.g. 30m; default feeds.default_interval")
     title: str | None = None
+    check: bool = Field(True, description="fetch and parse the feed first; refuse it when that fails")
 
 
 def _store(request: Request) -> Store:
@@ -174,7 +175,7 @@ def post_conversation(body: ConversationIn, request: Request, response: Response
     """Queue a conversation whole, plus the facts the agent extracted from it (linked to it)."""
     result = _ingest_errors(
         ingest_conversation, _store(request),
-        messages=[m.model_dump() for m in body.messages],
+        messages=[m.model_dump(exclude_unset=True) for m in body.messages],
         facts=[f if isinstance(f, str) else f.model_dump() for f in body.facts],
         source=body.source, valid_at=body.valid_at,
     )
@@ -236,14 +237,15 @@ def get_memory_prompt(
 
 @memory_router.get("/v1/feeds")
 def get_feeds(request: Request):
-    return {"feeds": _store(request).list_feeds()}
+    return {"feeds": [feeds_mod.for_display(f) for f in _store(request).list_feeds()]}
 
 
 @memory_router.post("/v1/feeds", dependencies=[writer], status_code=201)
 def post_feed(body: FeedIn, request: Request, response: Response):
     daemon = request.app.state.daemon
     try:
-        feed, created = feeds_mod.add_feed(daemon.store, daemon.cfg, body.url, body.interval, body.title)
+        feed, created = feeds_mod.add_feed(daemon.store, daemon.cfg, body.url, body.interval, body.title,
+                                           check=body.check)
     except UserError as e:
         raise HTTPException(422, str(e)) from None
     if not created:

@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from . import __version__
 from . import config as config_mod
 from .errors import UserError
 
@@ -41,12 +42,27 @@ def emit(data, as_json: bool, text: str | None = None) -> None:
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="agent-memory",
+                      message="%(prog)s %(version)s")
 @click.option("--config", "config_path", envvar="AGENT_MEMORY_CONFIG", default=None,
               help="Config TOML file (default: built-in defaults + AGENT_MEMORY_* env vars).")
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None) -> None:
-    """agent-memory: bake new facts into your model's weights."""
+    """agent-memory: bake new facts into your model's weights.
+
+    \b
+    Examples:
+      agent-memory remember "Pavel Durov was released on bail." --valid-at 2024-08-28
+      agent-memory feeds add https://example.org/rss.xml --interval 30m
+      agent-memory ingest-chat chat.json
+      agent-memory bake --now --wait
+      agent-memory ask "What happened to Pavel Durov?"
+
+    \b
+    Shell completion (bash; zsh and fish likewise):
+      eval "$(_AGENT_MEMORY_COMPLETE=bash_source agent-memory)"
+    """
     ctx.obj = Context(config_path)
 
 
@@ -150,8 +166,9 @@ def remember_cmd(ctx: Context, text: str, kind: str, source: str, valid_at: str 
 @json_option
 @pass_ctx
 def ingest_chat(ctx: Context, file, source: str | None, as_json: bool) -> None:
-    """Queue a conversation: FILE.json holds OpenAI-style messages, as a list or as
-    {"messages": [...], "facts": [...]} (facts the agent drew from it). `-` reads stdin."""
+    """Queue a conversation: FILE.json holds OpenAI chat messages (content as text or parts,
+    tool calls, tool results), as a list or as {"messages": [...], "facts": [...]} (facts the
+    agent drew from it). `-` reads stdin."""
     from .client import DaemonClient
 
     try:
@@ -178,17 +195,42 @@ def feeds() -> None:
 @click.argument("url")
 @click.option("--interval", help="Poll interval: 90s, 30m, 6h, 1d (default: feeds.default_interval).")
 @click.option("--title", help="Display name (default: the feed's own title).")
+@click.option("--no-check", is_flag=True, help="Add it without fetching it first.")
+@click.option("--allow-local-file", is_flag=True,
+              help="URL may be a local file (a path or file:// URL): written to the database directly, "
+                   "as the daemon's API never takes one.")
 @json_option
 @pass_ctx
-def feeds_add(ctx: Context, url: str, interval: str | None, title: str | None, as_json: bool) -> None:
-    """Follow the feed at URL (http(s), or a local file path)."""
+def feeds_add(ctx: Context, url: str, interval: str | None, title: str | None, no_check: bool,
+              allow_local_file: bool, as_json: bool) -> None:
+    """Follow the feed at URL (http or https). It is fetched first and refused when it is no
+    RSS/Atom feed (unless --no-check)."""
     from .client import DaemonClient
-    from .feeds import normalise_url
+    from .feeds import add_feed, display_url, is_local_file, normalise_url
 
-    body = {"url": normalise_url(url), "interval": interval, "title": title}  # paths: from here, not the daemon's cwd
-    data = DaemonClient(ctx.cfg).post("/v1/feeds", {k: v for k, v in body.items() if v is not None})
+    url = normalise_url(url, allow_local=allow_local_file)  # a path: from here, not the daemon's cwd
+    if is_local_file(url):
+        feed, created = add_feed(_writable_store(ctx.cfg), ctx.cfg, url, interval, title,
+                                 check=not no_check, allow_local=True)
+        data = {"id": feed["id"], "duplicate": not created, "feed": feed}
+    else:
+        body = {"url": url, "interval": interval, "title": title, "check": not no_check}
+        data = DaemonClient(ctx.cfg, timeout=ctx.cfg.feeds.timeout_s + 30).post(
+            "/v1/feeds", {k: v for k, v in body.items() if v is not None})
     verb = "already following" if data["duplicate"] else "added"
-    emit(data, as_json, f"{verb} feed {data['id']}: {data['feed']['url']}")
+    emit(data, as_json, f"{verb} feed {data['id']}: {display_url(data['feed']['url'])}")
+
+
+def _writable_store(cfg: config_mod.Config):
+    """The database opened for writing by this process (the daemon sees the change at once)."""
+    import sqlite3
+
+    from .store import Store
+
+    try:
+        return Store(cfg.db_path)
+    except (OSError, sqlite3.Error) as e:
+        raise UserError(f"cannot write the database {cfg.db_path}: {e}") from None
 
 
 @feeds.command("list")
@@ -196,10 +238,12 @@ def feeds_add(ctx: Context, url: str, interval: str | None, title: str | None, a
 @json_option
 @pass_ctx
 def feeds_list(ctx: Context, include_removed: bool, as_json: bool) -> None:
-    """The feeds, their last poll and last error (read from the database)."""
+    """The feeds, their last poll and last error (read from the database). Passwords in URLs
+    are shown as ***."""
+    from .feeds import for_display
     from .store import Store
 
-    rows = Store(ctx.cfg.db_path, readonly=True).list_feeds(include_removed=include_removed)
+    rows = [for_display(f) for f in Store(ctx.cfg.db_path, readonly=True).list_feeds(include_removed=include_removed)]
     lines = []
     for feed in rows:
         state = "ok" if not feed["last_error"] else f"{feed['failures']} failures: {feed['last_error']}"
@@ -234,7 +278,7 @@ def feeds_remove(ctx: Context, feed_id: int, as_json: bool) -> None:
 @json_option
 @pass_ctx
 def feeds_poll(ctx: Context, feed_id: int | None, as_json: bool) -> None:
-    """Poll feed FEED_ID, or every feed, now."""
+    """Poll feed FEED_ID, or every feed, now. Exits non-zero when any of them failed."""
     from .client import DaemonClient
 
     client = DaemonClient(ctx.cfg, timeout=600.0)  # each feed may take up to feeds.timeout_s
@@ -251,6 +295,9 @@ def feeds_poll(ctx: Context, feed_id: int | None, as_json: bool) -> None:
         for r in results
     ]
     emit(data, as_json, "\n".join(lines) or "no feeds")
+    failed = sum(1 for r in results if r["error"])
+    if failed:
+        raise UserError(f"{failed} of {len(results)} feeds failed")
 
 
 @cli.command()

@@ -32,7 +32,7 @@ class DaemonClient:
                 message = response.json().get("error") or response.text
             except ValueError:
                 message = response.text
-            raise UserError(f"{method} {path}: {response.status_code} {message}")
+            raise UserError(message)
         return response.json()
 
     def get(self, path: str, **kwargs) -> Any:

@@ -74,6 +74,8 @@ class FeedsConfig:
     default_interval: str = "30m"
     timeout_s: float = 20.0
     max_item_chars: int = 2000
+    # http(s) feeds on this machine (127.0.0.1, ::1, localhost); the daemon's own ports never
+    allow_loopback: bool = False
 
 
 @dataclass
@@ -244,8 +246,13 @@ def _convert(value: Any, expected: type, from_env: bool) -> Any:
     return value
 
 
+MIN_DURATION_S = 1.0
+MAX_DURATION_S = 365 * 86400.0
+
+
 def parse_duration(text: str) -> float:
-    """'90s', '30m', '6h', '1d' or plain seconds -> seconds."""
+    """'90s', '30m', '6h', '1d' or plain seconds -> seconds, between 1 s and 365 days
+    (so "inf", "nan" and "1e400s" are refused, not stored to break date arithmetic later)."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     text = str(text).strip().lower()
     try:
@@ -255,8 +262,8 @@ def parse_duration(text: str) -> float:
             seconds = float(text)
     except ValueError:
         raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 30m, 6h, 1d)") from None
-    if seconds <= 0:
-        raise ValueError(f"duration must be positive: {text!r}")
+    if not MIN_DURATION_S <= seconds <= MAX_DURATION_S:  # also False for nan
+        raise ValueError(f"duration must be between 1s and 365d: {text!r}")
     return seconds
 
 

@@ -3,9 +3,11 @@
 Limits (documented in the README and the API errors):
 - a fact / headline / prompt: 1 to MAX_FACT_CHARS characters. Longer is refused (413), never
   truncated: a cut fact could say something false.
-- a conversation: OpenAI-style messages (role system|user|assistant|tool, content a string),
-  at most MAX_CONVERSATION_CHARS characters of content in all, stored whole as one item of kind
-  "conversation"; facts extracted from it (by the agent) are linked to it by `parent_id`.
+- a conversation: OpenAI chat messages as clients send them today (see check_messages), at most
+  MAX_CONVERSATION_CHARS characters of transcript in all, stored as one item of kind
+  "conversation": the messages whole (`messages`), their text as the transcript (`text`); facts
+  extracted from it (by the agent) are linked to it by `parent_id`.
+- stored text has no control characters (NUL, escape sequences, ...); newlines and tabs stay.
 - valid_at: an ISO 8601 date or date-time ("2024-08-24", "2024-08-24T21:00:00Z"); date-times
   are stored in UTC, a time without a zone is taken as UTC.
 """
@@ -22,7 +24,12 @@ MAX_CONVERSATION_CHARS = 200_000
 MAX_FACTS_PER_CONVERSATION = 200
 MAX_SOURCE_CHARS = 200
 REMEMBER_KINDS = ("fact", "headline", "prompt")
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # function: OpenAI's legacy tool role
+MAX_NOTE_CHARS = 200  # a tool call's arguments (or a part's type) in the transcript are cut to this
+
+# C0 and C1 control characters and DEL, except newline and tab: NUL breaks C consumers, escape
+# sequences rewrite the terminal that prints them.
+_CONTROL_CHARS = dict.fromkeys(c for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)] if chr(c) not in "\n\t")
 
 
 class IngestError(ValueError):
@@ -36,12 +43,16 @@ class IngestError(ValueError):
 # --- validation ---------------------------------------------------------------------------
 
 
+def strip_control_chars(text: str) -> str:
+    return text.translate(_CONTROL_CHARS)
+
+
 def check_text(text, what: str = "text", max_chars: int = MAX_FACT_CHARS) -> str:
     """A non-empty string of at most max_chars, outer whitespace removed."""
     if not isinstance(text, str):
         raise IngestError(f"{what} must be a string")
     _check_unicode(text, what)
-    text = text.strip()
+    text = strip_control_chars(text).strip()
     if not text:
         raise IngestError(f"{what} is empty")
     if len(text) > max_chars:
@@ -57,7 +68,7 @@ def check_source(source) -> str | None:
     if not isinstance(source, str):
         raise IngestError("source must be a string")
     _check_unicode(source, "source")
-    source = " ".join(source.split())
+    source = " ".join(strip_control_chars(source).split())
     if len(source) > MAX_SOURCE_CHARS:
         raise IngestError(f"source is longer than {MAX_SOURCE_CHARS} characters")
     return source or None
@@ -103,35 +114,99 @@ def _check_unicode(text: str, what: str) -> None:
 
 
 def check_messages(messages) -> list[dict]:
-    """OpenAI-style messages: a non-empty list of {"role", "content"} with string content.
-    Extra keys (name, tool_call_id, ...) are kept as they are."""
+    """OpenAI chat messages as clients send them today: a non-empty list of {"role", "content"}
+    where content is a string, a list of content parts ({"type": "text", "text": ...}, images,
+    audio, files, refusals), or null/absent on an assistant message (which then makes
+    `tool_calls` or has a `refusal`);
+    `tool` (and legacy `function`) messages carry the results. Every message is kept whole, its
+    extra keys (name, tool_call_id, tool_calls, ...) included; message_text says what of it goes
+    into the transcript."""
     if not isinstance(messages, list) or not messages:
         raise IngestError("messages must be a non-empty list of {role, content}")
-    checked, total = [], 0
+    checked, total, any_text = [], 0, False
     for number, message in enumerate(messages):
         where = f"messages[{number}]"
         if not isinstance(message, dict):
             raise IngestError(f"{where} must be an object with role and content")
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
+        if message.get("role") not in ROLES:
             raise IngestError(f"{where}.role must be one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise IngestError(f"{where}.content must be a string")
         _check_unicode(json.dumps(message, ensure_ascii=False, default=str), where)
-        total += len(content)
+        text = message_text(message, where)
+        total += len(text)
+        any_text = any_text or bool(text.strip())
         checked.append(dict(message))
     if total > MAX_CONVERSATION_CHARS:
         raise IngestError(
             f"the conversation is {total:,} characters; the limit is {MAX_CONVERSATION_CHARS:,}",
             status=413)
-    if not any(m["content"].strip() for m in checked):
+    if not any_text:
         raise IngestError("the conversation has no text: every message content is empty")
     return checked
 
 
+def message_text(message: dict, where: str = "message") -> str:
+    """A message's text for the transcript: its text parts, and a short note for the rest
+    ("[image]", "[tool call: name(args)]"). IngestError for a shape OpenAI does not send."""
+    content = message.get("content")
+    if isinstance(content, str):
+        pieces = [content]
+    elif isinstance(content, list):
+        pieces = [_part_text(part, f"{where}.content[{n}]") for n, part in enumerate(content)]
+    elif content is None:
+        pieces = []
+    else:
+        raise IngestError(f"{where}.content must be a string, a list of content parts, or null")
+    if isinstance(message.get("refusal"), str):
+        pieces.append(f"[refusal: {message['refusal']}]")
+    calls = message.get("tool_calls")
+    if calls is not None and not isinstance(calls, list):
+        raise IngestError(f"{where}.tool_calls must be a list")
+    calls = list(calls or []) + ([message["function_call"]] if message.get("function_call") else [])
+    pieces += [_call_text(call) for call in calls]
+    if content is None and message.get("role") != "assistant":
+        raise IngestError(f"{where}.content is missing (only an assistant message may leave it out)")
+    return strip_control_chars(" ".join(p.strip() for p in pieces if p.strip()))
+
+
+def _part_text(part, where: str) -> str:
+    if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+        raise IngestError(f"{where} must be a content part: an object with a type")
+    kind = part["type"]
+    if kind in ("text", "input_text", "output_text"):
+        if not isinstance(part.get("text"), str):
+            raise IngestError(f"{where}.text must be a string")
+        return part["text"]
+    if kind == "refusal":
+        return f"[refusal: {part.get('refusal', '')}]"
+    names = {"image_url": "image", "input_image": "image", "input_audio": "audio"}
+    if kind in ("file", "input_file"):
+        filename = (part.get("file") or {}).get("filename") if isinstance(part.get("file"), dict) else part.get("filename")
+        return f"[file: {_short(filename)}]" if isinstance(filename, str) else "[file]"
+    return f"[{names.get(kind) or _short(kind)}]"
+
+
+def _call_text(call) -> str:
+    """An assistant's tool call ({"type": "function", "function": {"name", "arguments"}}, or
+    "custom" with {"name", "input"}) or a legacy function_call ({"name", "arguments"}) as
+    "[tool call: name(arguments)]"."""
+    call = call if isinstance(call, dict) else {}
+    function = call.get("function") or call.get("custom") or call
+    function = function if isinstance(function, dict) else {}
+    name, arguments = function.get("name"), function.get("arguments", function.get("input"))
+    if not isinstance(arguments, str):
+        arguments = "" if arguments is None else json.dumps(arguments, ensure_ascii=False, default=str)
+    return f"[tool call: {_short(name) if isinstance(name, str) else '?'}({_short(arguments)})]"
+
+
+def _short(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_NOTE_CHARS else text[: MAX_NOTE_CHARS - 1] + "…"
+
+
 def render_conversation(messages: list[dict]) -> str:
-    """The transcript that is the conversation item's text: one "role: content" per message."""
-    return "\n".join(f"{m['role']}: {m['content'].strip()}" for m in messages if m["content"].strip())
+    """The transcript that is the conversation item's text: one "role: text" per message."""
+    texts = [(m["role"], message_text(m)) for m in messages]
+    return "\n".join(f"{role}: {text}" for role, text in texts if text)
 
 
 # --- writing ------------------------------------------------------------------------------

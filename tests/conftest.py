@@ -13,6 +13,7 @@ import pytest
 
 from agent_memory.config import Config
 from agent_memory.store import Store
+from daemon_proc import DaemonProcess
 
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parent.parent
@@ -20,10 +21,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def cfg(tmp_path) -> Config:
-    """Defaults, state in a temp dir, no model (`vllm.mode = "off"`), short feed timeouts."""
+    """Defaults, state in a temp dir, no model (`vllm.mode = "off"`), short feed timeouts, and
+    feeds on 127.0.0.1 allowed (the test servers' address)."""
     cfg = Config(state_dir=str(tmp_path / "state"))
     cfg.vllm.mode = "off"
     cfg.feeds.timeout_s = 2.0
+    cfg.feeds.allow_loopback = True
     cfg.feeds.file = str(tmp_path / "no-feeds.toml")
     return cfg
 
@@ -58,6 +61,20 @@ def api(cfg, store):
 
     with TestClient(create_app(StubDaemon(cfg, store))) as client:
         yield client
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    """`agent-memory daemon` with no model (vllm.mode = off), a token, on free ports; feeds on
+    127.0.0.1 allowed (the test servers' address)."""
+    proc = DaemonProcess(tmp_path / "state", vllm_mode="off", api_token="tok", model_path="",
+                         feeds_allow_loopback="true")
+    proc.start()
+    try:
+        proc.wait_ready(timeout=60)
+        yield proc
+    finally:
+        proc.kill()
 
 
 # --- a real HTTP server -------------------------------------------------------------------

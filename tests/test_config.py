@@ -73,10 +73,19 @@ def test_parse_duration(text, seconds):
     assert config.parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "abc", "-5m", "0"])
-def test_parse_duration_rejects(text):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("text, fragment", [
+    ("", "not a duration"), ("abc", "not a duration"), ("-5m", "between 1s and 365d"),
+    ("0", "between 1s and 365d"), ("0.5s", "between 1s and 365d"), ("366d", "between 1s and 365d"),
+    ("inf", "between 1s and 365d"), ("-inf", "between 1s and 365d"), ("nan", "between 1s and 365d"),
+    ("1e400s", "between 1s and 365d"), ("infd", "between 1s and 365d"),
+])
+def test_parse_duration_rejects(text, fragment):
+    with pytest.raises(ValueError, match=fragment):
         config.parse_duration(text)
+
+
+def test_parse_duration_bounds_are_inclusive():
+    assert config.parse_duration("1s") == 1 and config.parse_duration("365d") == 365 * 86400
 
 
 def test_shipped_example_config_is_valid():

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import gzip
+import os
+import socket
+import threading
 import time
+import tracemalloc
+import zlib
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -253,12 +261,21 @@ def test_trickling_feed_hits_the_total_deadline(store, cfg, http_server):
 
 
 def test_unreachable_and_missing(store, cfg, http_server, tmp_path):
+    """The errors tell what to fix, not which ports are open or which files exist."""
     gone = add(store, "http://127.0.0.1:9/feed.xml")  # discard port: connection refused
+    not_http = add(store, http_server.url("/x").replace("http://", "https://"))  # open port, no TLS
     missing = add(store, (tmp_path / "nope.xml").as_uri())
+    secret = tmp_path / "secret"
+    secret.write_text("")
+    secret.chmod(0)
+    unreadable = add(store, secret.as_uri())
     result = feeds.poll_due(store, cfg)
     errors = {e["feed_id"]: e["error"] for e in result["errors"]}
-    assert errors[gone].startswith("fetch failed")
-    assert errors[missing] == f"no such file: {tmp_path / 'nope.xml'}"
+    assert errors[gone] == errors[not_http] == "fetch failed: no HTTP answer from the server"
+    assert errors[missing] == feeds.UNREADABLE_FILE
+    if os.geteuid() != 0:  # root reads a mode-0 file
+        assert errors[unreadable] == feeds.UNREADABLE_FILE
+    assert str(tmp_path) not in " ".join(errors.values())
     with pytest.raises(NotFound):
         feeds.poll_feed(store, 999, cfg)
 
@@ -287,13 +304,14 @@ def test_sample_feed_from_feeds_toml(store, cfg):
 
 def test_feed_urls_and_intervals_are_checked(store, cfg, tmp_path):
     assert feeds.normalise_url("https://example.org/rss") == "https://example.org/rss"
-    assert feeds.normalise_url("x.xml", base_dir=tmp_path) == (tmp_path / "x.xml").as_uri()
-    for bad in ("ftp://example.org/rss", "https:///rss", "javascript:alert(1)"):
+    assert feeds.normalise_url("x.xml", base_dir=tmp_path, allow_local=True) == (tmp_path / "x.xml").as_uri()
+    for bad in ("ftp://example.org/rss", "https:///rss", "javascript:alert(1)", "http://a:99999/",
+                "http://exa\nmple.org/"):
         with pytest.raises(UserError):
-            feeds.normalise_url(bad)
+            feeds.normalise_url(bad, allow_local=True)
     with pytest.raises(UserError, match="interval"):
-        feeds.add_feed(store, cfg, "https://example.org/rss", interval="soon")
-    feed, created = feeds.add_feed(store, cfg, "https://example.org/rss", interval="2h")
+        feeds.add_feed(store, cfg, "https://example.org/rss", interval="soon", check=False)
+    feed, created = feeds.add_feed(store, cfg, "https://example.org/rss", interval="2h", check=False)
     assert created and feed["interval_s"] == 7200
 
 
@@ -305,3 +323,276 @@ def test_bad_feeds_toml(tmp_path):
     path.write_text('[[feed]]\nurl = "a.xml"\ninterval = "often"\n')
     with pytest.raises(UserError, match="not a duration"):
         feeds.load_feeds_file(path)
+
+
+# --- where a feed may point (issue 15 #3) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("url", [
+    "file:///etc/passwd", "/etc/passwd", "etc/passwd", "file://evil.example/etc/passwd",
+    "FILE:///etc/shadow", "data:text/xml,<rss/>", "javascript:alert(1)", "gopher://example.org/",
+])
+def test_api_never_takes_a_local_file(api, store, url):
+    response = api.post("/v1/feeds", json={"url": url, "check": False})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert "must be http:// or https://" in error and "\n" not in error
+    assert store.list_feeds(include_removed=True) == []
+
+
+def test_local_files_only_with_allow_local(store, cfg, tmp_path):
+    sample = tmp_path / "news.xml"
+    sample.write_bytes((DATA / "news_v1.xml").read_bytes())
+    with pytest.raises(UserError, match="--allow-local-file"):
+        feeds.add_feed(store, cfg, str(sample))
+    with pytest.raises(UserError, match="not on 'evil.example'"):
+        feeds.add_feed(store, cfg, "file://evil.example/etc/passwd", allow_local=True)
+    for special in ("/dev/zero", str(tmp_path)):
+        with pytest.raises(UserError, match="not a regular file"):
+            feeds.add_feed(store, cfg, special, allow_local=True, check=False)
+    feed, created = feeds.add_feed(store, cfg, str(sample), allow_local=True)
+    assert created and feed["url"] == sample.as_uri()
+    assert feeds.poll_feed(store, feed["id"], cfg)["new"] == 3
+
+
+def test_special_files_are_refused_at_poll_time_without_hanging(store, cfg, tmp_path):
+    """/dev/zero would be read until memory runs out, a FIFO would block: neither is read."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    ids = [add(store, Path(p).as_uri()) for p in ("/dev/zero", str(fifo), str(tmp_path))]
+    started = time.monotonic()
+    result = feeds.poll_due(store, cfg)
+    assert time.monotonic() - started < 5
+    assert {e["feed_id"]: e["error"] for e in result["errors"]} == dict.fromkeys(ids, feeds.UNREADABLE_FILE)
+
+
+def test_loopback_is_refused_unless_configured(api, store, cfg, http_server):
+    url = http_server.serve("/news.xml", (DATA / "news_v1.xml").read_bytes(), **RSS)
+    cfg.feeds.allow_loopback = False
+    port = http_server.server.server_address[1]
+    for target in (url, f"http://localhost:{port}/news.xml", f"http://[::1]:{port}/news.xml",
+                   f"http://0.0.0.0:{port}/news.xml"):
+        response = api.post("/v1/feeds", json={"url": target})
+        assert response.status_code == 422, target
+        assert "points at this machine (loopback)" in response.json()["error"]
+    # A name that only resolves to loopback is caught at fetch time (also for a feed added unchecked).
+    sneaky = add(store, f"http://127.1:{port}/news.xml")
+    assert "points at this machine" in feeds.poll_feed(store, sneaky, cfg)["error"]
+    assert http_server.requests == []
+    assert api.get("/v1/feeds").json()["feeds"] == [{**store.get_feed(sneaky)}]
+
+    cfg.feeds.allow_loopback = True
+    assert api.post("/v1/feeds", json={"url": url}).status_code == 201
+
+
+def test_the_daemons_own_ports_are_refused_even_with_loopback_allowed(store, cfg, http_server):
+    cfg.api.port = http_server.server.server_address[1]  # pretend the test server is the daemon
+    with pytest.raises(UserError, match="daemon's own port"):
+        feeds.add_feed(store, cfg, http_server.url("/v1/bakes"), check=False)
+    # A feed that redirects to the daemon (here vLLM's port) is refused at that hop.
+    cfg.api.port, cfg.vllm.port = 1, 2
+    target = add(store, http_server.url("/start"))
+    http_server.routes["/start"] = Reply(302, {"Location": "http://127.0.0.1:2/v1/load_lora_adapter"})
+    assert feeds.poll_feed(store, target, cfg)["error"] == "feed URL points at the daemon's own port"
+    http_server.routes["/start"] = Reply(302, {"Location": "file:///etc/passwd"})
+    assert feeds.poll_feed(store, target, cfg)["error"] == "only http:// and https:// URLs are fetched"
+
+
+def test_redirects_are_followed_and_bounded(store, cfg, http_server):
+    http_server.serve("/news.xml", (DATA / "news_v1.xml").read_bytes(), **RSS)
+    http_server.routes["/old"] = Reply(301, {"Location": "/news.xml"})
+    assert feeds.poll_feed(store, add(store, http_server.url("/old")), cfg)["new"] == 3
+    http_server.routes["/loop"] = Reply(302, {"Location": "/loop"})
+    assert feeds.poll_feed(store, add(store, http_server.url("/loop")), cfg)["error"] == "more than 5 redirects"
+
+
+# --- checked when added (issue 14 #6) -------------------------------------------------------
+
+
+def test_feeds_are_checked_when_added(api, store, http_server):
+    http_server.serve("/index.html", (DATA / "page.html").read_bytes(), content_type="text/html")
+    http_server.serve("/notes.txt", "just some text, no feed", content_type="text/plain")
+    http_server.serve("/empty.xml", "", **RSS)
+    cases = {
+        "http://127.0.0.1:9/feed.xml": "fetch failed: no HTTP answer from the server",  # closed port
+        http_server.url("/index.html"): "not an RSS/Atom feed: got an HTML page",
+        http_server.url("/notes.txt"): "not an RSS/Atom feed",
+        http_server.url("/missing.xml"): "HTTP 404 Not Found",
+        http_server.url("/empty.xml"): "not an RSS/Atom feed: the response is empty",
+        "no such feed": "must be http:// or https://",
+    }
+    for url, reason in cases.items():
+        response = api.post("/v1/feeds", json={"url": url})
+        assert response.status_code == 422, url
+        assert reason in response.json()["error"], (url, response.json())
+        assert "\n" not in response.json()["error"]
+    assert store.list_feeds(include_removed=True) == []
+
+    unchecked = api.post("/v1/feeds", json={"url": http_server.url("/missing.xml"), "check": False})
+    assert unchecked.status_code == 201
+    good = api.post("/v1/feeds", json={"url": http_server.serve("/news.xml", (DATA / "news_v1.xml").read_bytes(), **RSS)})
+    assert good.status_code == 201 and len(store.list_feeds()) == 2
+
+
+# --- bad values and one feed's fault (issue 15 #4) -----------------------------------------
+
+
+@pytest.mark.parametrize("interval", ["inf", "nan", "1e400s", "-1s", "0", "400d", "soon"])
+def test_bad_intervals_get_a_clear_422(api, store, http_server, interval):
+    url = http_server.serve("/news.xml", (DATA / "news_v1.xml").read_bytes(), **RSS)
+    response = api.post("/v1/feeds", json={"url": url, "interval": interval})
+    assert response.status_code == 422
+    assert response.json()["error"].startswith("interval: ")
+    assert store.list_feeds() == []
+
+
+def test_one_broken_feed_does_not_stop_the_others(api, store, cfg, http_server):
+    """A row the poller cannot handle (here an infinite interval, as an older version stored)
+    is reported as that feed's error; every other feed is still polled."""
+    broken = add(store, http_server.serve("/a.xml", (DATA / "news_v1.xml").read_bytes(), **RSS),
+                 interval_s=float("inf"))
+    good = add(store, http_server.serve("/b.xml", (DATA / "atom.xml").read_bytes(), content_type="application/atom+xml"))
+    response = api.post("/v1/feeds/poll")
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["feeds"] == 2 and result["new"] >= 1
+    assert [e["feed_id"] for e in result["errors"]] == [broken]
+    assert result["errors"][0]["error"] == "unexpected error: OverflowError"
+    assert store.get_feed(good)["last_ok_at"]
+    assert [i["feed_id"] for i in headlines(store)].count(good) == 1
+
+
+# --- smaller ones (issue 15 #8) and markup (issue 15 #9) ----------------------------------
+
+
+def test_passwords_in_urls_are_masked(api, store):
+    feed_id = add(store, "https://reader:hunter2@example.org/private.xml")
+    assert feeds.display_url("https://reader:hunter2@example.org/x") == "https://reader:***@example.org/x"
+    assert feeds.display_url("https://example.org/x") == "https://example.org/x"
+    shown = api.get("/v1/feeds").json()["feeds"]
+    assert [f["url"] for f in shown] == ["https://reader:***@example.org/private.xml"]
+    assert store.get_feed(feed_id)["url"].endswith("hunter2@example.org/private.xml")  # still polled with it
+
+
+HOSTILE = b"""<?xml version="1.0"?><rss version="2.0"><channel><title>Evil \x1b[31mWire</title>
+<item><title>CDATA script</title><guid isPermaLink="false">1</guid><link>javascript:alert(1)</link>
+  <description><![CDATA[<p>Hello <b>world</b></p><script>alert("cdata")</script><style>p{}</style><!-- hidden -->]]></description></item>
+<item><title>Escaped twice</title><guid>data:text/html,hi</guid>
+  <description>&amp;lt;script&amp;gt;alert("twice")&amp;lt;/script&amp;gt;Kept &amp;lt;i&amp;gt;text&amp;lt;/i&amp;gt;</description></item>
+<item><title>Escaped three times &amp;amp;lt;img src=x onerror=alert(3)&amp;amp;gt;</title><guid>https://example.org/3</guid>
+  <description>a &amp;lt; b and c &gt; d</description></item>
+<item><title>Control\x07 chars\x00 here</title><link>https://example.org/4</link></item>
+</channel></rss>"""
+
+
+def test_markup_and_control_characters_are_stripped(store, cfg, http_server):
+    url = http_server.serve("/evil.xml", HOSTILE, **RSS)
+    result = feeds.poll_feed(store, add(store, url), cfg)
+    assert result["error"] is None and result["new"] == 4
+    items = headlines(store)
+    assert [i["text"] for i in items] == [
+        "CDATA script\nHello world",
+        "Escaped twice\nKept text",
+        "Escaped three times\na < b and c > d",
+        "Control chars here",
+    ]
+    for item in items:
+        assert "<" not in item["text"].replace("a < b", "") and "alert" not in item["text"]
+        assert not any(ord(c) < 32 and c != "\n" for c in item["text"] + item["source"])
+    assert items[0]["source"] == "Evil [31mWire"
+    # Only links fit to follow are kept as the source reference.
+    assert [i["source_ref"] for i in items] == ["1", None, "https://example.org/3", "https://example.org/4"]
+
+
+# --- bounded reads (issue 15 #5) ----------------------------------------------------------
+
+
+def _gzip_of_zeros(megabytes: int) -> bytes:
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    chunk = bytes(2**20)
+    return b"".join(packer.compress(chunk) for _ in range(megabytes)) + packer.flush()
+
+
+def test_stacked_gzip_bomb_is_refused_within_a_memory_bound(store, cfg, http_server, monkeypatch):
+    """"Content-Encoding: gzip, gzip": a few KB on the wire, 200 MB unpacked. Every layer is
+    unpacked with the size cap, so memory stays near the cap (here 1 MiB), not the bomb's size."""
+    monkeypatch.setattr(feeds, "MAX_FEED_BYTES", 2**20)
+    bomb = gzip.compress(_gzip_of_zeros(200), 9)
+    assert len(bomb) < 10_000
+    url = http_server.serve("/bomb.xml", bomb, content_encoding="gzip, gzip", **RSS)
+    tracemalloc.start()
+    try:
+        result = feeds.poll_feed(store, add(store, url), cfg)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result["error"] == "feed larger than 1 MiB once unpacked"
+    assert peak < 16 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+
+
+def test_gzip_and_deflate_layers_are_unpacked(store, cfg, http_server):
+    body = (DATA / "news_v1.xml").read_bytes()
+    http_server.serve("/gz.xml", gzip.compress(gzip.compress(body)), content_encoding="gzip, gzip", **RSS)
+    http_server.serve("/deflate.xml", zlib.compress(body), content_encoding="deflate", **RSS)
+    http_server.serve("/br.xml", body, content_encoding="br", **RSS)
+    assert feeds.poll_feed(store, add(store, http_server.url("/gz.xml")), cfg)["new"] == 3
+    assert feeds.poll_feed(store, add(store, http_server.url("/deflate.xml")), cfg)["unchanged"] == 3
+    assert feeds.poll_feed(store, add(store, http_server.url("/br.xml")), cfg)["error"] == (
+        "unsupported Content-Encoding 'br'")
+    assert http_server.hits("/gz.xml")[0]["accept-encoding"] == "gzip, deflate"
+
+
+def test_headers_sent_a_byte_at_a_time_hit_the_total_deadline(store, cfg):
+    """Each byte comes well within the per-read timeout; the whole fetch still ends on time."""
+    cfg.feeds.timeout_s = 0.5
+    stop = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 1000:
+                if stop.wait(0.05):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        started = time.monotonic()
+        result = feeds.poll_feed(store, add(store, f"http://127.0.0.1:{listener.getsockname()[1]}/"), cfg)
+        assert time.monotonic() - started < 2
+        assert result["error"] == "timed out after 0.5s"
+    finally:
+        stop.set()
+        listener.close()
+
+
+def test_entries_per_poll_are_capped_and_committed_in_batches(store, cfg, http_server, monkeypatch):
+    monkeypatch.setattr(feeds, "MAX_ENTRIES_PER_POLL", 50)
+    monkeypatch.setattr(feeds, "ENTRIES_PER_COMMIT", 20)
+    items = "".join(f"<item><title>Story {n}</title><guid>s{n}</guid></item>" for n in range(120))
+    url = http_server.serve("/many.xml", f'<?xml version="1.0"?><rss version="2.0"><channel><title>Many</title>'
+                                         f'{items}</channel></rss>', **RSS)
+    feed_id = add(store, url)
+    commits, depth = [], [0]
+    real = store.transaction
+
+    @contextmanager
+    def outermost_counted():
+        commits.append(1) if depth[0] == 0 else None
+        depth[0] += 1
+        try:
+            with real() as db:
+                yield db
+        finally:
+            depth[0] -= 1
+
+    monkeypatch.setattr(store, "transaction", outermost_counted)
+    result = feeds.poll_feed(store, feed_id, cfg)
+    assert (result["new"], result["skipped"]) == (50, 70)
+    assert [i["title"] for i in headlines(store)] == [f"Story {n}" for n in range(50)]
+    assert len(commits) == 4  # entries 20 + 20 + 10, then the feed's own row

@@ -15,10 +15,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from agent_memory import api as api_mod
-from agent_memory.ingest import MAX_CONVERSATION_CHARS, MAX_FACT_CHARS, memory_prompt
+from agent_memory.ingest import MAX_CONVERSATION_CHARS, MAX_FACT_CHARS, memory_prompt, strip_control_chars
 from agent_memory.store import Store
 from conftest import DATA
-from daemon_proc import DaemonProcess
 
 ITEMS = "/v1/memory/items"
 CONVERSATIONS = "/v1/memory/conversations"
@@ -46,6 +45,7 @@ def test_duplicate_returns_the_existing_id(api):
 @pytest.mark.parametrize("body, status, error", [
     ({"text": ""}, 422, "text is empty"),
     ({"text": " \n\t "}, 422, "text is empty"),
+    ({"text": "\x00\x1b\x07\x9b"}, 422, "text is empty"),
     ({"text": "x" * (MAX_FACT_CHARS + 1)}, 413, "the limit is 20,000"),
     ({}, 422, "text: Field required"),
     ({"text": 42}, 422, "text: Input should be a valid string"),
@@ -62,6 +62,13 @@ def test_bad_items_get_clear_4xx(api, body, status, error):
     assert response.status_code == status, response.text
     assert error in response.json()["error"]
     assert api.get(ITEMS).json()["items"] == []
+
+
+def test_control_characters_are_not_stored(api):
+    response = api.post(ITEMS, json={"text": "Durov\x00 arrested\x1b[2J\nat Le\tBourget", "source": "wire\x07"})
+    assert response.status_code == 201, response.text
+    item = response.json()["item"]
+    assert (item["text"], item["source"]) == ("Durov arrested[2J\nat Le\tBourget", "wire")
 
 
 def test_bad_json_and_lone_surrogates(api):
@@ -164,8 +171,15 @@ def test_conversation_stored_whole_with_linked_facts(api):
 @pytest.mark.parametrize("body, status, error", [
     ({"messages": []}, 422, "messages: List should have at least 1 item"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, 422, "messages.0.role"),
-    ({"messages": [{"role": "user"}]}, 422, "messages.0.content: Field required"),
-    ({"messages": [{"role": "user", "content": None}]}, 422, "messages.0.content"),
+    ({"messages": [{"role": "user"}]}, 422, "messages[0].content is missing"),
+    ({"messages": [{"role": "user", "content": None}]}, 422, "messages[0].content is missing"),
+    ({"messages": [{"role": "user", "content": 5}]}, 422, "messages[0].content must be a string, a list"),
+    ({"messages": [{"role": "user", "content": ["hi"]}]}, 422, "messages[0].content[0] must be a content part"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, 422,
+     "messages[0].content[0].text must be a string"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": "f()"}]}, 422,
+     "messages[0].tool_calls must be a list"),
+    ({"messages": [{"role": "user", "content": "\x00\x1b\x07 "}]}, 422, "every message content is empty"),
     ({"messages": [{"role": "user", "content": "  "}]}, 422, "every message content is empty"),
     ({"messages": [{"role": "user", "content": "x" * (MAX_CONVERSATION_CHARS + 1)}]}, 413, "the limit is 200,000"),
     ({"messages": [{"role": "user", "content": "hi"}], "facts": [""]}, 422, "facts[0]: text is empty"),
@@ -247,7 +261,7 @@ def test_feeds_api(api, http_server):
 # Each strategy mixes well-formed bodies (that must be stored) with anything-goes ones (that must
 # get a clear 4xx): no 500, and every acknowledged id must be in the database.
 texts = st.one_of(st.text(max_size=60), st.sampled_from(["", " ", "\x00", "a" * 20_001, "Durov"]))
-words = st.text(min_size=1, max_size=60).filter(str.strip)
+words = st.text(min_size=1, max_size=60).filter(lambda t: strip_control_chars(t).strip())
 scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**80, max_value=2**80),
                     st.floats(allow_nan=False, allow_infinity=False), texts)
 good_dates = st.sampled_from(["2024-08-24", "2024-08-24T21:00:00Z", "2024-08-24T21:00+05:30"])
@@ -321,18 +335,6 @@ def test_fuzz_conversations(api, store, bodies):
 
 
 # --- the real daemon ----------------------------------------------------------------------
-
-
-@pytest.fixture
-def daemon(tmp_path):
-    """`agent-memory daemon` with no model (vllm.mode = off), a token, on free ports."""
-    proc = DaemonProcess(tmp_path / "state", vllm_mode="off", api_token="tok", model_path="")
-    proc.start()
-    try:
-        proc.wait_ready(timeout=60)
-        yield proc
-    finally:
-        proc.kill()
 
 
 def test_kill_9_loses_no_acknowledged_item(daemon):
@@ -413,7 +415,7 @@ def test_cli_against_the_daemon(daemon, http_server, tmp_path):
     assert run("feeds", "list") == "no feeds\n"
 
     bad = daemon.cli("remember", "  ")
-    assert bad.returncode == 1 and bad.stderr.strip() == "error: POST /v1/memory/items: 422 text is empty"
+    assert bad.returncode == 1 and bad.stderr.strip() == "error: text is empty"
     bad = daemon.cli("ingest-chat", str(DATA / "page.html"))
     assert bad.returncode == 1 and "is not valid JSON" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -424,3 +426,64 @@ def _cli_with_stdin(daemon, args, text):
 
     return subprocess.run([sys.executable, "-m", "agent_memory.cli", *args], env=daemon.env, input=text,
                           capture_output=True, text=True, timeout=60)
+
+
+# --- today's OpenAI message format (issue 14 #5) ------------------------------------------
+
+OPENAI_CHAT = [
+    {"role": "developer", "content": "You are a news assistant."},
+    {"role": "user", "content": [
+        {"type": "text", "text": "What happened to Durov?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}},
+    ]},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "search_news", "arguments": '{"query": "Durov"}'}},
+        {"id": "call_2", "type": "custom", "custom": {"name": "lookup", "input": "Le Bourget"}},
+    ]},
+    {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "Durov was released on bail."}]},
+    {"role": "tool", "tool_call_id": "call_2", "content": "An airport near Paris."},
+    {"role": "assistant", "content": [{"type": "text", "text": "He was released on bail."}], "refusal": None},
+    {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+                                 {"type": "file", "file": {"filename": "notes.pdf", "file_data": "JVBERi0="}}]},
+    {"role": "assistant", "content": None, "refusal": "I cannot open that file."},
+]
+OPENAI_TRANSCRIPT = (
+    "developer: You are a news assistant.\n"
+    "user: What happened to Durov? [image]\n"
+    'assistant: [tool call: search_news({"query": "Durov"})] [tool call: lookup(Le Bourget)]\n'
+    "tool: Durov was released on bail.\n"
+    "tool: An airport near Paris.\n"
+    "assistant: He was released on bail.\n"
+    "user: [audio] [file: notes.pdf]\n"
+    "assistant: [refusal: I cannot open that file.]"
+)
+
+
+def test_openai_fixture_is_what_the_sdk_accepts():
+    """The conversation above is valid by the official SDK's own types (so the test below is
+    about the format clients send, not one we made up)."""
+    from openai.types.chat import ChatCompletionMessageParam
+    from pydantic import TypeAdapter, ValidationError
+
+    adapter = TypeAdapter(list[ChatCompletionMessageParam])
+    for message in adapter.validate_python(OPENAI_CHAT):
+        list(message.get("tool_calls") or [])  # (validated lazily)
+    with pytest.raises(ValidationError):
+        adapter.validate_python([{"role": "robot", "content": "hi"}])
+
+
+def test_openai_content_parts_tool_calls_and_tool_messages_are_accepted(api):
+    response = api.post(CONVERSATIONS, json={"messages": OPENAI_CHAT, "facts": ["Durov was released on bail."]})
+    assert response.status_code == 201, response.text
+    stored = api.get(f"{ITEMS}/{response.json()['id']}").json()
+    assert stored["text"] == OPENAI_TRANSCRIPT
+    assert stored["messages"] == OPENAI_CHAT  # the rest (images, call ids, ...) is kept whole
+    assert [f["text"] for f in stored["facts"]] == ["Durov was released on bail."]
+
+
+def test_tool_call_notes_are_short():
+    from agent_memory.ingest import message_text
+
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "x" * 10_000}}
+    text = message_text({"role": "assistant", "content": None, "tool_calls": [call]})
+    assert text.startswith("[tool call: f(xxx") and text.endswith("…)]") and len(text) < 230
