@@ -49,15 +49,30 @@ class StubDaemon:
         return {"ready": True, "queue": self.store.counts_by_status()}
 
 
+# The daemon serves on loopback, where it answers only to a loopback Host header.
+API_BASE = "http://127.0.0.1:8700"
+
+
 @pytest.fixture
 def api(cfg, store):
-    """A TestClient on the real app; set `cfg.api.token` before using it to require auth."""
+    """A TestClient on the real app that sends the API token, made as the daemon makes it at start
+    (`cfg.api.token` then holds it; change it to test a wrong one). `anon` has no token."""
     from fastapi.testclient import TestClient
 
     from agent_memory.api import create_app
+    from agent_memory.auth import auth_header, ensure_token
 
-    with TestClient(create_app(StubDaemon(cfg, store))) as client:
+    with TestClient(create_app(StubDaemon(cfg, store)), base_url=API_BASE,
+                    headers=auth_header(ensure_token(cfg))) as client:
         yield client
+
+
+@pytest.fixture
+def anon(api):
+    """A client of the same app without the token."""
+    from fastapi.testclient import TestClient
+
+    return TestClient(api.app, base_url=API_BASE)
 
 
 # --- a real HTTP server -------------------------------------------------------------------

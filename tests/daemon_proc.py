@@ -53,6 +53,16 @@ class DaemonProcess:
     def vllm(self) -> str:
         return f"http://127.0.0.1:{self.vllm_port}"
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """The API token as the CLI finds it (api.token, else the daemon's token file)."""
+        from agent_memory import config
+        from agent_memory.auth import auth_header, read_token
+
+        token = read_token(config.load(env=self.env))
+        assert token, f"no API token yet in {self.state_dir}: start the daemon first"
+        return auth_header(token)
+
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "agent_memory.cli", *args], env=self.env,
                               capture_output=True, text=True, timeout=timeout)
