@@ -16,6 +16,7 @@ Errors are JSON `{"error": "..."}`. Every exception becomes a response in one pl
 from __future__ import annotations
 
 import ipaddress
+import logging
 from typing import TYPE_CHECKING, Annotated, Literal
 from urllib.parse import urlsplit
 
@@ -37,13 +38,14 @@ from .store import MAX_SQLITE_INT, STATUSES, Store
 if TYPE_CHECKING:
     from .daemon import Daemon
 
+log = logging.getLogger(__name__)
+
 
 def create_app(daemon: "Daemon") -> FastAPI:
     app = FastAPI(title="agent-memory", version="0.1.0")
     app.state.daemon = daemon
-    for exc_class in (UserError, IngestError, LookupError, ServingError, HTTPException, RequestValidationError,
-                      Exception):
-        app.add_exception_handler(exc_class, _handle_exception)
+    for exc_class in (UserError, IngestError, LookupError, ServingError, HTTPException, RequestValidationError):
+        app.add_exception_handler(exc_class, _handle_exception)  # any other exception: see _install_guard
     _install_guard(app, daemon.cfg)
     app.include_router(public_router)
     app.include_router(memory_router)
@@ -62,7 +64,8 @@ def error_response(exc: Exception) -> JSONResponse:
         status, message = exc.status_code, exc.detail
     elif isinstance(exc, RequestValidationError):
         status, message = 422, _validation_message(exc)
-    elif isinstance(exc, LookupError):  # store.NotFound, the bakery's "no item N"
+    elif isinstance(exc, LookupError) and not isinstance(exc, (KeyError, IndexError)):  # store.NotFound,
+        # the bakery's "no item N"; Python's own KeyError and IndexError are bugs (500)
         status, message = NotFound.status, str(exc)
     elif isinstance(exc, ServingError):
         status, message = 502, f"model server: {exc}"
@@ -72,9 +75,10 @@ def error_response(exc: Exception) -> JSONResponse:
 
 
 async def _handle_exception(request: Request, exc: Exception) -> JSONResponse:
-    if isinstance(exc, (KeyError, IndexError)):
-        raise exc  # a bug, not a missing row: the server-error path answers 500 and logs it
-    return error_response(exc)
+    response = error_response(exc)
+    if response.status_code == 500:
+        raise exc  # a bug (a KeyError is no missing row): the guard logs it and answers 500
+    return response
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -155,7 +159,11 @@ def _install_guard(app: FastAPI, cfg) -> None:
                 request._body = body
         except UserError as e:
             return error_response(e)
-        return await call_next(request)
+        try:
+            return await call_next(request)
+        except Exception as e:  # a bug: logged with its traceback, answered as JSON like every error
+            log.exception("%s %s failed", request.method, request.url.path)
+            return error_response(e)
 
 
 # --- memory items, conversations and feeds ------------------------------------------------

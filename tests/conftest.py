@@ -46,7 +46,8 @@ class StubDaemon:
         return True, "ready"
 
     def status(self) -> dict:
-        return {"ready": True, "queue": self.store.counts_by_status()}
+        return {"ready": True, "state": "ready", "live_version": "v0000", "model": "stub",
+                "vllm": {"urls": "", "healthy": False}, "queue": self.store.counts_by_status()}
 
 
 # The daemon serves on loopback, where it answers only to a loopback Host header.
