@@ -20,10 +20,15 @@ class DaemonClient:
 
     def __init__(self, cfg: Config, timeout: float = 30.0):
         self.base = cfg.api_url
-        token = read_token(cfg)
         source = "api.token" if cfg.api.token else str(cfg.api_token_path)
-        self.refused = (f"the daemon at {self.base} refused the API token from {source}" if token else
-                        f"the daemon at {self.base} wants an API token and {source} does not exist")
+        try:
+            token = read_token(cfg)
+        except UserError as e:  # unreadable: open routes (status) still work; the rest says why not
+            token, self.refused = None, str(e)
+        else:
+            self.refused = (f"the daemon at {self.base} refused the API token from {source}" if token else
+                            f"the daemon at {self.base} wants an API token and {source} does not exist"
+                            ) + ": use the daemon's config and state dir (or set api.token)"
         headers = auth_header(token) if token else {}
         self.http = httpx.Client(base_url=self.base, headers=headers, timeout=timeout)
 
@@ -37,7 +42,7 @@ class DaemonClient:
         except httpx.TimeoutException:
             raise UserError(f"the daemon at {self.base} did not answer in time") from None
         if response.status_code == 401:
-            raise UserError(f"{self.refused}: use the daemon's config and state dir (or set api.token)")
+            raise UserError(self.refused)
         if response.status_code >= 400:
             try:
                 message = response.json().get("error") or response.text

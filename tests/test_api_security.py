@@ -72,21 +72,34 @@ def test_a_token_file_readable_by_others_is_made_0600(cfg):
     assert stat.S_IMODE(cfg.api_token_path.stat().st_mode) == 0o600
 
 
-def test_an_unreadable_or_empty_token_file_is_one_clear_line(cfg, tmp_path):
+def test_an_unreadable_token_file_is_one_clear_line_and_status_still_works(cfg, http_server):
     cfg.api_token_path.parent.mkdir(parents=True)
-    cfg.api_token_path.mkdir()  # unreadable even for root
-    with pytest.raises(UserError, match=r"cannot read the API token file .*api-token \(Is a directory\)"):
-        DaemonClient(cfg)
-    proc = DaemonProcess(cfg.state_path, model_path="")
+    cfg.api_token_path.mkdir()  # unreadable, even for root
+    http_server.serve("/v1/status", json.dumps({"ready": True}), content_type="application/json")
+    http_server.serve(ITEMS, json.dumps({"error": "missing or wrong bearer token"}), status=401,
+                      content_type="application/json")
+    proc = DaemonProcess(cfg.state_path, api_port=str(http_server.server.server_address[1]), model_path="")
+    assert proc.cli("status").returncode == 0  # open route: no token needed
     result = proc.cli("remember", "a fact")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         f"error: cannot read the API token file {cfg.api_token_path} (Is a directory): run as the daemon's "
         "user, or set api.token (AGENT_MEMORY_API_TOKEN)"]
-    cfg.api_token_path.rmdir()
+    assert "authorization" not in http_server.hits(ITEMS)[0]
+    with pytest.raises(UserError, match="cannot read the API token file"):
+        ensure_token(cfg)  # the daemon does not start on it either
+
+
+def test_an_empty_token_file_stops_the_start(cfg):
+    cfg.api_token_path.parent.mkdir(parents=True)
     cfg.api_token_path.write_text("\n")
-    with pytest.raises(UserError, match="is empty: delete it and restart the daemon"):
+    with pytest.raises(UserError, match="api-token is empty: delete it and restart the daemon"):
         ensure_token(cfg)
+
+
+def test_the_api_url_brackets_an_ipv6_host(cfg):
+    cfg.api.host = "::1"
+    assert cfg.api_url == "http://[::1]:8700"
 
 
 @pytest.mark.parametrize("header, expected, matches", [
