@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException
 
 from . import feeds as feeds_mod
 from .auth import token_matches
+from .config import Config
 from .errors import (Forbidden, MisdirectedRequest, NotFound, TooLarge, Unauthorized, UnsupportedMediaType,
                      UserError)
 from .ingest import IngestError, ingest_conversation, memory_prompt, remember
@@ -125,7 +126,7 @@ def _is_json(content_type: str | None) -> bool:
     return mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))
 
 
-def check_request(method: str, scheme: str, headers, loopback: bool, max_bytes: int) -> None:
+def _check_request(method: str, scheme: str, headers, loopback: bool, max_bytes: int) -> None:
     """Refuse, before any route runs, what a web page could make a browser send to this daemon."""
     host = headers.get("host")
     if loopback and _host_name(host) not in LOOPBACK_NAMES:
@@ -141,14 +142,14 @@ def check_request(method: str, scheme: str, headers, loopback: bool, max_bytes: 
         raise TooLarge(f"request body over {max_bytes} bytes")
 
 
-def _install_guard(app: FastAPI, cfg) -> None:
+def _install_guard(app: FastAPI, cfg: Config) -> None:
     loopback = _is_loopback(cfg.api.host)
     max_bytes = cfg.api.max_request_bytes
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
         try:
-            check_request(request.method, request.url.scheme, request.headers, loopback, max_bytes)
+            _check_request(request.method, request.url.scheme, request.headers, loopback, max_bytes)
             if request.method in BODY_METHODS and request.headers.get("content-length") is None:
                 # Chunked upload: read it (bounded) so the limit holds without Content-Length too.
                 body = b""
@@ -327,7 +328,7 @@ def poll_one_feed(feed_id: ItemId, request: Request):
     return feeds_mod.poll_feed(daemon.store, feed_id, daemon.cfg)
 
 
-# --- bakes, history, rollback, forget, status page, metrics -------------------------------
+# --- bakes, history, rollback, forget ------------------------------------------------------
 
 history_router = APIRouter(dependencies=[Depends(require_token)])
 
