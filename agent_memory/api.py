@@ -1,113 +1,177 @@
-"""The daemon's HTTP API (FastAPI): JSON in and out, bearer-token auth on writes, size limits.
+"""The daemon's HTTP API (FastAPI): JSON in and out, a bearer token on writes and on reads of
+memory contents, size limits, and no requests a web page could forge.
 
 Routes read and write through the daemon object (`app.state.daemon`): its `cfg`, `store`, and
-the methods it offers. Errors are JSON `{"error": "..."}` with a 4xx status a client can act on.
+the methods it offers. Three routers: `public_router` (health, status, the status page, metrics:
+open to any local process; none shows memory contents) and `memory_router` / `history_router`
+(everything else), which check the token in a router dependency, so a route added to them is
+guarded by default. Before any route, `_install_guard` refuses what a browser could be made to
+send: a foreign Host when serving on loopback (DNS rebinding, 421), a foreign Origin (403), a body
+that is not JSON (415), a body over `api.max_request_bytes` (413).
+
+Errors are JSON `{"error": "..."}`. Every exception becomes a response in one place
+(`error_response`); its status comes from the exception's class (errors.py).
 """
 
 from __future__ import annotations
 
-import hmac
+import ipaddress
+import logging
 from typing import TYPE_CHECKING, Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
 from . import feeds as feeds_mod
-from .errors import UserError
+from .auth import token_matches
+from .config import Config
+from .errors import (Forbidden, MisdirectedRequest, NotFound, TooLarge, Unauthorized, UnsupportedMediaType,
+                     UserError)
 from .ingest import IngestError, ingest_conversation, memory_prompt, remember
-from .store import MAX_SQLITE_INT, STATUSES, NotFound, Store
+from .serving import ServingError
+from .store import MAX_SQLITE_INT, STATUSES, Store
 
 if TYPE_CHECKING:
     from .daemon import Daemon
+
+log = logging.getLogger(__name__)
 
 
 def create_app(daemon: "Daemon") -> FastAPI:
     app = FastAPI(title="agent-memory", version="0.1.0")
     app.state.daemon = daemon
-    _install_error_handlers(app)
-    _install_size_limit(app, daemon.cfg.api.max_request_bytes)
-
-    @app.get("/livez")
-    def livez():
-        return {"ok": True}
-
-    @app.get("/readyz")
-    def readyz():
-        ready, reason = daemon.readiness()
-        if not ready:
-            return JSONResponse({"ready": False, "reason": reason}, status_code=503)
-        return {"ready": True}
-
-    @app.get("/v1/status")
-    def status():
-        return daemon.status()
-
+    for exc_class in (UserError, IngestError, LookupError, ServingError, HTTPException, RequestValidationError):
+        app.add_exception_handler(exc_class, _handle_exception)  # any other exception: see _install_guard
+    _install_guard(app, daemon.cfg)
+    app.include_router(public_router)
     app.include_router(memory_router)
     app.include_router(history_router)
     return app
 
 
+# --- the one exception-to-response mapping ---------------------------------------------------
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    """`{"error": message}` with the status the exception's class carries."""
+    if isinstance(exc, (UserError, IngestError)):
+        status, message = exc.status, str(exc)
+    elif isinstance(exc, HTTPException):  # the framework's own: unknown path 404, wrong method 405
+        status, message = exc.status_code, exc.detail
+    elif isinstance(exc, RequestValidationError):
+        status, message = 422, _validation_message(exc)
+    elif isinstance(exc, LookupError) and not isinstance(exc, (KeyError, IndexError)):  # store.NotFound,
+        # the bakery's "no item N"; Python's own KeyError and IndexError are bugs (500)
+        status, message = NotFound.status, str(exc)
+    elif isinstance(exc, ServingError):
+        status, message = 502, f"model server: {exc}"
+    else:
+        status, message = 500, f"internal error ({exc.__class__.__name__}): see the daemon's log"
+    return JSONResponse({"error": message}, status_code=status, headers=getattr(exc, "headers", None))
+
+
+async def _handle_exception(request: Request, exc: Exception) -> JSONResponse:
+    response = error_response(exc)
+    if response.status_code == 500:
+        raise exc  # a bug (a KeyError is no missing row): the guard logs it and answers 500
+    return response
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    problems = []
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            problems.append(f"the request body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})")
+            continue
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        problems.append(f"{where or 'body'}: {err.get('msg')}")
+    return "; ".join(problems)
+
+
+# --- the credential and the browser guard --------------------------------------------------
+
+
 def require_token(request: Request) -> None:
-    """Dependency for write routes: checks `Authorization: Bearer <token>` when a token is set."""
-    expected = request.app.state.daemon.cfg.api.token
-    if not expected:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    # compare_digest: constant time, so the token cannot be guessed byte by byte from timings.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
-        raise HTTPException(status_code=401, detail="missing or wrong bearer token")
+    """Router dependency: `Authorization: Bearer <token>` (auth.py) or 401."""
+    if not token_matches(request.headers.get("authorization"), request.app.state.daemon.cfg.api.token):
+        raise Unauthorized("missing or wrong bearer token")
 
 
-writer = Depends(require_token)
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+BODY_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 
 
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):
-        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
-        problems = []
-        for err in exc.errors():
-            if err.get("type") == "json_invalid":
-                problems.append(f"the request body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})")
-                continue
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            problems.append(f"{where or 'body'}: {err.get('msg')}")
-        return JSONResponse({"error": "; ".join(problems)}, status_code=422)
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
-def _install_size_limit(app: FastAPI, max_bytes: int) -> None:
+def _host_name(host_header: str | None) -> str | None:
+    """"localhost:8700" -> "localhost", "[::1]:8700" -> "::1"; None when malformed."""
+    try:
+        return urlsplit(f"//{host_header}").hostname if host_header else None
+    except ValueError:
+        return None
+
+
+def _is_json(content_type: str | None) -> bool:
+    mime = (content_type or "").split(";")[0].strip().lower()
+    return mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))
+
+
+def _check_request(method: str, scheme: str, headers, loopback: bool, max_bytes: int) -> None:
+    """Refuse, before any route runs, what a web page could make a browser send to this daemon."""
+    host = headers.get("host")
+    if loopback and _host_name(host) not in LOOPBACK_NAMES:
+        raise MisdirectedRequest(f"this daemon answers only to {', '.join(LOOPBACK_NAMES)} (Host: {host!r})")
+    origin = headers.get("origin")
+    if origin is not None and origin.lower() != f"{scheme}://{host}".lower():
+        raise Forbidden(f"cross-origin requests are refused (Origin: {origin!r})")
+    length = headers.get("content-length")
+    has_body = (length not in (None, "0")) or "transfer-encoding" in headers
+    if method in BODY_METHODS and (has_body or "content-type" in headers) and not _is_json(headers.get("content-type")):
+        raise UnsupportedMediaType("send the body as JSON (Content-Type: application/json)")
+    if length is not None and length.isdigit() and int(length) > max_bytes:
+        raise TooLarge(f"request body over {max_bytes} bytes")
+
+
+def _install_guard(app: FastAPI, cfg: Config) -> None:
+    loopback = _is_loopback(cfg.api.host)
+    max_bytes = cfg.api.max_request_bytes
+
     @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_bytes:
-            return JSONResponse(
-                {"error": f"request body over {max_bytes} bytes"}, status_code=413
-            )
-        if request.method in ("POST", "PUT", "PATCH") and length is None:
-            # Chunked upload: read it (bounded) so the limit holds without Content-Length too.
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > max_bytes:
-                    return JSONResponse(
-                        {"error": f"request body over {max_bytes} bytes"}, status_code=413
-                    )
-            request._body = body
-        return await call_next(request)
+    async def guard(request: Request, call_next):
+        try:
+            _check_request(request.method, request.url.scheme, request.headers, loopback, max_bytes)
+            if request.method in BODY_METHODS and request.headers.get("content-length") is None:
+                # Chunked upload: read it (bounded) so the limit holds without Content-Length too.
+                body = b""
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > max_bytes:
+                        raise TooLarge(f"request body over {max_bytes} bytes")
+                request._body = body
+        except UserError as e:
+            return error_response(e)
+        try:
+            return await call_next(request)
+        except Exception as e:  # a bug: logged with its traceback, answered as JSON like every error
+            log.exception("%s %s failed", request.method, request.url.path)
+            return error_response(e)
 
 
 # --- memory items, conversations and feeds ------------------------------------------------
 # Routes are plain `def`s: FastAPI runs them in worker threads, so SQLite and feed fetches never
 # block the event loop. Every write returns only after its transaction has committed.
 
-memory_router = APIRouter()
+memory_router = APIRouter(dependencies=[Depends(require_token)])
 ItemId = Annotated[int, PathParam(ge=1, le=MAX_SQLITE_INT)]
 
 
@@ -154,27 +218,20 @@ def _store(request: Request) -> Store:
     return request.app.state.daemon.store
 
 
-def _ingest_errors(call, *args, **kwargs) -> Any:
-    try:
-        return call(*args, **kwargs)
-    except IngestError as e:
-        raise HTTPException(status_code=e.status, detail=str(e)) from None
-
-
-@memory_router.post("/v1/memory/items", dependencies=[writer], status_code=201)
+@memory_router.post("/v1/memory/items", status_code=201)
 def post_item(body: ItemIn, request: Request, response: Response):
     """Queue a fact / headline / prompt. 201 new, 200 with "duplicate": true when known."""
-    item, duplicate = _ingest_errors(remember, _store(request), **body.model_dump())
+    item, duplicate = remember(_store(request), **body.model_dump())
     if duplicate:
         response.status_code = 200
     return {"id": item["id"], "duplicate": duplicate, "status": item["status"], "item": item}
 
 
-@memory_router.post("/v1/memory/conversations", dependencies=[writer], status_code=201)
+@memory_router.post("/v1/memory/conversations", status_code=201)
 def post_conversation(body: ConversationIn, request: Request, response: Response):
     """Queue a conversation whole, plus the facts the agent extracted from it (linked to it)."""
-    result = _ingest_errors(
-        ingest_conversation, _store(request),
+    result = ingest_conversation(
+        _store(request),
         messages=[m.model_dump(exclude_unset=True) for m in body.messages],
         facts=[f if isinstance(f, str) else f.model_dump() for f in body.facts],
         source=body.source, valid_at=body.valid_at,
@@ -196,7 +253,7 @@ def _statuses(status: str | None) -> list[str] | None:
     statuses = [s.strip() for s in status.split(",") if s.strip()]
     unknown = [s for s in statuses if s not in STATUSES]
     if unknown:
-        raise HTTPException(422, f"unknown status {unknown[0]!r}: use {', '.join(STATUSES)}")
+        raise UserError(f"unknown status {unknown[0]!r}: use {', '.join(STATUSES)}")
     return statuses
 
 
@@ -217,7 +274,7 @@ def get_item(item_id: ItemId, request: Request):
     store = _store(request)
     item = store.get_item(item_id)
     if item is None:
-        raise HTTPException(404, f"no item {item_id}")
+        raise NotFound(f"no item {item_id}")
     if item["kind"] == "conversation":
         item["facts"] = store.list_items(parent_id=item_id, limit=10_000, oldest_first=True)
     return item
@@ -240,66 +297,46 @@ def get_feeds(request: Request):
     return {"feeds": [feeds_mod.for_display(f) for f in _store(request).list_feeds()]}
 
 
-@memory_router.post("/v1/feeds", dependencies=[writer], status_code=201)
+@memory_router.post("/v1/feeds", status_code=201)
 def post_feed(body: FeedIn, request: Request, response: Response):
     daemon = request.app.state.daemon
-    try:
-        feed, created = feeds_mod.add_feed(daemon.store, daemon.cfg, body.url, body.interval, body.title,
-                                           check=body.check)
-    except UserError as e:
-        raise HTTPException(422, str(e)) from None
+    feed, created = feeds_mod.add_feed(daemon.store, daemon.cfg, body.url, body.interval, body.title,
+                                       check=body.check)
     if not created:
         response.status_code = 200
     return {"id": feed["id"], "duplicate": not created, "feed": feed}
 
 
-@memory_router.delete("/v1/feeds/{feed_id}", dependencies=[writer])
+@memory_router.delete("/v1/feeds/{feed_id}")
 def delete_feed(feed_id: ItemId, request: Request):
     if not _store(request).remove_feed(feed_id):
-        raise HTTPException(404, f"no feed {feed_id}")
+        raise NotFound(f"no feed {feed_id}")
     return {"id": feed_id, "removed": True}
 
 
-@memory_router.post("/v1/feeds/poll", dependencies=[writer])
+@memory_router.post("/v1/feeds/poll")
 def poll_all_feeds(request: Request):
     """Poll every enabled feed now (not only the due ones)."""
     daemon = request.app.state.daemon
     return feeds_mod.poll_due(daemon.store, daemon.cfg, force=True)
 
 
-@memory_router.post("/v1/feeds/{feed_id}/poll", dependencies=[writer])
+@memory_router.post("/v1/feeds/{feed_id}/poll")
 def poll_one_feed(feed_id: ItemId, request: Request):
     daemon = request.app.state.daemon
     feed = daemon.store.get_feed(feed_id)
     if feed is None or not feed["enabled"]:
-        raise HTTPException(404, f"no feed {feed_id}")
-    try:
-        return feeds_mod.poll_feed(daemon.store, feed_id, daemon.cfg)
-    except NotFound as e:
-        raise HTTPException(404, str(e)) from None
+        raise NotFound(f"no feed {feed_id}")
+    return feeds_mod.poll_feed(daemon.store, feed_id, daemon.cfg)
 
 
-# --- bakes, history, rollback, forget, status page, metrics -------------------------------
+# --- bakes, history, rollback, forget ------------------------------------------------------
 
-history_router = APIRouter()
+history_router = APIRouter(dependencies=[Depends(require_token)])
 
 
 def _daemon(request: Request) -> "Daemon":
     return request.app.state.daemon
-
-
-def _history_errors(call, *args):
-    """Map the bakery's errors to HTTP: bad state 409, unknown id 404, model server down 502."""
-    from .serving import ServingError
-
-    try:
-        return call(*args)
-    except UserError as e:
-        raise HTTPException(status_code=409, detail=str(e)) from None
-    except LookupError as e:
-        raise HTTPException(status_code=404, detail=str(e).strip("'\"")) from None
-    except ServingError as e:
-        raise HTTPException(status_code=502, detail=f"model server: {e}") from None
 
 
 class RollbackIn(BaseModel):
@@ -312,9 +349,9 @@ class BakeIn(BaseModel):
     gate: dict[str, float] | None = Field(default=None, description="[gate] overrides for this bake")
 
 
-@history_router.post("/v1/bakes", dependencies=[writer], status_code=202)
+@history_router.post("/v1/bakes", status_code=202)
 def post_bake(request: Request, body: BakeIn | None = None):
-    bake_id = _history_errors(_daemon(request).bakery.request, "api", body.gate if body else None)
+    bake_id = _daemon(request).bakery.request("api", body.gate if body else None)
     return {"bake_id": bake_id, "status": _daemon(request).store.get_bake(bake_id)["status"]}
 
 
@@ -329,7 +366,7 @@ def get_bake(bake_id: ItemId, request: Request):
     store = _daemon(request).store
     bake = store.get_bake(bake_id)
     if bake is None:
-        raise HTTPException(status_code=404, detail=f"no bake {bake_id}")
+        raise NotFound(f"no bake {bake_id}")
     items = [store.get_item(i) for i in bake.get("item_ids") or []]
     return {**bake, "items": [i for i in items if i], "probe_results": store.probe_results(bake_id)}
 
@@ -339,9 +376,9 @@ def get_events(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 5
     return {"events": _daemon(request).store.list_events(limit=limit)}
 
 
-@history_router.post("/v1/rollback", dependencies=[writer])
+@history_router.post("/v1/rollback")
 def post_rollback(body: RollbackIn, request: Request):
-    return _history_errors(_daemon(request).bakery.rollback, body.version)
+    return _daemon(request).bakery.rollback(body.version)
 
 
 class RetryIn(BaseModel):
@@ -350,17 +387,40 @@ class RetryIn(BaseModel):
     statuses: list[Literal["failed", "rejected"]] = Field(default=["failed"])
 
 
-@history_router.post("/v1/memory/items/retry", dependencies=[writer])
+@history_router.post("/v1/memory/items/retry")
 def post_retry(body: RetryIn, request: Request):
-    return _history_errors(_daemon(request).bakery.retry, body.ids, tuple(body.statuses))
+    return _daemon(request).bakery.retry(body.ids, tuple(body.statuses))
 
 
-@history_router.delete("/v1/memory/items/{item_id}", dependencies=[writer])
+@history_router.delete("/v1/memory/items/{item_id}")
 def forget_item(item_id: ItemId, request: Request):
-    return _history_errors(_daemon(request).bakery.forget, item_id)
+    return _daemon(request).bakery.forget(item_id)
 
 
-@history_router.get("/", include_in_schema=False)
+# --- open to any local process: health, status, the status page (no item texts), metrics ----
+
+public_router = APIRouter()
+
+
+@public_router.get("/livez")
+def livez():
+    return {"ok": True}
+
+
+@public_router.get("/readyz")
+def readyz(request: Request):
+    ready, reason = _daemon(request).readiness()
+    if not ready:
+        return JSONResponse({"ready": False, "reason": reason}, status_code=503)
+    return {"ready": True}
+
+
+@public_router.get("/v1/status")
+def status(request: Request):
+    return _daemon(request).status()
+
+
+@public_router.get("/", include_in_schema=False)
 def status_page(request: Request):
     from fastapi.responses import HTMLResponse
 
@@ -369,14 +429,14 @@ def status_page(request: Request):
     return HTMLResponse(render(_daemon(request)))
 
 
-@history_router.get("/plot.png", include_in_schema=False)
+@public_router.get("/plot.png", include_in_schema=False)
 def plot(request: Request):
     from .web import plot_png
 
     return Response(plot_png(_daemon(request).store.list_bakes(limit=500)), media_type="image/png")
 
 
-@history_router.get("/metrics", include_in_schema=False)
+@public_router.get("/metrics", include_in_schema=False)
 def metrics(request: Request):
     from .metrics import CONTENT_TYPE
 

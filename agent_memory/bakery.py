@@ -40,7 +40,7 @@ from . import gate as gate_mod
 from . import probes
 from .client import ModelError
 from .config import Config, GateConfig, parse_duration, validate_gate
-from .errors import UserError
+from .errors import ConflictError, NotFound, UserError
 from .orphan import child_env
 from .serving import MEMORY_NAME, Serving, ServingError
 from .store import Store, utcnow
@@ -113,7 +113,9 @@ class Bakery:
         `gate` overrides `[gate]` settings for this bake only (e.g. a stricter min_item_accuracy).
         """
         if self.serving is None:
-            raise UserError("no model is served (vllm.mode = 'off', or still starting): nothing can be baked")
+            if self.cfg.vllm.mode == "off":
+                raise UserError("no model is served (vllm.mode = 'off'): nothing can be baked")
+            raise ConflictError("the model server is still starting: ask for the bake again in a minute")
         gate_settings = asdict(self._gate_policy(gate or {}))  # validates the overrides now
         with self.lock:
             if self.waiting is None or gate:
@@ -436,7 +438,7 @@ class Bakery:
             current = self.versions.current()
             target = version or self.store.previous_live_version(current)
             if target is None:
-                raise UserError(f"no earlier version than {current} to roll back to")
+                raise ConflictError(f"no earlier version than {current} to roll back to")
             if target != EMPTY_VERSION and not (self.versions.path(target) / "manifest.json").exists():
                 raise UserError(f"unknown adapter version {target!r}: see `agent-memory history`")
             self._swap_to(target)
@@ -460,7 +462,7 @@ class Bakery:
         with self._exclusive("forget"):
             item = self.store.get_item(item_id)
             if item is None:
-                raise LookupError(f"no item {item_id}")
+                raise NotFound(f"no item {item_id}")
             current = self.versions.current()
             live_deltas = self.versions.manifest(current)["deltas"]
             bake_id = item.get("bake_id")
@@ -492,7 +494,7 @@ class Bakery:
     @contextmanager
     def _exclusive(self, what: str):
         if self.running is not None or not self.store.acquire_lease("bake", owner=f"{os.getpid()}:{what}"):
-            raise UserError(f"a bake is running; {what} again when it has finished")
+            raise ConflictError(f"a bake is running; {what} again when it has finished")
         try:
             yield
         finally:

@@ -124,7 +124,7 @@ def ask(ctx: Context, question: str, model_name: str, prompted: bool, max_tokens
 @json_option
 @pass_ctx
 def status(ctx: Context, as_json: bool) -> None:
-    """Daemon, vLLM, live version, queue depth, last bake."""
+    """Daemon, vLLM, live version, queue depth, last bake. Exits 1 when the daemon is not ready."""
     from .client import DaemonClient
 
     data = DaemonClient(ctx.cfg).get("/v1/status")
@@ -133,6 +133,8 @@ def status(ctx: Context, as_json: bool) -> None:
         if isinstance(value, dict):
             lines.append(f"{key:>14}: " + ", ".join(f"{k}={v}" for k, v in value.items()))
     emit(data, as_json, "\n".join(lines))
+    if not data.get("ready"):
+        sys.exit(1)  # scripts and health checks: not ready (starting, vLLM down, failed)
 
 
 # --- memory: items, conversations, feeds, the queue ----------------------------------------

@@ -27,7 +27,9 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 class ApiConfig:
     host: str = "127.0.0.1"  # bind address of the daemon API; loopback unless you mean it
     port: int = 8700
-    token: str = ""  # bearer token required for writes; empty = no auth (loopback only)
+    # Bearer token for writes and for reads of memory contents. Empty: the daemon makes one at its
+    # first start in <state_dir>/api-token (0600), where the CLI reads it.
+    token: str = ""
     max_request_bytes: int = 1_000_000  # larger request bodies get 413
 
 
@@ -140,6 +142,10 @@ class Config:
         return self.state_path / "logs"
 
     @property
+    def api_token_path(self) -> Path:
+        return self.state_path / "api-token"
+
+    @property
     def model_dir(self) -> Path:
         from .model import EMBEDDED_DIRNAME
 
@@ -150,7 +156,7 @@ class Config:
     @property
     def api_url(self) -> str:
         host = "127.0.0.1" if self.api.host in ("0.0.0.0", "::") else self.api.host
-        return f"http://{host}:{self.api.port}"
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.api.port}"
 
     @property
     def vllm_urls(self) -> list[str]:

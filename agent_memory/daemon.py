@@ -22,6 +22,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from . import __version__
 from .api import create_app
+from .auth import ensure_token
 from .bakery import Bakery
 from .config import Config
 from .errors import UserError
@@ -184,6 +185,7 @@ def run_daemon(cfg: Config) -> None:
     if cfg.vllm.mode == "managed" and not (cfg.model_dir / "config.json").exists():
         raise UserError(f"no model checkpoint in {cfg.model_dir}: run `agent-memory model prepare` first")
     daemon = Daemon(cfg)
+    ensure_token(cfg)  # api.token, or the 0600 token file made at the first start
     app = create_app(daemon)
     app.router.lifespan_context = _lifespan(daemon)
     server = uvicorn.Server(uvicorn.Config(

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 
 from sqlite_utils import Database
 
-from .errors import UserError
+from .errors import ConflictError, NotFound, UserError
 
 KINDS = ("headline", "fact", "conversation", "prompt")
 STATUSES = ("pending", "baking", "baked", "failed", "rejected", "forgotten")
@@ -48,10 +48,6 @@ BAKE_FIELDS = {
     "verdict", "reason", "delta_path", "adapter_path",
 }
 JSON_COLUMNS = {"messages", "item_ids", "config", "metrics"}
-
-
-class NotFound(LookupError):
-    """No row with that id."""
 
 
 def utcnow() -> str:
@@ -372,7 +368,7 @@ class Store:
                     raise NotFound(f"no item {unknown[0]}")
                 stuck = [i for i in ids if rows[i] not in ("failed", "rejected")]
                 if stuck:
-                    raise UserError(f"item {stuck[0]} is {rows[stuck[0]]}: only failed or rejected items are retried")
+                    raise ConflictError(f"item {stuck[0]} is {rows[stuck[0]]}: only failed or rejected items are retried")
                 found = ids
             if found:
                 db.execute(f"update items set attempts = 0 where id in ({', '.join('?' for _ in found)})", found)

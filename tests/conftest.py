@@ -49,25 +49,33 @@ class StubDaemon:
         return True, "ready"
 
     def status(self) -> dict:
-        return {"ready": True, "queue": self.store.counts_by_status()}
+        return {"ready": True, "state": "ready", "live_version": "v0000", "model": "stub",
+                "vllm": {"urls": "", "healthy": False}, "queue": self.store.counts_by_status()}
+
+
+# The daemon serves on loopback, where it answers only to a loopback Host header.
+API_BASE = "http://127.0.0.1:8700"
 
 
 @pytest.fixture
 def api(cfg, store):
-    """A TestClient on the real app; set `cfg.api.token` before using it to require auth."""
+    """A TestClient on the real app that sends the API token, made as the daemon makes it at start
+    (`cfg.api.token` then holds it; change it to test a wrong one). `anon` has no token."""
     from fastapi.testclient import TestClient
 
     from agent_memory.api import create_app
+    from agent_memory.auth import auth_header, ensure_token
 
-    with TestClient(create_app(StubDaemon(cfg, store))) as client:
+    with TestClient(create_app(StubDaemon(cfg, store)), base_url=API_BASE,
+                    headers=auth_header(ensure_token(cfg))) as client:
         yield client
 
 
 @pytest.fixture
 def daemon(tmp_path):
-    """`agent-memory daemon` with no model (vllm.mode = off), a token, on free ports; feeds on
+    """`agent-memory daemon` with no model (vllm.mode = off), on free ports (it makes its own token); feeds on
     127.0.0.1 allowed (the test servers' address)."""
-    proc = DaemonProcess(tmp_path / "state", vllm_mode="off", api_token="tok", model_path="",
+    proc = DaemonProcess(tmp_path / "state", vllm_mode="off", model_path="",
                          feeds_allow_loopback="true")
     proc.start()
     try:
@@ -75,6 +83,14 @@ def daemon(tmp_path):
         yield proc
     finally:
         proc.kill()
+
+
+@pytest.fixture
+def anon(api):
+    """A client of the same app without the token."""
+    from fastapi.testclient import TestClient
+
+    return TestClient(api.app, base_url=API_BASE)
 
 
 # --- a real HTTP server -------------------------------------------------------------------
@@ -125,6 +141,8 @@ class HttpServer:
                         return
                     self.wfile.write(bytes([byte]))
                     self.wfile.flush()
+
+            do_POST = do_DELETE = do_GET  # the body is not read: routes answer by path
 
             def log_message(self, *args):
                 pass

@@ -74,6 +74,16 @@ class DaemonProcess:
         """The managed vLLM engines' process group ids by role (memory, base)."""
         return {p.stem.removeprefix("vllm-"): int(p.read_text()) for p in self.state_dir.glob("vllm-*.pid")}
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """The API token as the CLI finds it (api.token, else the daemon's token file)."""
+        from agent_memory import config
+        from agent_memory.auth import auth_header, read_token
+
+        token = read_token(config.load(env=self.env))
+        assert token, f"no API token yet in {self.state_dir}: start the daemon first"
+        return auth_header(token)
+
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "agent_memory.cli", *args], env=self.env,
                               capture_output=True, text=True, timeout=timeout)

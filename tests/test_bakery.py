@@ -9,7 +9,6 @@ import pytest
 
 from agent_memory import bakery as bakery_mod
 from agent_memory.bakery import Bakery, InfraError
-from agent_memory.serving import ServingError
 from agent_memory.versions import Versions
 
 
@@ -147,7 +146,7 @@ def _manifest(versions, deltas):
 
 @pytest.fixture
 def quick_retries(cfg):
-    cfg.bake.retry_wait = "0.01s"
+    cfg.bake.retry_wait = "1s"
     cfg.gate.probe_sets = []
     return cfg
 

@@ -49,7 +49,7 @@ def test_local_files_only_from_the_cli_with_the_flag(daemon, tmp_path):
     assert_one_line_error(daemon.cli("feeds", "add", str(sample)), "--allow-local-file")
     # Never over the API, whatever the credential.
     refused = httpx.post(f"{daemon.api}/v1/feeds", json={"url": sample.as_uri(), "check": False},
-                         headers={"Authorization": "Bearer tok"})
+                         headers=daemon.headers)
     assert refused.status_code == 422 and "must be http:// or https://" in refused.json()["error"]
 
     fifo = tmp_path / "fifo"
@@ -91,7 +91,7 @@ def test_ingest_chat_takes_openai_messages(daemon, tmp_path):
     chat.write_text(json.dumps(OPENAI_CHAT))
     result = json.loads(ok(daemon.cli("ingest-chat", str(chat), "--json")))
     stored = httpx.get(f"{daemon.api}/v1/memory/items/{result['id']}",
-                       headers={"Authorization": "Bearer tok"}).json()
+                       headers=daemon.headers).json()
     assert stored["text"] == OPENAI_TRANSCRIPT and stored["messages"] == OPENAI_CHAT
 
 

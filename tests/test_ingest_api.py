@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from agent_memory import api as api_mod
+from agent_memory import auth
 from agent_memory.ingest import MAX_CONVERSATION_CHARS, MAX_FACT_CHARS, memory_prompt, strip_control_chars
 from agent_memory.store import Store
 from conftest import DATA
@@ -210,24 +210,27 @@ def test_list_and_get_items(api, store):
     assert api.get(f"{ITEMS}/{2**64}").status_code == 422
 
 
-def test_writes_need_the_token_when_one_is_set(api, cfg, monkeypatch):
+def test_writes_and_reads_need_the_token(api, anon, cfg, monkeypatch):
     calls = []
     real = hmac.compare_digest
-    monkeypatch.setattr(api_mod.hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
+    monkeypatch.setattr(auth.hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
     cfg.api.token = "s3cret-token"
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"},
-                    {"Authorization": "Basic s3cret-token"}):
+                    {"Authorization": "Basic s3cret-token"}, {"Authorization": "Bearer "}):
         for path, body in ((ITEMS, {"text": "a"}), (CONVERSATIONS, {"messages": [{"role": "user", "content": "a"}]}),
                            ("/v1/feeds", {"url": "https://example.org/rss"})):
-            response = api.post(path, json=body, headers=headers)
+            response = anon.post(path, json=body, headers=headers)
             assert response.status_code == 401, (path, headers)
             assert response.json() == {"error": "missing or wrong bearer token"}
-    assert api.delete("/v1/feeds/1").status_code == 401
-    assert api.post("/v1/feeds/poll").status_code == 401
+    for method, path in (("DELETE", "/v1/feeds/1"), ("POST", "/v1/feeds/poll"), ("POST", "/v1/feeds/1/poll"),
+                         ("GET", ITEMS), ("GET", f"{ITEMS}/1"), ("GET", "/v1/memory/prompt"), ("GET", "/v1/feeds")):
+        response = anon.request(method, path)
+        assert response.status_code == 401, (method, path)
+        assert response.headers["www-authenticate"] == "Bearer"
     assert calls, "the token is compared in constant time (hmac.compare_digest)"
-    assert api.get(ITEMS).json()["items"] == []  # reads need no token
-    good = api.post(ITEMS, json={"text": "a"}, headers={"Authorization": "Bearer s3cret-token"})
+    good = anon.post(ITEMS, json={"text": "a"}, headers={"Authorization": "Bearer s3cret-token"})
     assert good.status_code == 201
+    assert api.get(ITEMS).status_code == 401  # the fixture's token is no longer the one
 
 
 def test_feeds_api(api, http_server):
@@ -343,7 +346,7 @@ def test_kill_9_loses_no_acknowledged_item(daemon):
     enough = threading.Event()
 
     def post(worker: int):
-        with httpx.Client(base_url=daemon.api, headers={"Authorization": "Bearer tok"}, timeout=10) as client:
+        with httpx.Client(base_url=daemon.api, headers=daemon.headers, timeout=10) as client:
             for n in range(10_000):
                 text = f"worker {worker} fact {n}"
                 try:

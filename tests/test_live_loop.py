@@ -180,7 +180,7 @@ def test_kill_9_mid_bake_loses_nothing_and_resumes(daemon):
     bake_id = json.loads(daemon.cli("bake", "--now", "--json").stdout)["bake_id"]
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        if httpx.get(f"{daemon.api}/v1/bakes/{bake_id}").json()["status"] == "training":
+        if httpx.get(f"{daemon.api}/v1/bakes/{bake_id}", headers=daemon.headers).json()["status"] == "training":
             break
         time.sleep(0.5)
     time.sleep(3)  # well inside training
@@ -191,8 +191,8 @@ def test_kill_9_mid_bake_loses_nothing_and_resumes(daemon):
     daemon.wait_ready()
     status = json.loads(daemon.cli("status", "--json").stdout)
     assert status["live_version"] == live_before
-    assert httpx.get(f"{daemon.api}/v1/bakes/{bake_id}").json()["status"] == "abandoned"
-    item = httpx.get(f"{daemon.api}/v1/memory/items/{item_id}").json()
+    assert httpx.get(f"{daemon.api}/v1/bakes/{bake_id}", headers=daemon.headers).json()["status"] == "abandoned"
+    item = httpx.get(f"{daemon.api}/v1/memory/items/{item_id}", headers=daemon.headers).json()
     assert item["status"] == "pending"
     assert not list((daemon.state_dir / "adapters" / "deltas").glob(f"bake-{bake_id:04d}"))
 
