@@ -54,6 +54,10 @@ class VllmConfig:
     # which reserves one core for its engine process), "nobind", or a list such as "0-1".
     omp_threads_bind: str = "all"
     max_model_len: int = 4096
+    # torch.compile the model (vLLM's default). On our 2-core CPU compiling took ~2.5 min at every
+    # boot (vLLM 0.32 cannot load its compile cache on CPU) for a few percent of throughput
+    # (bench/results/serving.md), so engines run eager unless this is set.
+    compile: bool = False
     # "auto": bfloat16 where this CPU multiplies it fast (AMX / AVX-512 BF16), else float32 (measured
     # at start, see hardware.py); or any vLLM --dtype value. A GPU wants "auto" or "bfloat16".
     dtype: str = "auto"

@@ -10,6 +10,7 @@ names only, without local paths.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -93,7 +94,9 @@ def create_proxy_app(routes: dict, client_key: str) -> Starlette:
     async def not_found(request: Request) -> Response:
         return _error(404, f"no route {request.url.path}: this port serves {', '.join(FORWARDED)} and /v1/models")
 
-    async def shutdown() -> None:
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
         await asyncio.gather(*(c.aclose() for c in clients.values()))
 
     app = Starlette(routes=[
@@ -101,7 +104,7 @@ def create_proxy_app(routes: dict, client_key: str) -> Starlette:
         Route("/v1/models", models, methods=["GET"]),
         *(Route(path, forward, methods=["POST"]) for path in FORWARDED),
         Route("/{path:path}", not_found, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
-    ], on_shutdown=[shutdown])
+    ], lifespan=lifespan)
     return app
 
 

@@ -140,6 +140,7 @@ class ManagedVllm:
             "--served-model-name", self.served_name,
             "--host", v.host, "--port", str(self.port),
             *lora,
+            *([] if v.compile else ["--enforce-eager"]),
             "--max-model-len", str(v.max_model_len),
             "--max-logprobs", str(TEACHER_MAX_LOGPROBS),
             "--dtype", serving_dtype(self.cfg),
