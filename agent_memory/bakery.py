@@ -103,6 +103,7 @@ class Bakery:
         self.store.release_dead_leases()  # held by a daemon that was killed -9
         for partial in self.versions.deltas_dir.glob("*.partial"):
             shutil.rmtree(partial, ignore_errors=True)  # a trainer killed mid-write
+        self._prune_deltas()
 
     def start(self) -> None:
         self.worker.start()
@@ -243,6 +244,7 @@ class Bakery:
             metrics={"stages": stages, "total_s": round(total, 3), "train": train_report,
                      "served": served, **asdict(verdict)},
         )
+        self._prune_deltas()
         self.events.bake_finished(total)
         log.info("bake %s: %s in %.0f s; live %s", bake_id, outcome, total, self.versions.current())
         self.events.bake_status(f"ready; live {self.versions.current()}; last bake {bake_id} {outcome}")
@@ -332,6 +334,16 @@ class Bakery:
                 os.rename(self.versions.delta_dir(bake["id"]), out_dir)
                 log.info("bake %s: re-using the delta trained by bake %s", bake_id, bake["id"])
                 return
+
+    def _prune_deltas(self) -> None:
+        """Delete the deltas no version holds and no retry can re-use: those of bakes that ended
+        without going live, trained on a version that is no longer live."""
+        live = self.versions.current()
+        for bake in self.store.list_bakes(limit=1000):
+            path = self.versions.delta_dir(bake["id"])
+            if bake["status"] in ("failed", "abandoned", "cancelled", "rejected") and path.exists() \
+                    and not _finished_delta(path, live):
+                shutil.rmtree(path, ignore_errors=True)
 
     def _run_trainer(self, bake_id: int, items: list[dict], live: str) -> None:
         out_dir = self.versions.delta_dir(bake_id)
@@ -487,9 +499,7 @@ class Bakery:
         if failures:
             raise ServingError("swap failed on " + ", ".join(f"{u}: {e}" for u, e in failures.items()))
         self.versions.set_current(version)
-        if self.serving is not None and self.serving.mode == "merged":
-            previous = self.store.previous_live_version(version)
-            self.versions.prune_merged({version, previous} - {None})
+        self.versions.prune_merged()
 
     @contextmanager
     def _exclusive(self, what: str):

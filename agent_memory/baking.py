@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from . import adapters
-from .hardware import idle_cores, matmul_gflops, pick_dtype
+from .hardware import device, idle_cores, matmul_gflops, pick_dtype
 from .orphan import stop_when_orphaned
 from .probes import (DEFAULT_SYSTEM, REMOTE_CONCURRENCY, entities, is_correct, item_subject, keywords, messages_for,
                      run_local)
@@ -444,19 +444,20 @@ def sample(model, prompts: list[list[int]], n: int, cfg: BakeConfig, eos: int, m
 
     Returns (answers: token lists ending at eos when they ended, top_idx [B*n, T, k], top_logp [B*n, T, k]).
     """
+    on = model.device
     width = max(map(len, prompts))
-    ids = torch.tensor([[eos] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[eos] * (width - len(p)) + p for p in prompts], device=on)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=on)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: positions start at each prompt
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     cache.batch_repeat_interleave(n)
     logits = out.logits[:, -1].float().repeat_interleave(n, 0)
     mask = mask.repeat_interleave(n, 0)
-    gen = torch.Generator().manual_seed(cfg.seed + len(prompts) * 7919 + width)
+    gen = torch.Generator(device=on).manual_seed(cfg.seed + len(prompts) * 7919 + width)
     tokens, idx_steps, logp_steps = [], [], []
-    done = torch.zeros(logits.shape[0], dtype=torch.bool)
-    greedy_rows = torch.arange(logits.shape[0]) % n == 0
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=on)
+    greedy_rows = torch.arange(logits.shape[0], device=on) % n == 0
     for _ in range(max_new_tokens):
         logp = logits.log_softmax(-1)
         top = logp.topk(cfg.topk, dim=-1)
@@ -471,13 +472,13 @@ def sample(model, prompts: list[list[int]], n: int, cfg: BakeConfig, eos: int, m
         done |= token == eos
         if bool(done.all()):
             break
-        mask = torch.cat([mask, torch.ones(len(mask), 1, dtype=mask.dtype)], 1)
+        mask = torch.cat([mask, torch.ones(len(mask), 1, dtype=mask.dtype, device=on)], 1)
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
                     past_key_values=cache, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1].float()
     seqs = torch.stack(tokens, 1).tolist()
     answers = [s[:s.index(eos) + 1] if eos in s else s for s in seqs]
-    return answers, torch.stack(idx_steps, 1), torch.stack(logp_steps, 1)
+    return answers, torch.stack(idx_steps, 1).cpu(), torch.stack(logp_steps, 1).cpu()
 
 
 def _sampling(q: Query, cfg: BakeConfig) -> tuple[int, int]:
@@ -510,7 +511,7 @@ def load_live_model(model_dir: Path, live_adapter: Path | None, dtype: torch.dty
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
     if live_adapter and (Path(live_adapter) / adapters.CONFIG).exists():
         adapters.merge_into(model, Path(live_adapter))  # merged in fp32, then cast
-    model = model.to(dtype).eval()
+    model = model.to(device=device(), dtype=dtype).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tokenizer
@@ -531,8 +532,8 @@ def lora_factors(peft_model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     for name, module in peft_model.named_modules():
         if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
             key = name.removeprefix("base_model.model.")
-            out[key] = (module.lora_A["default"].weight.detach().float().clone(),
-                        module.lora_B["default"].weight.detach().float().clone())
+            out[key] = (module.lora_A["default"].weight.detach().float().cpu().clone(),
+                        module.lora_B["default"].weight.detach().float().cpu().clone())
     return out
 
 
@@ -605,14 +606,16 @@ def _common_prefix(seqs: list[list[int]]) -> int:
 def batch_kl(peft_model, batch: dict, autocast: bool) -> torch.Tensor:
     """KL per answer token [N]. The LM head runs only at answer positions (it is 1/5 of the FLOPs)."""
     inner = peft_model.base_model.model  # LlamaForCausalLM with LoRA layers injected
+    on = inner.device
+    batch = {k: v.to(on) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     ids, mask = batch["input_ids"], batch["attention_mask"]
     shared = batch["prefix"].shape[1]
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(on.type, dtype=torch.bfloat16, enabled=autocast):
         if shared:  # the shared prefix once; gradients flow through its cache into the LoRA too
             cache = inner.model(input_ids=batch["prefix"], use_cache=True).past_key_values
             cache.batch_repeat_interleave(len(ids))
-            full_mask = torch.cat([torch.ones(len(ids), shared, dtype=mask.dtype), mask], 1)
-            positions = (shared + torch.arange(ids.shape[1])).expand(len(ids), -1)
+            full_mask = torch.cat([torch.ones(len(ids), shared, dtype=mask.dtype, device=on), mask], 1)
+            positions = (shared + torch.arange(ids.shape[1], device=on)).expand(len(ids), -1)
             hidden = inner.model(input_ids=ids, attention_mask=full_mask, position_ids=positions,
                                  past_key_values=cache, use_cache=True).last_hidden_state
         else:
@@ -764,7 +767,7 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: BakeConfi
 
     steps_per_batch = {i: report["epochs_run"] for i in range(len(batches))}  # each batch once per epoch
     flops = train_flops(model.config, batches, steps_per_batch)
-    peak = matmul_gflops(dtype)
+    peak = matmul_gflops(dtype, on=model.device)
     achieved = flops / report["train_seconds"] / 1e9 if report["train_seconds"] else 0.0
 
     new_ids = {i.get("id") for i in items}

@@ -41,18 +41,32 @@ def _cpu_times() -> tuple[int, int]:
     return sum(values), values[3] + values[4]
 
 
-def matmul_gflops(dtype=torch.bfloat16, n: int = 1024, reps: int = 20, tries: int = 3) -> float:
+def device() -> torch.device:
+    """Where the engine trains: the GPU when torch sees one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def matmul_gflops(dtype=torch.bfloat16, n: int = 1024, reps: int = 20, tries: int = 3,
+                  on: torch.device | None = None) -> float:
     """Matmul throughput of this process's torch threads: the peak we compare training against.
     The best of `tries` timings: single 1024-wide bf16 runs gave 776-975 GFLOP/s on one machine."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    on = on or torch.device("cpu")
+    a, b = torch.randn(n, n, dtype=dtype, device=on), torch.randn(n, n, dtype=dtype, device=on)
     a @ b
     best = 0.0
     for _ in range(tries):
+        _sync(on)
         t = time.perf_counter()
         for _ in range(reps):
             a @ b
+        _sync(on)
         best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9)
     return best
+
+
+def _sync(on: torch.device) -> None:
+    if on.type == "cuda":
+        torch.cuda.synchronize(on)
 
 
 def pick_dtype(name: str = "auto") -> torch.dtype:
@@ -62,6 +76,8 @@ def pick_dtype(name: str = "auto") -> torch.dtype:
     to fp32 on a machine where bf16 is 3-4x faster (one noisy sample decided it)."""
     if name != "auto":
         return torch.bfloat16 if name == "bfloat16" else torch.float32
+    if torch.cuda.is_available():
+        return torch.bfloat16  # every GPU vLLM supports for training-size models runs bf16 natively
     bf16 = matmul_gflops(torch.bfloat16, 512, 5)
     fp32 = matmul_gflops(torch.float32, 512, 5)
     return torch.bfloat16 if bf16 > 1.2 * fp32 else torch.float32

@@ -235,11 +235,12 @@ def generate_local(model, tokenizer, conversations: list[list[dict]], max_new_to
         chunk = conversations[start:start + batch_size]
         prompts = [tokenizer(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
                              add_special_tokens=False)["input_ids"] for c in chunk]
+        on = model.device
         width = max(map(len, prompts))
-        ids = torch.tensor([[eos] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        ids = torch.tensor([[eos] * (width - len(p)) + p for p in prompts], device=on)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=on)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        done = torch.zeros(len(chunk), dtype=torch.bool)
+        done = torch.zeros(len(chunk), dtype=torch.bool, device=on)
         tokens, logps = [], []
         # No bf16 autocast here: the model's own dtype decides (bf16 is emulated, ~50x slower, on AVX2 CPUs)
         with torch.no_grad():
@@ -253,10 +254,10 @@ def generate_local(model, tokenizer, conversations: list[list[dict]], max_new_to
                 done |= token == eos
                 if bool(done.all()):
                     break
-                mask = torch.cat([mask, torch.ones(len(mask), 1, dtype=mask.dtype)], 1)
+                mask = torch.cat([mask, torch.ones(len(mask), 1, dtype=mask.dtype, device=on)], 1)
                 out = model(input_ids=token[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
                             past_key_values=out.past_key_values, use_cache=True)
-        seqs, lps = torch.stack(tokens, 1), torch.stack(logps, 1)
+        seqs, lps = torch.stack(tokens, 1).cpu(), torch.stack(logps, 1).cpu()
         for i in range(len(chunk)):
             ends = (seqs[i] == eos).nonzero()
             n = int(ends[0]) if len(ends) else seqs.shape[1]

@@ -84,7 +84,7 @@ class Endpoint:
 
     def served(self) -> dict[str, str]:
         """Served model names -> their adapter path (or the checkpoint path)."""
-        data = self._call("GET", "/v1/models")
+        data = self._call("GET", "/v1/models", timeout=HEALTH_TIMEOUT_S)
         return {card["id"]: card.get("root", "") for card in data["data"]}
 
     def load_adapter(self, name: str, path: Path, *, inplace: bool = True) -> None:

@@ -92,14 +92,15 @@ class Versions:
             write_merged_checkpoint(self.model_dir, deltas, path, self.dtype)
         return path
 
-    def prune_merged(self, keep: set[str]) -> list[str]:
-        """Delete merged checkpoints of versions not in `keep` (they can be rebuilt); returns them."""
-        removed = []
-        for path in self.merged_dir.glob("v[0-9]*"):
-            if path.name not in keep:
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path.name)
-        return sorted(removed)
+    def prune_merged(self, keep_newest: int = 3) -> list[str]:
+        """Delete the merged checkpoints of all but the current version and the `keep_newest`
+        newest others (a rollback to a pruned one rebuilds it from the deltas); returns the pruned."""
+        found = sorted((p for p in self.merged_dir.glob("v[0-9][0-9][0-9][0-9]") if p.is_dir()), reverse=True)
+        current = self.current()
+        others = [p for p in found if p.name != current]
+        for path in others[keep_newest:]:
+            shutil.rmtree(path, ignore_errors=True)
+        return sorted(p.name for p in others[keep_newest:])
 
     def build(self, bake_ids: list[int], note: str) -> str:
         """Compose the deltas of `bake_ids` into a new version directory; return its name."""

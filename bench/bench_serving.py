@@ -1,101 +1,106 @@
-"""Serving through the real daemon and its managed vLLM: throughput, hot swaps, decode speed, memory.
+"""Serving through the real daemon: `memory` and `base` against the plain checkpoint, hot swaps, memory.
 
-1. throughput and latency of `memory` (a non-zero LoRA) vs `base` (the zero adapter) vs the raw
-   checkpoint (no adapter; internal name, shown only as the no-LoRA reference) under 1/4/8
-   concurrent clients, fixed max_tokens (EOS ignored), greedy;
-2. N hot swaps of `memory` (each version in a new directory, `Endpoint.load_adapter`) under
-   concurrent chat traffic: failed requests and swap latency;
-3. single-stream decode tok/s of `memory` before vs after an in-place swap, with a name loaded
-   without `load_inplace` as the control (vLLM #33791 made in-place-loaded adapters ~30% slower);
-4. peak RSS/PSS of the daemon process and of the vLLM process tree.
+Side by side in one run, on this machine:
+1. decode throughput and latency under 1/4/8 concurrent clients (fixed max_tokens, EOS ignored,
+   greedy) of `memory` (a non-zero version live) and `base` through the daemon's model port, for
+   both serving modes (`vllm.serve_memory` merged, the CPU default, and lora, the earlier way), against
+   the plain checkpoint in a vLLM engine of its own started with the same flags (the reference);
+2. N hot swaps of `memory` (rollback between two versions: the swap a bake makes) under 3
+   concurrent chat streams (memory, memory, base): failed requests and swap latency;
+3. peak RSS/PSS of the daemon process and of each vLLM engine's process tree.
 
     .venv/bin/python bench/bench_serving.py [--quick] [--seed 0]
 """
 
 from __future__ import annotations
 
-import shutil
+import os
+import secrets
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 
-from common import (PREPARED_MODEL, QUESTIONS, PeakMemory, Report, context, log, median, parser,
-                    percentile, plot_path, pyplot, running_daemon, save_figure, vllm_pid)
+from common import (PREPARED_MODEL, QUESTIONS, PeakMemory, Report, context, log, parser, percentile,
+                    plot_path, pyplot, running_daemon, save_figure)
+from daemon_proc import write_noisy_version
 
-from agent_memory.serving import BASE_NAME, MEMORY_NAME, RAW_NAME, Endpoint
+from agent_memory.serving import BASE_NAME, MEMORY_NAME
 
-CONTROL_NAME = "bench-fresh"  # loaded without load_inplace: never had the per-step reload
+PLAIN = "plain checkpoint"  # the reference: no proxy, no LoRA, the base weights
 
 
 def main() -> None:
     args = options()
     ctx = context(args.seed, args.quick)
-    report = Report("serving", "Serving: throughput, hot swaps, decode speed, memory", ctx)
-    workdir = Path(tempfile.mkdtemp(prefix="agent-memory-bench-adapters-"))
-    log(f"writing {args.swaps + 2} rank-{args.rank} adapters with random B under {workdir} ...")
-    adapters = write_adapters(workdir, args.swaps + 2, args.rank, args.seed)
-
+    report = Report("serving", "Serving: memory and base against the plain checkpoint, hot swaps, memory", ctx)
+    loads, boots = [], {}
+    with plain_engine() as (url, key):
+        loads += throughput(url, key, PLAIN, [PLAIN], args)
+    with running_daemon("serving-lora", vllm_serve_memory="lora") as daemon:
+        boots["lora"] = daemon.boot_s
+        swap_in(daemon, write_noisy_version(daemon.state_dir, 1, args.seed))
+        loads += throughput(daemon.vllm, daemon.model_key, "lora", [MEMORY_NAME, BASE_NAME], args)
     with running_daemon("serving") as daemon:
-        memory = PeakMemory({"daemon": lambda: daemon.process.pid, "vllm": lambda: vllm_pid(daemon)})
+        boots["merged"] = daemon.boot_s
+        memory = PeakMemory({"daemon": lambda: daemon.process.pid,
+                             **{f"vLLM {role} engine": (lambda r=role: daemon.vllm_pids().get(r))
+                                for role in ("memory", "base")}})
         with memory:
-            endpoint = Endpoint(daemon.vllm)
-            endpoint.load_adapter(MEMORY_NAME, adapters[0])
-            loads = throughput(daemon.vllm, args)
-            decode = decode_before_after(daemon.vllm, endpoint, adapters, args)
-            swaps = hot_swaps(daemon.vllm, endpoint, adapters[2:], args)
-        report.add(f"Daemon + vLLM boot: {daemon.boot_s:.0f} s. `memory` = a rank-{args.rank} LoRA "
-                   f"with random B on q/k/v/o/gate/up/down; `base` = the zero adapter.")
-    shutil.rmtree(workdir, ignore_errors=True)
+            versions = [write_noisy_version(daemon.state_dir, n, args.seed + n) for n in (1, 2)]
+            swap_in(daemon, versions[0])
+            loads += throughput(daemon.vllm, daemon.model_key, "merged", [MEMORY_NAME, BASE_NAME], args)
+            swaps = hot_swaps(daemon, versions, args)
+    report.add(f"Daemon boot (both names served): merged {boots['merged']:.0f} s, lora {boots['lora']:.0f} s. "
+               "`memory` = a live version whose delta (rank 8, random, on the MLPs) changes the answers.")
     report_throughput(report, loads, args, ctx)
     report_swaps(report, swaps, args, ctx)
-    report_decode(report, decode, args)
     report_memory(report, memory.peaks)
     report.finish()
 
 
 def options():
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--rank", type=int, default=8, help="rank of the `memory` adapters")
     p.add_argument("--swaps", type=int, default=10)
     args = p.parse_args()
     quick = args.quick
     args.concurrency = [1, 4] if quick else [1, 4, 8]
     args.requests_per_client = 1 if quick else 4
     args.max_tokens = 16 if quick else 64
-    args.decode_tokens = 32 if quick else 128
-    args.decode_repeats = 1 if quick else 3
     args.swap_clients = 3
     args.swap_gap_s = 0.5 if quick else 1.0
     return args
 
 
-# -- adapters -----------------------------------------------------------------------------------
+class plain_engine:
+    """vLLM on the plain checkpoint, started the way the daemon starts its engines, no proxy."""
 
-def write_adapters(workdir: Path, count: int, rank: int, seed: int) -> list[Path]:
-    """`count` peft LoRA versions with random B (small scale: answers change, stay fluent-ish)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    def __enter__(self):
+        from agent_memory.config import Config
+        from agent_memory.serving import ManagedVllm
 
-    from agent_memory.adapters import TARGET_MODULES
+        cfg = Config(state_dir=os.environ.get("TMPDIR", "/tmp") + "/agent-memory-bench-plain")
+        cfg.model.path, cfg.vllm.kvcache_gib = str(PREPARED_MODEL), 1
+        self.engine = ManagedVllm(cfg, "plain", PREPARED_MODEL, PLAIN, False, secrets.token_urlsafe(16))
+        started = time.monotonic()
+        self.engine.launch()
+        self.engine.wait_ready()
+        log(f"plain engine ready in {time.monotonic() - started:.0f}s")
+        return self.engine.endpoint.url, self.engine.api_key
 
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(PREPARED_MODEL)
-    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGET_MODULES))
-    paths = []
-    for i in range(count):
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.data.normal_(0, 0.02)
-        path = workdir / f"v{i + 1:04d}"
-        peft_model.save_pretrained(path)
-        paths.append(path)
-    return paths
+    def __exit__(self, *exc):
+        self.engine.stop()
+
+
+def swap_in(daemon, version: str) -> float:
+    """`rollback VERSION` through the API (the swap a bake makes); returns its round trip in s."""
+    started = time.perf_counter()
+    response = httpx.post(f"{daemon.api}/v1/rollback", json={"version": version}, headers=daemon.headers,
+                          timeout=600)
+    response.raise_for_status()
+    return time.perf_counter() - started
 
 
 # -- requests -----------------------------------------------------------------------------------
@@ -112,10 +117,14 @@ def chat(client: httpx.Client, model: str, prompt: str, max_tokens: int) -> tupl
     return latency, response.json()["usage"]["completion_tokens"]
 
 
-def load(url: str, model: str, clients: int, per_client: int, max_tokens: int) -> dict:
+def client_for(url: str, key: str) -> httpx.Client:
+    return httpx.Client(base_url=url, timeout=600, headers={"Authorization": f"Bearer {key}"})
+
+
+def load(url: str, key: str, model: str, clients: int, per_client: int, max_tokens: int) -> dict:
     """`clients` threads, each sending `per_client` requests back to back."""
     def client_run(k: int) -> list[tuple[float, int]]:
-        with httpx.Client(base_url=url, timeout=600) as client:
+        with client_for(url, key) as client:
             return [chat(client, model, QUESTIONS[(k + i) % len(QUESTIONS)], max_tokens)
                     for i in range(per_client)]
 
@@ -132,49 +141,47 @@ def load(url: str, model: str, clients: int, per_client: int, max_tokens: int) -
 
 # -- 1. throughput --------------------------------------------------------------------------------
 
-def throughput(url: str, args) -> list[dict]:
+def throughput(url: str, key: str, mode: str, models: list[str], args) -> list[dict]:
     results = []
-    for model in (MEMORY_NAME, BASE_NAME, RAW_NAME):
-        load(url, model, 1, 1, 8)  # warm-up: first request of a name loads its adapter
+    for model in models:
+        load(url, key, model, 1, 1, 8)  # warm-up
         for clients in args.concurrency:
-            r = load(url, model, clients, args.requests_per_client, args.max_tokens)
-            log(f"throughput {model} x{clients}: {r['tok_s']:.1f} tok/s, p50 {r['p50']:.2f}s")
+            r = load(url, key, model, clients, args.requests_per_client, args.max_tokens)
+            r["label"] = model if model == PLAIN else f"{model} ({mode})"
+            log(f"throughput {r['label']} x{clients}: {r['tok_s']:.1f} tok/s, p50 {r['p50']:.2f}s")
             results.append(r)
     return results
 
 
 def report_throughput(report: Report, results: list[dict], args, ctx: str) -> None:
-    rows = [[label(r["model"]), r["clients"], r["requests"], r["tokens"], r["tok_s"], r["p50"], r["p90"]]
-            for r in results]
+    plain = {r["clients"]: r["tok_s"] for r in results if r["label"] == PLAIN}
+    rows = [[r["label"], r["clients"], r["requests"], r["tokens"], r["tok_s"], f"{r['tok_s'] / plain[r['clients']]:.2f}x",
+             r["p50"], r["p90"]] for r in results]
     report.table(
         f"1. Throughput and latency ({args.max_tokens} tokens per request, EOS ignored, greedy, "
         f"{args.requests_per_client} requests per client)",
-        ["model", "clients", "requests", "tokens", "tokens/s", "p50 latency s", "p90 latency s"], rows,
-        note="tokens/s = completion tokens of all clients / wall time. "
-             f"`{RAW_NAME}` is internal (no adapter slot): the no-LoRA reference only.")
+        ["served", "clients", "requests", "tokens", "tokens/s", "vs plain", "p50 latency s", "p90 latency s"], rows,
+        note="tokens/s = completion tokens of all clients / wall time. merged = the default on CPU: `memory` "
+             "as dense weights (base + live deltas), `base` in its own engine, both behind the daemon's "
+             "model port; lora = both names as LoRA adapters on one engine (vLLM's CPU LoRA path).")
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.8))
-    for model in (MEMORY_NAME, BASE_NAME, RAW_NAME):
-        mine = [r for r in results if r["model"] == model]
+    for name in dict.fromkeys(r["label"] for r in results):
+        mine = [r for r in results if r["label"] == name]
         xs = [r["clients"] for r in mine]
-        ax1.plot(xs, [r["tok_s"] for r in mine], marker="o", label=label(model))
-        ax2.plot(xs, [r["p50"] for r in mine], marker="o", label=label(model))
+        ax1.plot(xs, [r["tok_s"] for r in mine], marker="o", label=name)
+        ax2.plot(xs, [r["p50"] for r in mine], marker="o", label=name)
     ax1.set(xlabel="concurrent clients", ylabel="tokens/s", title="throughput")
-    ax2.set(xlabel="concurrent clients", ylabel="p50 latency (s)",
-            title=f"latency ({args.max_tokens} tokens)")
-    ax1.legend(fontsize=8)
+    ax2.set(xlabel="concurrent clients", ylabel="p50 latency (s)", title=f"latency ({args.max_tokens} tokens)")
+    ax1.legend(fontsize=7)
     report.figure(save_figure(fig, plot_path("serving_throughput"), ctx), "serving throughput")
-
-
-def label(model: str) -> str:
-    return {MEMORY_NAME: "memory (LoRA)", BASE_NAME: "base (zero LoRA)",
-            RAW_NAME: "raw checkpoint (no LoRA)"}.get(model, model)
 
 
 # -- 2. hot swaps under traffic --------------------------------------------------------------------
 
-def hot_swaps(url: str, endpoint: Endpoint, versions: list[Path], args) -> dict:
-    """Swap `memory` through `versions` while clients chat with `memory` (and one with `base`).
+def hot_swaps(daemon, versions: list[str], args) -> dict:
+    """Swap `memory` back and forth between `versions` while clients chat with `memory` (and one
+    with `base`).
 
     Traffic runs from before the first swap until every client has finished a request that
     started after the last one, so every swap lands on requests in flight.
@@ -187,7 +194,7 @@ def hot_swaps(url: str, endpoint: Endpoint, versions: list[Path], args) -> dict:
     caught_up: list[threading.Event] = []
 
     def traffic(model: str, finished_one_after: threading.Event) -> None:
-        with httpx.Client(base_url=url, timeout=600) as client:
+        with client_for(daemon.vllm, daemon.model_key) as client:
             i = 0
             while not stop.is_set():
                 started = time.perf_counter() - t0
@@ -210,10 +217,9 @@ def hot_swaps(url: str, endpoint: Endpoint, versions: list[Path], args) -> dict:
     swaps = []  # (started at, latency)
     try:
         time.sleep(2 * args.swap_gap_s)
-        for path in versions:
+        for i in range(args.swaps):
             started = time.perf_counter()
-            endpoint.load_adapter(MEMORY_NAME, path)
-            swaps.append((started - t0, time.perf_counter() - started))
+            swaps.append((started - t0, swap_in(daemon, versions[(i + 1) % len(versions)])))
             time.sleep(args.swap_gap_s)
         last_swap[0] = swaps[-1][0]
         for event in caught_up:
@@ -235,11 +241,11 @@ def report_swaps(report: Report, result: dict, args, ctx: str) -> None:
              percentile(latencies, 50), max(latencies, default=float("nan"))]]
     report.table(
         f"2. Hot swaps of `memory` under concurrent chat traffic ({', '.join(result['clients'])}; "
-        f"16 tokens per request; a swap every {args.swap_gap_s:g} s; each version a new directory, "
-        "`load_inplace`)",
+        f"16 tokens per request; a swap every {args.swap_gap_s:g} s; merged mode: weights reloaded in place)",
         ["swaps", "clients", "requests done", "of them across a swap", "failed requests",
          "swap p50 ms", "swap max ms", "request p50 s", "request max s"], rows,
-        note="swap latency = the `POST /v1/load_lora_adapter` round trip while the engine is busy.")
+        note="swap latency = the `POST /v1/rollback` round trip while the engine is busy (reload of the "
+             "version's merged weights, prefix cache reset, CURRENT moved).")
     if result["failures"]:
         report.add("Failures:\n\n" + "\n".join(f"- `{f}`" for f in result["failures"][:10]))
     plt = pyplot()
@@ -255,49 +261,11 @@ def report_swaps(report: Report, result: dict, args, ctx: str) -> None:
     report.figure(save_figure(fig, plot_path("serving_swaps"), ctx), "hot swaps under traffic")
 
 
-# -- 3. decode speed before and after an in-place swap ---------------------------------------------
-
-def decode_rate(url: str, model: str, args) -> float:
-    """Median single-stream tok/s over a few requests (one client, nothing else running)."""
-    rates = []
-    with httpx.Client(base_url=url, timeout=600) as client:
-        chat(client, model, QUESTIONS[0], 4)  # warm-up
-        for i in range(args.decode_repeats):
-            latency, tokens = chat(client, model, QUESTIONS[i % len(QUESTIONS)], args.decode_tokens)
-            rates.append(tokens / latency)
-    return median(rates)
-
-
-def decode_before_after(url: str, endpoint: Endpoint, adapters: list[Path], args) -> list[tuple[str, float]]:
-    rows = [("`memory`, first loaded in place", decode_rate(url, MEMORY_NAME, args))]
-    endpoint.load_adapter(MEMORY_NAME, adapters[1])
-    rows.append(("`memory` after an in-place swap (new dir)", decode_rate(url, MEMORY_NAME, args)))
-    endpoint.load_adapter(CONTROL_NAME, adapters[1], inplace=False)
-    rows.append(("same adapter under a new name, no `load_inplace` (control)",
-                 decode_rate(url, CONTROL_NAME, args)))
-    endpoint.unload_adapter(CONTROL_NAME)
-    rows.append(("`base` (zero adapter)", decode_rate(url, BASE_NAME, args)))
-    for name, rate in rows:
-        log(f"decode {name}: {rate:.1f} tok/s")
-    return rows
-
-
-def report_decode(report: Report, rows: list[tuple[str, float]], args) -> None:
-    control = rows[2][1]
-    report.table(
-        f"3. Single-stream decode speed ({args.decode_tokens} tokens incl. a short prefill, "
-        f"median of {args.decode_repeats})",
-        ["adapter", "tokens/s", "vs control"], [[name, rate, f"{rate / control:.2f}x"] for name, rate in rows],
-        note="Without the vllm_entry.py fix an in-place-loaded adapter is re-read from disk every "
-             "step (vLLM #33791), ~30% slower than the control.")
-
-
-# -- 4. memory --------------------------------------------------------------------------------------
+# -- 3. memory --------------------------------------------------------------------------------------
 
 def report_memory(report: Report, peaks: dict) -> None:
-    rows = [[name, p["processes"], p["rss"], p["pss"]] for name, p in
-            (("daemon process", peaks["daemon"]), ("vLLM process tree", peaks["vllm"]))]
-    report.table("4. Peak memory over this benchmark (sampled every 1 s)",
+    rows = [[name, p["processes"], p["rss"], p["pss"]] for name, p in peaks.items()]
+    report.table("3. Peak memory of the merged-mode daemon over this benchmark (sampled every 1 s)",
                  ["process", "processes", "peak RSS GiB", "peak PSS GiB"], rows,
                  note="RSS summed over a tree counts shared pages in every process; PSS shares them out.")
 

