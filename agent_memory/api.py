@@ -32,7 +32,8 @@ from .auth import token_matches
 from .config import Config
 from .errors import (Forbidden, MisdirectedRequest, NotFound, TooLarge, Unauthorized, UnsupportedMediaType,
                      UserError)
-from .ingest import IngestError, ingest_conversation, memory_prompt, remember
+from .ingest import IngestError, ingest_conversation, remember
+from .prompts import memory_prompt
 from .serving import ServingError
 from .store import MAX_SQLITE_INT, STATUSES, Store
 

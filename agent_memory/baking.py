@@ -40,8 +40,8 @@ import torch
 from . import adapters
 from .hardware import device, idle_cores, matmul_gflops, pick_dtype
 from .orphan import stop_when_orphaned
-from .probes import (DEFAULT_SYSTEM, REMOTE_CONCURRENCY, entities, is_correct, item_subject, keywords, messages_for,
-                     run_local)
+from .probes import REMOTE_CONCURRENCY, entities, is_correct, item_subject, keywords, run_local
+from .prompts import item_text, teacher_system
 
 
 MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]
@@ -213,34 +213,6 @@ class Query:
     keywords: list[str] = field(default_factory=list)  # what an on-topic answer mentions
     samples: int | None = None  # answers to sample; None: the config's for its kind
     max_new_tokens: int | None = None  # None: the config's
-
-
-def item_text(item: dict) -> str:
-    """An item's content: its text, or for a conversation its transcript."""
-    if item.get("kind") == "conversation" and item.get("messages"):
-        return "\n".join(f"{m['role']}: {m['content']}" for m in item["messages"])
-    return item.get("text") or ""
-
-
-def item_memory(item: dict) -> str:
-    """The prompt u of an item: its text, dated when we know when it was true."""
-    text = item_text(item)
-    if item.get("kind") == "conversation":
-        return f"Earlier conversation with the user:\n{text}"
-    when = (item.get("valid_at") or "")[:10]
-    # The date goes last: with "(2024-07-19) text" the teacher's answers began with the stamp, the
-    # students learnt to open every news answer with one, and after a few stacked bakes the answers
-    # were all recitation, the fact itself cut off (bench_sequential.py).
-    return f"{text} (reported {when})" if when and when not in text else text
-
-
-def teacher_system(item: dict, style: str) -> list[dict]:
-    """The teacher context minus the question: the student's context + u (in the system message)."""
-    if style not in ("append", "system"):
-        raise ValueError(f"memory_style {style!r}: baking puts u in the system message ('append' or 'system')")
-    if item.get("kind") == "prompt":  # an instruction: it joins the system prompt as it is
-        return [{"role": "system", "content": f"{DEFAULT_SYSTEM}. {item['text']}"}]
-    return messages_for("", item_memory(item), style)[:-1] or [{"role": "system", "content": DEFAULT_SYSTEM}]
 
 
 def build_queries(items: list[dict], cfg: BakeConfig, rng: random.Random, earlier: list[dict] = ()) -> list[Query]:

@@ -109,13 +109,13 @@ def model_prepare(ctx: Context, as_json: bool) -> None:
 def ask(ctx: Context, question: str, model_name: str, prompted: bool, max_tokens: int, as_json: bool) -> None:
     """Ask the live model a question."""
     from .client import DaemonClient, model_client
+    from .prompts import messages_for
 
     cfg = ctx.cfg
     client = model_client(cfg)
-    messages = [{"role": "user", "content": question}]
-    if prompted:
-        memory_prompt = DaemonClient(cfg).get("/v1/memory/prompt")["prompt"]
-        messages.insert(0, {"role": "system", "content": memory_prompt})
+    # --prompted: the baked items in the context the way the bake's teacher had them
+    memory = DaemonClient(cfg).get("/v1/memory/prompt")["prompt"] if prompted else None
+    messages = messages_for(question, memory)
     answer = client.chat(model_name, messages, max_tokens=max_tokens, temperature=0)["message"]["content"]
     emit({"model": model_name, "question": question, "answer": answer}, as_json, answer)
 

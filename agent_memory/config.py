@@ -317,7 +317,3 @@ def validate_gate(gate: GateConfig) -> None:
     for key, low in (("min_item_accuracy", 0.0), ("max_regression", -1.0), ("min_locality_kept", 0.0)):
         if not low <= getattr(gate, key) <= 1.0:
             raise UserError(f"config key 'gate.{key}' must be between {low:g} and 1")
-
-
-def as_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)

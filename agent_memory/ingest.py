@@ -290,32 +290,3 @@ def ingest_conversation(store: Store, messages, facts=(), source=None, valid_at=
         "duplicate": outcome == "duplicate",
         "facts": [{"item": item, "duplicate": duplicate} for item, duplicate in written],
     }
-
-
-# --- the memory prompt --------------------------------------------------------------------
-
-
-def memory_prompt(items: list[dict]) -> str:
-    """Items rendered as the memory prompt u: what the teacher sees, and what the baked model
-    should answer as if it had read. Facts and headlines as dated bullet points (oldest first,
-    superseded ones marked), then prompts verbatim, then conversations as transcripts."""
-    def when(item):
-        return (item.get("valid_at") or item.get("published_at") or item.get("received_at") or "")[:10]
-
-    items = sorted(items, key=lambda i: (when(i), i.get("id") or 0))
-    facts = [i for i in items if i["kind"] in ("fact", "headline")]
-    prompts = [i for i in items if i["kind"] == "prompt"]
-    conversations = [i for i in items if i["kind"] == "conversation"]
-    sections = []
-    if facts:
-        lines = ["Recent facts you know:"]
-        for item in facts:
-            dated = f"({when(item)}) " if when(item) else ""
-            later = " (no longer current: see below)" if item.get("superseded_by") else ""
-            lines.append(f"- {dated}{' '.join(item['text'].split())}{later}")
-        sections.append("\n".join(lines))
-    sections += [item["text"] for item in prompts]
-    for item in conversations:
-        dated = f" ({when(item)})" if when(item) else ""
-        sections.append(f"A conversation you had{dated}:\n{item['text']}")
-    return "\n\n".join(sections)

@@ -23,31 +23,7 @@ from pathlib import Path
 
 PROBES_DIR = Path(__file__).parent / "probes"
 
-# The teacher context: the student's context (default system prompt + user message) plus the
-# memory. Measured on the Durov set (bench/results/baking.md): appending the facts to the default
-# system prompt keeps the student's and teacher's contexts as close as possible.
-DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-MEMORY_INTRO = "You know the following recent facts:"
-
-
-def messages_for(question: str, memory: str | None = None, style: str = "append") -> list[dict]:
-    """Chat messages for `question`, with `memory` (the prompt u) in the context if given.
-
-    style "append": default system prompt + the facts (one system message);
-    style "system": a system message with only the facts (drops the default system prompt);
-    style "user":   the facts before the question in the user message.
-    """
-    if not memory:
-        return [{"role": "user", "content": question}]  # the template adds the default system prompt
-    if style == "append":
-        system = f"{DEFAULT_SYSTEM}. {MEMORY_INTRO}\n{memory}"
-        return [{"role": "system", "content": system}, {"role": "user", "content": question}]
-    if style == "system":
-        return [{"role": "system", "content": f"{MEMORY_INTRO}\n{memory}"},
-                {"role": "user", "content": question}]
-    if style == "user":
-        return [{"role": "user", "content": f"{MEMORY_INTRO}\n{memory}\n\n{question}"}]
-    raise ValueError(f"unknown memory style {style!r}")
+from .prompts import messages_for
 
 
 # -- scoring -------------------------------------------------------------------------------------

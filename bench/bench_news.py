@@ -29,7 +29,7 @@ from pathlib import Path
 from common import (PREPARED_MODEL, Locality, Report, context, feed_items, load_model, log, parser, running_daemon,
                     wilson)
 
-from agent_memory import baking, hardware, probes
+from agent_memory import baking, hardware, probes, prompts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,13 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     # Bake first, in a fresh process state, so the peak RSS below is the trainer's own.
     if args.teacher == "vllm":
         with running_daemon("news") as daemon:  # its `memory` is the base model: no bake yet
-            bakes = bake_all(items, {**overrides, "teacher": "vllm", "teacher_url": daemon.vllm}, args.seeds)
+            bakes = bake_all(items, {**overrides, "teacher": "vllm", "teacher_url": daemon.vllm,
+                                      "teacher_api_key": daemon.model_key}, args.seeds)
     else:
         bakes = bake_all(items, overrides, args.seeds)
     trainer_peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
     tok = AutoTokenizer.from_pretrained(PREPARED_MODEL)
-    memory = {key: baking.item_memory(item) for key, item in items.items()}
+    memory = {key: prompts.item_memory(item) for key, item in items.items()}
     everything = "\n".join(memory.values())
     base = load_model()
     log("scoring the base model: no prompt, all in context, oracle ...")
@@ -99,7 +100,7 @@ def bake_all(items: dict, overrides: dict, seeds: int) -> list[dict]:
 
 def score(model, tokenizer, probe_list: list[dict], memory_of) -> list[dict]:
     """Greedy answers with a per-probe context (memory_of(probe): the prompt u, or None)."""
-    conversations = [probes.messages_for(q["question"], memory_of(q)) for q in probe_list]
+    conversations = [prompts.messages_for(q["question"], memory_of(q)) for q in probe_list]
     answers = probes.generate_local(model, tokenizer, conversations, batch_size=8)
     return [{**q, "answer": a, "correct": probes.is_correct(a, q["answers"])} for q, (a, _) in zip(probe_list, answers)]
 

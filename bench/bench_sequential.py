@@ -25,7 +25,7 @@ from pathlib import Path
 from common import (PREPARED_MODEL, Report, context, feed_items, load_model, log, parser, plot_path, pyplot,
                     save_figure)
 
-from agent_memory import adapters, baking, hardware, probes
+from agent_memory import adapters, baking, hardware, probes, prompts
 
 
 def main() -> int:
@@ -72,7 +72,7 @@ def choose(model, tokenizer, items: dict, probe_list: list[dict], n: int) -> tup
     chosen, oracle = [], {}
     for key, item in items.items():
         questions = [q for q in probe_list if q["fact"] == key]
-        results = probes.run_local(model, tokenizer, questions, memory=baking.item_memory(item))
+        results = probes.run_local(model, tokenizer, questions, memory=prompts.item_memory(item))
         oracle[key] = probes.accuracy(results)
         if oracle[key] > 0:
             chosen.append(key)

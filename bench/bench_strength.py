@@ -21,7 +21,7 @@ from pathlib import Path
 from common import (PREPARED_MODEL, Locality, Report, context, load_model, log, parser, plot_path, pyplot,
                     save_figure)
 
-from agent_memory import adapters, baking, hardware, probes
+from agent_memory import adapters, baking, hardware, probes, prompts
 
 
 def main() -> int:
@@ -35,7 +35,7 @@ def main() -> int:
     tok = AutoTokenizer.from_pretrained(PREPARED_MODEL)
     facts = probes.set_facts("durov")
     item = {"id": args.fact, "kind": "headline", "source": "bench", **facts[args.fact]}
-    memory = baking.item_memory(item)
+    memory = prompts.item_memory(item)
     probe_list = probes.load_set("durov")
     base = load_model()
     locality = Locality(base, tok)

@@ -7,9 +7,9 @@ engine's defaults (agent_memory.baking.BakeConfig) when it is installed:
 - transformers `generate` on the checkpoint (no server running): one prompt at a time with
   `num_return_sequences=n`, and the engine's batching (64 // n prompts per left-padded call);
   top-k logprobs from the returned logits, inside the timing (as the engine does);
-- vLLM through the daemon (started with `--max-logprobs K`): one request per prompt with `n`,
-  `logprobs`, `top_logprobs`, all sent at once; on `base` (the zero adapter the daemon serves)
-  and on the raw checkpoint (no LoRA).
+- vLLM through the daemon's model port: one request per prompt with `n`, `logprobs`,
+  `top_logprobs`, all sent at once; on `memory` served dense (merged mode, the CPU default: what
+  `[bake.engine] teacher = "vllm"` samples) and as a LoRA adapter (lora mode, a second daemon).
 
     .venv/bin/python bench/bench_teacher.py [--quick] [--seed 0]
 """
@@ -26,8 +26,8 @@ import httpx
 from common import (PREPARED_MODEL, QUESTIONS, Report, context, log, parser, plot_path, pyplot,
                     running_daemon, save_figure)
 
-from agent_memory.probes import messages_for
-from agent_memory.serving import BASE_NAME, RAW_NAME
+from agent_memory.prompts import messages_for
+from agent_memory.serving import MEMORY_NAME
 
 MEMORY = ("Lumora Shipping, the Rotterdam container line, named Vesna Kordic as its chief executive "
           "on March 3, 2025.\nThe Harbin ice festival of 2025 used 300,000 cubic meters of ice from "
@@ -40,8 +40,10 @@ def main() -> None:
     prompts = [messages_for(q, MEMORY) for q in QUESTIONS[:args.prompts]]
     log(f"{len(prompts)} prompts x {args.n} samples x {args.tokens} tokens, top {args.top} logprobs")
     hf_rows = transformers_runs(prompts, args)
-    with running_daemon("teacher", vllm_extra_args=f"--max-logprobs={args.top}") as daemon:
-        vllm_rows = [vllm_run(daemon.vllm, model, prompts, args) for model in (BASE_NAME, RAW_NAME)]
+    vllm_rows = []
+    for mode in ("merged", "lora"):
+        with running_daemon(f"teacher-{mode}", vllm_serve_memory=mode) as daemon:
+            vllm_rows.append(vllm_run(daemon, mode, prompts, args))
     write_report(ctx, args, hf_rows, vllm_rows)
 
 
@@ -128,11 +130,11 @@ def hf_generate(model, tok, texts: list[str], n: int, tokens: int, top: int) -> 
 
 # -- vLLM ---------------------------------------------------------------------------------------------
 
-def sample(url: str, model: str, messages: list[dict], n: int, tokens: int, args) -> int:
-    """One chat completion with n samples and top logprobs; returns the sampled tokens."""
-    with httpx.Client(base_url=url, timeout=600) as client:
+def sample(daemon, messages: list[dict], n: int, tokens: int, args) -> int:
+    """One chat completion of `memory` with n samples and top logprobs; returns the sampled tokens."""
+    with httpx.Client(base_url=daemon.vllm, timeout=600, headers={"Authorization": f"Bearer {daemon.model_key}"}) as client:
         response = client.post("/v1/chat/completions", json={
-            "model": model, "messages": messages, "n": n, "max_tokens": tokens,
+            "model": MEMORY_NAME, "messages": messages, "n": n, "max_tokens": tokens,
             "temperature": 1.0, "ignore_eos": True, "seed": args.seed,
             "logprobs": True, "top_logprobs": args.top,
         })
@@ -142,13 +144,13 @@ def sample(url: str, model: str, messages: list[dict], n: int, tokens: int, args
     return data["usage"]["completion_tokens"]
 
 
-def vllm_run(url: str, model: str, prompts: list[list[dict]], args) -> dict:
-    sample(url, model, prompts[0], 1, 4, args)  # warm-up: the first request of a name loads it
+def vllm_run(daemon, mode: str, prompts: list[list[dict]], args) -> dict:
+    sample(daemon, prompts[0], 1, 4, args)  # warm-up
     started = time.perf_counter()
     with ThreadPoolExecutor(len(prompts)) as pool:
-        tokens = sum(pool.map(lambda m: sample(url, model, m, args.n, args.tokens, args), prompts))
+        tokens = sum(pool.map(lambda m: sample(daemon, m, args.n, args.tokens, args), prompts))
     wall = time.perf_counter() - started
-    engine = f"vLLM `{model}`" + (" (zero LoRA)" if model == BASE_NAME else " (no LoRA)")
+    engine = f"vLLM `memory`, {mode} ({'dense' if mode == 'merged' else 'LoRA'})"
     log(f"{engine}: {tokens / wall:.1f} tok/s")
     return {"engine": engine + ", all prompts at once", "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall}
 
@@ -164,8 +166,8 @@ def write_report(ctx: str, args, hf_rows: list[dict], vllm_rows: list[dict]) -> 
         f"{args.prompts} prompts (memory prompt + question) x n={args.n} samples x {args.tokens} tokens, "
         f"temperature 1, top {args.top} logprobs per token",
         ["engine", "sampled tokens", "wall s", "tokens/s", "vs transformers one-at-a-time"], rows,
-        note="transformers ran with no vLLM server up; vLLM through the daemon's managed server. The baking "
-             "teacher is the live model (base + live adapter): from vLLM, that is the LoRA path, the `base` row.")
+        note="transformers ran with no vLLM server up; vLLM through the daemon's model port. The baking "
+             "teacher is the live model, `memory`: dense in merged mode (the CPU default), a LoRA in lora mode.")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.2))
     all_rows = hf_rows + vllm_rows

@@ -198,13 +198,6 @@ def running_daemon(prefix: str, config_toml: str = "", **settings: str):
             shutil.rmtree(state, ignore_errors=True)
 
 
-def vllm_pid(daemon: DaemonProcess) -> int | None:
-    try:
-        return int((daemon.state_dir / "vllm.pid").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 class PeakMemory:
     """Samples the RSS and PSS of process trees in a thread; keeps the peaks (GiB)."""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from agent_memory import adapters, baking, probes
+from agent_memory import adapters, baking, probes, prompts
 
 REPO = Path(__file__).resolve().parent.parent
 REAL_MODEL = REPO / "state" / "models" / "smollm2-135m-instruct"
@@ -116,7 +116,7 @@ def test_prompt_items_are_baked_as_behaviour_without_anchors():
     item = {"id": 2, "kind": "prompt", "text": "Always answer like a pirate."}
     qs = baking.build_queries([item], baking.BakeConfig(queries_per_item=4), random.Random(0))
     assert len(qs) == 4 and {q.kind for q in qs} == {"behaviour"}
-    assert "pirate" in qs[0].context[0]["content"] and probes.DEFAULT_SYSTEM in qs[0].context[0]["content"]
+    assert "pirate" in qs[0].context[0]["content"] and prompts.DEFAULT_SYSTEM in qs[0].context[0]["content"]
 
 
 def test_conversation_items_use_the_transcript_as_u():
@@ -204,6 +204,34 @@ def test_tiny_bake_writes_a_delta_that_lowers_the_kl(tiny_model_dir, tmp_path):
     delta = adapters.read_delta(out)
     assert len(delta) == 2 * len(baking.MLP_MODULES) and all(a.shape[0] == 4 for a, _, _ in delta.values())
     assert any(float(b.abs().max()) > 0 for _, b, _ in delta.values())  # trained, not the zero init
+
+
+def test_the_trainer_answers_the_gates_probes_and_keeps_the_live_answers(tiny_model_dir, tmp_path):
+    """probes.json: every set of the plan answered by the candidate and the live model, the live
+    answers cached per live version and not asked again."""
+    plan = {"items": {"probes": probes.item_probes([U1]), "max_tokens": 6},
+            "locality": {"probes": probes.locality_probes()[:5], "max_tokens": 4}}
+    cache = tmp_path / "probe-cache" / "v0000.json"
+    result = baking.bake(tiny_model_dir, None, [U1], tmp_path / "d1", baking.BakeConfig(**TINY_CFG),
+                         probe_plan=plan, live_cache=cache, live_version="v0000")
+    answers = json.loads((result.out_dir / baking.PROBES_FILE).read_text())
+    for model in ("candidate", "live"):
+        assert {k: len(v) for k, v in answers[model].items()} == {"items": len(plan["items"]["probes"]), "locality": 5}
+    assert result.report["live_version"] == "v0000" and len(json.loads(cache.read_text())) == len(plan["items"]["probes"]) + 5
+    cache.write_text(json.dumps({k: {**v, "answer": "cached"} for k, v in json.loads(cache.read_text()).items()}))
+    again = baking.bake(tiny_model_dir, None, [U1], tmp_path / "d2", baking.BakeConfig(**TINY_CFG),
+                        probe_plan=plan, live_cache=cache)
+    live = json.loads((again.out_dir / baking.PROBES_FILE).read_text())["live"]
+    assert {r["answer"] for results in live.values() for r in results} == {"cached"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_tiny_bake_trains_on_the_gpu(tiny_model_dir, tmp_path):
+    """The same code path on CUDA: the model, the teacher's sampling and the training on the GPU."""
+    cfg = baking.BakeConfig(**{**TINY_CFG, "dtype": "auto"})
+    result = baking.bake(tiny_model_dir, None, [U1], tmp_path / "gpu", cfg)
+    assert result.report["dtype"] == "bfloat16"
+    assert any(float(b.abs().max()) > 0 for _, b, _ in adapters.read_delta(result.out_dir).values())
 
 
 def test_second_bake_stacks_on_the_live_adapter(tiny_model_dir, tmp_path):

@@ -173,13 +173,13 @@ def test_vllm_teacher_samples_the_live_models_distribution(daemon):
     = base before any bake) and match what the model itself computes for the same tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from agent_memory import baking, probes
+    from agent_memory import baking, probes, prompts
 
     tok = AutoTokenizer.from_pretrained(PREPARED_MODEL)
     cfg = baking.BakeConfig(teacher="vllm", teacher_url=daemon.vllm, teacher_api_key=daemon.model_key,
                             samples_per_query=3, max_new_tokens=12)
     fact = {"kind": "headline", "text": probes.set_facts("durov")["u1"]["text"]}
-    query = baking.Query("Where was Pavel Durov arrested?", baking.teacher_system(fact, "append"), 1, "knowledge")
+    query = baking.Query("Where was Pavel Durov arrested?", prompts.teacher_system(fact, "append"), 1, "knowledge")
     [(_, samples)] = list(baking.remote_samples(tok, [query], cfg))
     assert len(samples) == 3
     answer, top_idx, top_logp = samples[0]  # the greedy one

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from agent_memory import auth
-from agent_memory.ingest import MAX_CONVERSATION_CHARS, MAX_FACT_CHARS, memory_prompt, strip_control_chars
+from agent_memory.ingest import MAX_CONVERSATION_CHARS, MAX_FACT_CHARS, strip_control_chars
+from agent_memory.prompts import memory_prompt
 from agent_memory.store import Store
 from conftest import DATA
 
@@ -111,9 +112,8 @@ def test_supersede_arrested_then_released(api, store):
     prompt = api.get("/v1/memory/prompt").json()
     assert prompt["item_ids"] == [arrested, released]
     assert prompt["prompt"] == (
-        "Recent facts you know:\n"
-        "- (2024-08-24) Pavel Durov is held in police custody in France. (no longer current: see below)\n"
-        "- (2024-08-28) Pavel Durov was released under judicial supervision.")
+        "- Pavel Durov is held in police custody in France. (reported 2024-08-24) (no longer current: see below)\n"
+        "- Pavel Durov was released under judicial supervision. (reported 2024-08-28)")
 
 
 def test_memory_prompt_defaults_to_baked_items(api, store):
@@ -123,7 +123,7 @@ def test_memory_prompt_defaults_to_baked_items(api, store):
     store.mark_items([baked], "baked")
     prompt = api.get("/v1/memory/prompt").json()
     assert prompt["item_ids"] == [baked]
-    assert prompt["prompt"] == "Recent facts you know:\n- (2024-08-24) Telegram founder Pavel Durov was arrested."
+    assert prompt["prompt"] == "- Telegram founder Pavel Durov was arrested. (reported 2024-08-24)"
     both = api.get("/v1/memory/prompt", params={"status": "pending,baked"}).json()
     assert len(both["item_ids"]) == 2
     assert api.get("/v1/memory/prompt", params={"status": "cooked"}).status_code == 422
@@ -136,10 +136,11 @@ def test_memory_prompt_renders_every_kind():
          "received_at": "2024-09-02T00:00:00+00:00"},
         {"id": 1, "kind": "headline", "text": "Durov arrested\nat Le Bourget", "published_at": "2024-08-24T22:00:00+00:00"},
     ]
+    # Each item as the bake's teacher saw it (prompts.item_memory), oldest first; instructions last.
     assert memory_prompt(items) == (
-        "Recent facts you know:\n- (2024-08-24) Durov arrested at Le Bourget\n\n"
-        "Answer in one sentence.\n\n"
-        "A conversation you had (2024-09-01):\nuser: hi\nassistant: hello")
+        "- Durov arrested\nat Le Bourget\n"
+        "- Earlier conversation with the user:\nuser: hi\nassistant: hello\n\n"
+        "Answer in one sentence.")
     assert memory_prompt([]) == ""
 
 

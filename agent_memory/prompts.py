@@ -1,0 +1,75 @@
+"""The memory prompt u and the chat messages built around it: one place for the bake's teacher, the
+probes, `ask --prompted` and the API's memory prompt, so each shows what the bake matched.
+
+The student's context is exactly what users send (no system message: SmolLM2's chat template then
+adds its default system prompt); the teacher's is that plus the memory, appended to the default
+system prompt (measured on the Durov set, bench/results/baking.md: it keeps the two contexts as
+close as possible).
+"""
+
+from __future__ import annotations
+
+DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+MEMORY_INTRO = "You know the following recent facts:"
+
+
+def item_text(item: dict) -> str:
+    """An item's content: its text, or for a conversation its transcript."""
+    if item.get("kind") == "conversation" and item.get("messages"):
+        return "\n".join(f"{m['role']}: {m['content']}" for m in item["messages"])
+    return item.get("text") or ""
+
+
+def item_memory(item: dict) -> str:
+    """The prompt u of one item: its text, dated when we know when it was true."""
+    text = item_text(item)
+    if item.get("kind") == "conversation":
+        return f"Earlier conversation with the user:\n{text}"
+    when = (item.get("valid_at") or "")[:10]
+    # The date goes last: with "(2024-07-19) text" the teacher's answers began with the stamp, the
+    # students learnt to open every news answer with one, and after a few stacked bakes the answers
+    # were all recitation, the fact itself cut off (bench_sequential.py).
+    return f"{text} (reported {when})" if when and when not in text else text
+
+
+def memory_prompt(items: list[dict]) -> str:
+    """Several items as one u (what `ask --prompted` and GET /v1/memory/prompt show): each item as
+    the bake renders it (item_memory), oldest first, superseded ones marked; instructions (kind
+    "prompt") verbatim at the end."""
+    def when(item):
+        return (item.get("valid_at") or item.get("published_at") or item.get("received_at") or "")[:10]
+
+    items = sorted(items, key=lambda i: (when(i), i.get("id") or 0))
+    knowledge = [i for i in items if i.get("kind") != "prompt"]
+    lines = [f"- {item_memory(i)}" + (" (no longer current: see below)" if i.get("superseded_by") else "")
+             for i in knowledge]
+    return "\n\n".join((["\n".join(lines)] if lines else []) + [i["text"] for i in items if i.get("kind") == "prompt"])
+
+
+def messages_for(question: str, memory: str | None = None, style: str = "append") -> list[dict]:
+    """Chat messages for `question`, with `memory` (the prompt u) in the context if given.
+
+    style "append": default system prompt + the facts (one system message);
+    style "system": a system message with only the facts (drops the default system prompt);
+    style "user":   the facts before the question in the user message.
+    """
+    if not memory:
+        return [{"role": "user", "content": question}]  # the template adds the default system prompt
+    if style == "append":
+        system = f"{DEFAULT_SYSTEM}. {MEMORY_INTRO}\n{memory}"
+        return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    if style == "system":
+        return [{"role": "system", "content": f"{MEMORY_INTRO}\n{memory}"},
+                {"role": "user", "content": question}]
+    if style == "user":
+        return [{"role": "user", "content": f"{MEMORY_INTRO}\n{memory}\n\n{question}"}]
+    raise ValueError(f"unknown memory style {style!r}")
+
+
+def teacher_system(item: dict, style: str) -> list[dict]:
+    """The teacher context minus the question: the student's context + u (in the system message)."""
+    if style not in ("append", "system"):
+        raise ValueError(f"memory_style {style!r}: baking puts u in the system message ('append' or 'system')")
+    if item.get("kind") == "prompt":  # an instruction: it joins the system prompt as it is
+        return [{"role": "system", "content": f"{DEFAULT_SYSTEM}. {item['text']}"}]
+    return messages_for("", item_memory(item), style)[:-1] or [{"role": "system", "content": DEFAULT_SYSTEM}]
