@@ -38,77 +38,11 @@ from pathlib import Path
 import torch
 
 from . import adapters
+from .engine.config import EngineConfig
 from .hardware import device, idle_cores, matmul_gflops, pick_dtype
 from .orphan import stop_when_orphaned
 from .probes import REMOTE_CONCURRENCY, entities, is_correct, item_subject, keywords, run_local
 from .prompts import item_text, teacher_system
-
-
-MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]
-
-
-@dataclass
-class BakeConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    lr: float = 3e-3  # high for LoRA, so few steps suffice; the anchors keep it from breaking the rest
-    epochs: int = 3
-    # A one-fact bake still gets this many optimizer steps. Measured on one headline (2 item probes,
-    # the prompted teacher recalls 1/2): 12 steps x 3 samples recalled 0/2 (2 seeds); 30 x 3, 1/2;
-    # 30 steps x 6 samples 2/2, 1/2, 1/2, 2/2 over seeds 0-3, in ~60 s.
-    min_steps: int = 30
-    target_kl: float | None = None  # half-baking: stop once the epoch's mean KL/token is below this
-    samples_per_query: int = 6
-    # Keep only the sampled answers that mention the item (one of its keywords, as the probes check).
-    # A 135M teacher, prompted, still drifts off the fact in many samples; training on those teaches
-    # noise. Queries where no sample mentions the item keep all their samples.
-    on_topic_only: bool = True
-    # The first of each query's samples is the teacher's greedy answer: what the prompted model says
-    # when asked (and what greedy probes of the student check); the others explore around it.
-    greedy_first: bool = True
-    temperature: float = 0.7  # 2.0 (paper) makes a 135M model babble; 0.7 keeps the facts in the answers
-    max_new_tokens: int = 20  # short answers: the facts come first; 300 tokens (paper) is too slow here
-    queries_per_item: int = 8
-    # One more query per item makes the teacher recite it (RECITE_TEMPLATE), with this many samples.
-    # MLP LoRA, Durov u2 (190 characters), seeds 0-2: 0.45/0.40/0.35 with it, 0.30/0.375/0.20 without.
-    recite_samples: int = 2
-    cloze_queries: int = 2  # of them, fill-in-the-blank questions on the title or fact (cloze_queries())
-    # Earlier items taught again in each bake (the daemon passes the live, not superseded ones), with
-    # this many queries each: replay against forgetting (bench_sequential.py).
-    replay_items: int = 4
-    replay_queries: int = 2
-    # Unrelated queries with the unprompted live model as teacher (from ANCHOR_QUERIES). 32 against 8,
-    # one fact, 2 seeds: KL(base||baked) on the held-out locality questions 0.028 vs 0.052/token,
-    # answers unchanged word for word 0.38 vs 0.32; a one-fact bake's steps stay min_steps.
-    anchors: int = 32
-    anchor_samples: int = 1
-    topk: int = 64  # teacher distribution kept per token (+ one bucket for the rest of the vocab)
-    # 16 rows (~600 tokens): steps 0.8 s, FLOP share ~0.42. 32 rows: share 0.49 and 16% more tokens/s,
-    # but a step takes 1.7 s, so a one-fact bake's min_steps would cost twice the time.
-    batch_size: int = 16
-    seed: int = 0
-    dtype: str = "auto"  # "bfloat16" (autocast; fast only with AMX/AVX-512 bf16), "float32", or "auto": measured
-    # "local": sampled in the trainer; "vllm": from the daemon's vLLM (teacher_url). On 2 CPU cores
-    # vLLM's LoRA path with top-64 log-probs was 36x slower: 6.1 tok/s for 96 sequences against 220 for
-    # transformers in bf16 (bench_teacher.py; vLLM without LoRA: 159, but the teacher has the live adapter).
-    teacher: str = "local"
-    teacher_url: str | None = None  # set by the daemon for teacher "vllm"
-    teacher_model: str = "memory"  # the served name of the live model on teacher_url
-    teacher_api_key: str = ""  # the model API key of teacher_url (set by the daemon)
-    memory_style: str = "append"  # how u enters the teacher's context (see probes.messages_for)
-    # The MLPs only (where knowledge-editing work finds facts stored): one Durov fact, 3 seeds, against
-    # all of q/k/v/o/gate/up/down: KL(base||baked) on held-out questions 0.017 vs 0.037/token, answers
-    # unchanged 0.53 vs 0.38, recall u1 0.43 vs 0.44, u2 0.40 vs 0.36, training ~15% faster.
-    target_modules: list[str] = field(default_factory=lambda: list(MLP_MODULES))
-    threads: int = 0  # torch threads; 0 = the cores other processes leave idle (at least 1)
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "BakeConfig":
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown bake config keys: {sorted(unknown)}")
-        return cls(**d)
 
 
 PROBES_FILE = "probes.json"  # the gate's answers, beside the delta
@@ -215,7 +149,7 @@ class Query:
     max_new_tokens: int | None = None  # None: the config's
 
 
-def build_queries(items: list[dict], cfg: BakeConfig, rng: random.Random, earlier: list[dict] = ()) -> list[Query]:
+def build_queries(items: list[dict], cfg: EngineConfig, rng: random.Random, earlier: list[dict] = ()) -> list[Query]:
     """The bake's queries: the items', a few for earlier items replayed (replay_items()), anchors."""
     queries: list[Query] = []
     for item in items:
@@ -228,7 +162,7 @@ def build_queries(items: list[dict], cfg: BakeConfig, rng: random.Random, earlie
     return queries
 
 
-def item_queries(item: dict, n: int, cfg: BakeConfig, rng: random.Random,
+def item_queries(item: dict, n: int, cfg: EngineConfig, rng: random.Random,
                  everything_at_random: bool = False) -> list[Query]:
     """n queries about one item, its teacher context being the item as u.
 
@@ -313,7 +247,7 @@ SAMPLE_BATCH = 48  # sequences the local teacher decodes together (96 and 192 we
 
 
 @torch.no_grad()
-def teacher_examples(model, tokenizer, queries: list[Query], cfg: BakeConfig, progress=None) -> list[Example]:
+def teacher_examples(model, tokenizer, queries: list[Query], cfg: EngineConfig, progress=None) -> list[Example]:
     """Sample answers from the prompted live model, with its top-k log-probs at each answer token.
 
     cfg.teacher "local": this process's copy of the live model (local_samples); "vllm": the live
@@ -330,7 +264,7 @@ def teacher_examples(model, tokenizer, queries: list[Query], cfg: BakeConfig, pr
     return examples
 
 
-def keep_samples(tokenizer, q: Query, samples: list[tuple], cfg: BakeConfig) -> list[Example]:
+def keep_samples(tokenizer, q: Query, samples: list[tuple], cfg: EngineConfig) -> list[Example]:
     """One query's samples (answer ids, top_idx, top_logp) as training examples, minus the useless ones."""
     texts = [tokenizer.decode(answer, skip_special_tokens=True) for answer, _, _ in samples]
     on_topic = [not (cfg.on_topic_only and q.keywords) or is_correct(t, q.keywords) for t in texts]
@@ -346,7 +280,7 @@ def keep_samples(tokenizer, q: Query, samples: list[tuple], cfg: BakeConfig) -> 
     return examples
 
 
-def local_samples(model, tokenizer, queries: list[Query], cfg: BakeConfig):
+def local_samples(model, tokenizer, queries: list[Query], cfg: EngineConfig):
     """Yield (query, its samples) from the local live model.
 
     Our own sampling loop instead of generate(num_return_sequences=n): each teacher prompt (u + q,
@@ -367,7 +301,7 @@ def local_samples(model, tokenizer, queries: list[Query], cfg: BakeConfig):
                 yield q, [(answers[r], top_idx[r], top_logp[r]) for r in rows]
 
 
-def remote_samples(tokenizer, queries: list[Query], cfg: BakeConfig):
+def remote_samples(tokenizer, queries: list[Query], cfg: EngineConfig):
     """Yield (query, its samples) from vLLM serving the live model (bench_teacher.py compares the two
     samplers, bench_news_vllm.py whole bakes). One greedy request (greedy_first) and one with n
     samples per query, REMOTE_CONCURRENCY queries in flight. vLLM's top_logprobs hold the sampled
@@ -411,7 +345,7 @@ def _remote_sample(choice: dict, k: int) -> tuple[list[int], torch.Tensor, torch
     return answer, top_idx, top_logp
 
 
-def sample(model, prompts: list[list[int]], n: int, cfg: BakeConfig, eos: int, max_new_tokens: int):
+def sample(model, prompts: list[list[int]], n: int, cfg: EngineConfig, eos: int, max_new_tokens: int):
     """n answers per prompt (temperature sampling, left-padded batch, one prefill per prompt).
 
     Returns (answers: token lists ending at eos when they ended, top_idx [B*n, T, k], top_logp [B*n, T, k]).
@@ -453,14 +387,14 @@ def sample(model, prompts: list[list[int]], n: int, cfg: BakeConfig, eos: int, m
     return answers, torch.stack(idx_steps, 1).cpu(), torch.stack(logp_steps, 1).cpu()
 
 
-def _sampling(q: Query, cfg: BakeConfig) -> tuple[int, int]:
+def _sampling(q: Query, cfg: EngineConfig) -> tuple[int, int]:
     """(answers to sample, their max tokens) for one query. Anchors need fewer samples: their
     teacher is the student at step 0."""
     n = q.samples if q.samples is not None else cfg.anchor_samples if q.kind == "anchor" else cfg.samples_per_query
     return n, q.max_new_tokens or cfg.max_new_tokens
 
 
-def _by_samples(chunk: list[Query], cfg: BakeConfig):
+def _by_samples(chunk: list[Query], cfg: EngineConfig):
     """The chunk's queries grouped by (samples, max tokens): one sampling call per group."""
     groups: dict[tuple[int, int], list[Query]] = {}
     for q in chunk:
@@ -489,7 +423,7 @@ def load_live_model(model_dir: Path, live_adapter: Path | None, dtype: torch.dty
     return model, tokenizer
 
 
-def add_lora(model, cfg: BakeConfig):
+def add_lora(model, cfg: EngineConfig):
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=cfg.target_modules,
@@ -596,7 +530,7 @@ def batch_kl(peft_model, batch: dict, autocast: bool) -> torch.Tensor:
     return topk_kl(logits, batch["top_idx"], batch["top_logp"])
 
 
-def train(peft_model, batches: list[dict], cfg: BakeConfig, progress=None) -> dict:
+def train(peft_model, batches: list[dict], cfg: EngineConfig, progress=None) -> dict:
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     epochs = max(cfg.epochs, math.ceil(cfg.min_steps / max(len(batches), 1)))
@@ -692,7 +626,7 @@ def train_flops(model_cfg, batches: list[dict], steps_per_batch: dict) -> float:
 # 7. the bake
 # ----------------------------------------------------------------------------------------------
 
-def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: BakeConfig | None = None,
+def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineConfig | None = None,
          progress=None, earlier: list[dict] = (), probe_plan: dict | None = None,
          live_cache: Path | None = None, live_version: str | None = None) -> BakeResult:
     """Train one delta for `items` on top of the live model; write it (peft + bake.json) to `out_dir`.
@@ -702,7 +636,7 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: BakeConfi
     Everything is written to `out_dir.partial` first and renamed at the end: a kill -9 leaves no
     delta under the final name.
     """
-    cfg = cfg or BakeConfig()
+    cfg = cfg or EngineConfig()
     if cfg.teacher not in ("local", "vllm"):
         raise ValueError(f"teacher {cfg.teacher!r}: 'local' or 'vllm'")
     if not items:
@@ -782,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{stage} {done}/{total}", flush=True)
 
     result = bake(job["model_dir"], job.get("live_adapter"), job["items"], job["out_dir"],
-                  BakeConfig.from_dict(job.get("config")), progress, job.get("earlier", []),
+                  EngineConfig.from_dict(job.get("config")), progress, job.get("earlier", []),
                   job.get("probe_plan"), job.get("live_cache"), job.get("live_version"))
     r = result.report
     print(f"baked {len(job['items'])} items -> {result.out_dir} in {r['timings']['total_s']}s "

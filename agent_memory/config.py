@@ -96,7 +96,7 @@ class BakeConfig:
     retries: int = 3
     retry_wait: str = "15s"
     max_attempts: int = 3
-    # Training settings passed to the engine (agent_memory.baking.BakeConfig fields), e.g. rank, lr.
+    # Training settings passed to the engine (agent_memory.baking.EngineConfig fields), e.g. rank, lr.
     engine: dict = field(default_factory=dict)
 
 
@@ -308,6 +308,12 @@ def validate(cfg: Config) -> None:
             parse_duration(getattr(getattr(cfg, section), leaf))
         except ValueError as e:
             raise UserError(f"config key '{key}': {e}") from None
+    from .engine.config import EngineConfig  # no torch: the engine's settings only
+
+    try:
+        EngineConfig.from_dict(cfg.bake.engine)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"config key 'bake.engine': {e}") from None
     if cfg.model.path and not (cfg.model_dir / "config.json").exists():
         raise UserError(f"config key 'model.path': no HF checkpoint (config.json) in {cfg.model_dir}")
 

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 BASE_NAME = "base"
 MEMORY_NAME = "memory"
 PUBLIC_NAMES = (MEMORY_NAME, BASE_NAME)
-TEACHER_MAX_LOGPROBS = 64  # top log-probs per token a vLLM teacher may ask for (BakeConfig.topk)
+TEACHER_MAX_LOGPROBS = 64  # top log-probs per token a vLLM teacher may ask for (EngineConfig.topk)
 # A health check that takes longer than this counts as a failed one; this many failures in a row
 # (a stopped or hung engine) and a managed engine is killed and restarted.
 HEALTH_TIMEOUT_S = 10.0

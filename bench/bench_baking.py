@@ -35,7 +35,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=None, help="bakes per column with seeds 0..N-1 (default 3, --quick 1)")
     ap.add_argument("--quick", action="store_true", help="u1 only, fewer probes")
-    ap.add_argument("--config", default="{}", help="BakeConfig overrides as JSON")
+    ap.add_argument("--config", default="{}", help="EngineConfig overrides as JSON")
     ap.add_argument("--out", default=str(RESULTS / "baking.md"))
     args = ap.parse_args()
     args.seeds = args.seeds or (1 if args.quick else 3)
@@ -64,7 +64,7 @@ def main() -> None:
     measure_locality = Locality(base, tok)
     work = Path(tempfile.mkdtemp(prefix="bench-baking-"))
     for seed in range(args.seeds):
-        cfg = baking.BakeConfig(**{**json.loads(args.config), "seed": seed})
+        cfg = baking.EngineConfig(**{**json.loads(args.config), "seed": seed})
         deltas = {}
         for name, live, item in (("u1", None, "u1"), ("u2", None, "u2"), ("both", "u1", "u2")):
             if name not in columns:
@@ -99,7 +99,7 @@ def main() -> None:
     mean = lambda xs: statistics.mean(xs) if xs else float("nan")  # noqa: E731
     lines = ["## Prompt Baking on the Durov set (the paper's Table 1)", "", f"_{context(seed=0, quick=args.quick)}_", "",
              f"{time.strftime('%Y-%m-%d %H:%M')}, seeds: {args.seeds}, probes: {len(probe_list)}, "
-             f"config: {json.dumps({**baking.asdict(baking.BakeConfig(**json.loads(args.config)))})}", "",
+             f"config: {json.dumps({**baking.asdict(baking.EngineConfig(**json.loads(args.config)))})}", "",
              "| row | no prompt | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns),
              f"| prompting | {none:.3f} | " + " | ".join(f"{prompted[c]:.3f}" for c in columns) + " |",
              f"| baking | {none:.3f} | " + " | ".join(f"{mean(baked[c]):.3f}" for c in columns) + " |",

@@ -35,7 +35,7 @@ from agent_memory import baking, hardware, probes, prompts
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=1, help="bakes with seeds 0..N-1 (default 1: a bake is minutes)")
-    p.add_argument("--engine", action="append", default=[], metavar="KEY=JSON", help="a BakeConfig setting; repeatable")
+    p.add_argument("--engine", action="append", default=[], metavar="KEY=JSON", help="an EngineConfig setting ([bake.engine]); repeatable")
     p.add_argument("--teacher", choices=["local", "vllm"], default="local",
                    help="vllm: sample the teacher from the daemon's vLLM (started for the bake) instead of in-process")
     args = p.parse_args(argv)
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         locality.append(scores)
         log(f"seed {b['seed']}: baked {probes.accuracy(baked_rows['baked'][-1]):.3f}, locality {scores}")
     write_report(report, items, probe_list, rows, baked_rows, bakes, locality, trainer_peak_gib,
-                 {k: v for k, v in bakes[0]["config"].items() if k != "teacher_url" and v != getattr(baking.BakeConfig(), k)})
+                 {k: v for k, v in bakes[0]["config"].items() if k != "teacher_url" and v != getattr(baking.EngineConfig(), k)})
     return 0
 
 
@@ -89,7 +89,7 @@ def bake_all(items: dict, overrides: dict, seeds: int) -> list[dict]:
     work = Path(tempfile.mkdtemp(prefix="bench-news-"))
     bakes = []
     for seed in range(seeds):
-        cfg = baking.BakeConfig.from_dict({**overrides, "seed": seed})
+        cfg = baking.EngineConfig.from_dict({**overrides, "seed": seed})
         log(f"baking {len(items)} headlines, seed {seed}, teacher {cfg.teacher} ...")
         started = time.monotonic()
         result = baking.bake(PREPARED_MODEL, None, list(items.values()), work / f"news-{seed}", cfg)

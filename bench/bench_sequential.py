@@ -46,9 +46,9 @@ def main() -> int:
     ctx = context(args.seed, args.quick)
     report = Report("sequential", f"{len(chosen)} sequential bakes, one headline each", ctx)
     report.add(f"Engine settings changed from the defaults: {args.config}" if json.loads(args.config) else
-               f"Engine defaults (replay of earlier items: {baking.BakeConfig().replay_items} per bake).")
+               f"Engine defaults (replay of earlier items: {baking.EngineConfig().replay_items} per bake).")
 
-    cfg = baking.BakeConfig(**{**json.loads(args.config), "seed": args.seed})
+    cfg = baking.EngineConfig(**{**json.loads(args.config), "seed": args.seed})
     work = Path(tempfile.mkdtemp(prefix="bench-sequential-"))
     matrix = [row(base, tok, by_item)]
     deltas, costs, compose_reports, live = [], [], [], None

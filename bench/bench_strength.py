@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_strength.py [--quick] [--seed 0] [--fact u2]
 
 Half-baking (the paper's partial strength): the same bake given a budget of more and more optimizer
-steps (BakeConfig epochs=1, min_steps=S, the lr schedule spanning them; S = 0 is the base model).
+steps (EngineConfig epochs=1, min_steps=S, the lr schedule spanning them; S = 0 is the base model).
 For each: accuracy on the 40 Durov probes unprompted, the bake's last-epoch KL(teacher || student) per token, and locality
 against the base model (knowledge kept, KL(base || baked) on 56 unrelated questions).
 Prompt Pursuit (paper, section 5): bake u, then bake u again with the *baked* model prompted with u
@@ -55,7 +55,7 @@ def main() -> int:
         if steps == 0:
             curve.append(measure(base, {"steps": 0, "teacher_kl": float("nan"), "seconds": 0.0}))
             continue
-        cfg = baking.BakeConfig(seed=args.seed, epochs=1, min_steps=steps)
+        cfg = baking.EngineConfig(seed=args.seed, epochs=1, min_steps=steps)
         started = time.monotonic()
         result = baking.bake(PREPARED_MODEL, None, [item], work / f"half-{steps}", cfg)
         curve.append(measure(load_model([result.out_dir]), {
@@ -66,7 +66,7 @@ def main() -> int:
     pursuit, deltas, live = [], [], None
     for i in range(1, iterations + 1):
         started = time.monotonic()
-        result = baking.bake(PREPARED_MODEL, live, [item], work / f"pursuit-{i}", baking.BakeConfig(seed=args.seed + i))
+        result = baking.bake(PREPARED_MODEL, live, [item], work / f"pursuit-{i}", baking.EngineConfig(seed=args.seed + i))
         deltas.append(result.out_dir)
         live = work / f"pursuit-live-{i}"
         adapters.compose(deltas, live, max_rank=64)

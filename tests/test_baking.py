@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from agent_memory import adapters, baking, probes, prompts
+from agent_memory.engine.config import EngineConfig
 
 REPO = Path(__file__).resolve().parent.parent
 REAL_MODEL = REPO / "state" / "models" / "smollm2-135m-instruct"
@@ -66,7 +67,7 @@ def test_batches_target_the_first_answer_token():
 def test_queries_cover_the_item_and_anchors_stay_unprompted():
     import random
 
-    cfg = baking.BakeConfig(queries_per_item=8, anchors=5)
+    cfg = baking.EngineConfig(queries_per_item=8, anchors=5)
     qs = baking.build_queries([U1], cfg, random.Random(0))
     knowledge = [q for q in qs if q.kind == "knowledge"]
     anchors = [q for q in qs if q.kind == "anchor"]
@@ -84,7 +85,7 @@ def test_queries_cover_the_item_and_anchors_stay_unprompted():
 def test_a_fact_without_a_title_gets_cloze_questions_on_its_sentence():
     import random
 
-    qs = [q.question for q in baking.build_queries([U1], baking.BakeConfig(anchors=0), random.Random(0))]
+    qs = [q.question for q in baking.build_queries([U1], baking.EngineConfig(anchors=0), random.Random(0))]
     cloze = [q for q in qs if q.startswith("Fill in the blank")]
     assert len(cloze) == 2 and all("___" in q and "Le Bourget" in q for q in cloze)
     assert "___ founder Pavel Durov" in cloze[0]  # one entity blanked per question
@@ -98,7 +99,7 @@ def test_replay_teaches_earlier_items_again_but_never_one_the_new_batch_touches(
     u2 = {"id": 2, "kind": "headline", "text": DUROV["u2"]["text"], "valid_at": "2024-08-28"}
     other = {"id": 7, "kind": "headline", "text": "France won 16 gold medals at the Paris Olympics."}
     third = {"id": 8, "kind": "fact", "text": "The Riverton library opens at 9 on Sundays."}
-    cfg = baking.BakeConfig(replay_items=4, replay_queries=2, anchors=0, queries_per_item=3)
+    cfg = baking.EngineConfig(replay_items=4, replay_queries=2, anchors=0, queries_per_item=3)
     qs = baking.build_queries([u2], cfg, random.Random(0), earlier=[U1, other, third, u2])
     by_item = {}
     for q in qs:
@@ -106,7 +107,7 @@ def test_replay_teaches_earlier_items_again_but_never_one_the_new_batch_touches(
     # Not U1 (same subject: u2 supersedes it), nor `other` (it shares France), nor u2 itself.
     assert set(by_item) == {2, 8} and len(by_item[8]) == 2 + 1  # + its recitation
     assert all("Riverton" in q.context[0]["content"] for q in by_item[8])  # its teacher sees ITS u
-    assert baking.build_queries([u2], baking.BakeConfig(replay_items=0, anchors=0, queries_per_item=3),
+    assert baking.build_queries([u2], baking.EngineConfig(replay_items=0, anchors=0, queries_per_item=3),
                                 random.Random(0), earlier=[U1, third]) == [q for q in qs if q.item_id == 2]
 
 
@@ -114,7 +115,7 @@ def test_prompt_items_are_baked_as_behaviour_without_anchors():
     import random
 
     item = {"id": 2, "kind": "prompt", "text": "Always answer like a pirate."}
-    qs = baking.build_queries([item], baking.BakeConfig(queries_per_item=4), random.Random(0))
+    qs = baking.build_queries([item], baking.EngineConfig(queries_per_item=4), random.Random(0))
     assert len(qs) == 4 and {q.kind for q in qs} == {"behaviour"}
     assert "pirate" in qs[0].context[0]["content"] and prompts.DEFAULT_SYSTEM in qs[0].context[0]["content"]
 
@@ -125,12 +126,12 @@ def test_conversation_items_use_the_transcript_as_u():
     item = {"id": 3, "kind": "conversation", "text": "", "messages": [
         {"role": "user", "content": "My sister Alice Moreau moved to Lyon last week."},
         {"role": "assistant", "content": "Nice, I hope she likes Lyon."}]}
-    qs = baking.build_queries([item], baking.BakeConfig(queries_per_item=6, anchors=2), random.Random(1))
+    qs = baking.build_queries([item], baking.EngineConfig(queries_per_item=6, anchors=2), random.Random(1))
     knowledge = [q for q in qs if q.kind == "knowledge"]
     assert knowledge and all("Alice Moreau moved to Lyon" in q.context[0]["content"] for q in knowledge)
     assert any("Alice Moreau" in q.question for q in knowledge)
     with pytest.raises(ValueError):
-        baking.build_queries([item], baking.BakeConfig(memory_style="user"), random.Random(1))
+        baking.build_queries([item], baking.EngineConfig(memory_style="user"), random.Random(1))
 
 
 
@@ -156,7 +157,7 @@ def test_off_topic_samples_are_dropped_only_when_a_sibling_is_on_topic(tiny_mode
     sample = lambda text: (ids(text), torch.zeros(len(ids(text)), 4, dtype=torch.long),  # noqa: E731
                            torch.zeros(len(ids(text)), 4))
     q = baking.Query("Where was he arrested?", [], 1, "knowledge", ["Bourget"])
-    cfg = baking.BakeConfig()
+    cfg = baking.EngineConfig()
     kept = baking.keep_samples(tok, q, [sample("at Le Bourget airport"), sample("in a big city somewhere")], cfg)
     assert [tok.decode(e.answer_ids) for e in kept] == ["at Le Bourget airport"]
     kept = baking.keep_samples(tok, q, [sample("in a city"), sample("at an airport")], cfg)
@@ -165,7 +166,7 @@ def test_off_topic_samples_are_dropped_only_when_a_sibling_is_on_topic(tiny_mode
 
 def test_unknown_config_keys_are_refused():
     with pytest.raises(ValueError):
-        baking.BakeConfig.from_dict({"rnak": 8})
+        baking.EngineConfig.from_dict({"rnak": 8})
 
 
 # -- end to end on a tiny random model with the real tokenizer ---------------------------------
@@ -192,7 +193,7 @@ TINY_CFG = dict(rank=4, alpha=8, lr=1e-2, epochs=4, min_steps=4, samples_per_que
 def test_tiny_bake_writes_a_delta_that_lowers_the_kl(tiny_model_dir, tmp_path):
     seen = []
     out = tmp_path / "deltas" / "bake-0001"
-    result = baking.bake(tiny_model_dir, None, [U1], out, baking.BakeConfig(**TINY_CFG),
+    result = baking.bake(tiny_model_dir, None, [U1], out, baking.EngineConfig(**TINY_CFG),
                          progress=lambda *a: seen.append(a[0]))
     assert result.out_dir == out and not out.with_name(out.name + ".partial").exists()
     assert {"teacher", "train"} <= set(seen)
@@ -202,7 +203,7 @@ def test_tiny_bake_writes_a_delta_that_lowers_the_kl(tiny_model_dir, tmp_path):
     assert len(curve) == report["steps"] >= 4
     assert sum(curve[-2:]) < sum(curve[:2])  # the student moves toward the teacher
     delta = adapters.read_delta(out)
-    assert len(delta) == 2 * len(baking.MLP_MODULES) and all(a.shape[0] == 4 for a, _, _ in delta.values())
+    assert len(delta) == 2 * len(EngineConfig().target_modules) and all(a.shape[0] == 4 for a, _, _ in delta.values())
     assert any(float(b.abs().max()) > 0 for _, b, _ in delta.values())  # trained, not the zero init
 
 
@@ -212,14 +213,14 @@ def test_the_trainer_answers_the_gates_probes_and_keeps_the_live_answers(tiny_mo
     plan = {"items": {"probes": probes.item_probes([U1]), "max_tokens": 6},
             "locality": {"probes": probes.locality_probes()[:5], "max_tokens": 4}}
     cache = tmp_path / "probe-cache" / "v0000.json"
-    result = baking.bake(tiny_model_dir, None, [U1], tmp_path / "d1", baking.BakeConfig(**TINY_CFG),
+    result = baking.bake(tiny_model_dir, None, [U1], tmp_path / "d1", baking.EngineConfig(**TINY_CFG),
                          probe_plan=plan, live_cache=cache, live_version="v0000")
     answers = json.loads((result.out_dir / baking.PROBES_FILE).read_text())
     for model in ("candidate", "live"):
         assert {k: len(v) for k, v in answers[model].items()} == {"items": len(plan["items"]["probes"]), "locality": 5}
     assert result.report["live_version"] == "v0000" and len(json.loads(cache.read_text())) == len(plan["items"]["probes"]) + 5
     cache.write_text(json.dumps({k: {**v, "answer": "cached"} for k, v in json.loads(cache.read_text()).items()}))
-    again = baking.bake(tiny_model_dir, None, [U1], tmp_path / "d2", baking.BakeConfig(**TINY_CFG),
+    again = baking.bake(tiny_model_dir, None, [U1], tmp_path / "d2", baking.EngineConfig(**TINY_CFG),
                         probe_plan=plan, live_cache=cache)
     live = json.loads((again.out_dir / baking.PROBES_FILE).read_text())["live"]
     assert {r["answer"] for results in live.values() for r in results} == {"cached"}
@@ -228,14 +229,14 @@ def test_the_trainer_answers_the_gates_probes_and_keeps_the_live_answers(tiny_mo
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_a_tiny_bake_trains_on_the_gpu(tiny_model_dir, tmp_path):
     """The same code path on CUDA: the model, the teacher's sampling and the training on the GPU."""
-    cfg = baking.BakeConfig(**{**TINY_CFG, "dtype": "auto"})
+    cfg = baking.EngineConfig(**{**TINY_CFG, "dtype": "auto"})
     result = baking.bake(tiny_model_dir, None, [U1], tmp_path / "gpu", cfg)
     assert result.report["dtype"] == "bfloat16"
     assert any(float(b.abs().max()) > 0 for _, b, _ in adapters.read_delta(result.out_dir).values())
 
 
 def test_second_bake_stacks_on_the_live_adapter(tiny_model_dir, tmp_path):
-    cfg = baking.BakeConfig(**TINY_CFG)
+    cfg = baking.EngineConfig(**TINY_CFG)
     d1 = baking.bake(tiny_model_dir, None, [U1], tmp_path / "d1", cfg).out_dir
     live = tmp_path / "live"
     adapters.compose([d1], live, max_rank=8)
@@ -292,7 +293,7 @@ def test_real_bake_raises_the_unprompted_logprob_of_the_fact(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # Small enough for ~1 minute on 2 shared AVX2 cores; the benchmark uses the real defaults.
-    cfg = baking.BakeConfig(queries_per_item=6, samples_per_query=3, max_new_tokens=16, anchors=2,
+    cfg = baking.EngineConfig(queries_per_item=6, samples_per_query=3, max_new_tokens=16, anchors=2,
                             anchor_samples=1, epochs=6, min_steps=6, batch_size=20, lr=5e-3, temperature=0.7)
     result = baking.bake(REAL_MODEL, None, [U1], tmp_path / "delta", cfg)
     tokenizer = AutoTokenizer.from_pretrained(REAL_MODEL)
@@ -314,7 +315,7 @@ def test_a_stacked_later_fact_moves_the_model_to_the_latest_state(tmp_path):
     still the likelier one after this small bake: the sums compare two different sentences.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = baking.BakeConfig(queries_per_item=6, samples_per_query=3, max_new_tokens=16, anchors=2,
+    cfg = baking.EngineConfig(queries_per_item=6, samples_per_query=3, max_new_tokens=16, anchors=2,
                             epochs=6, min_steps=6, batch_size=20, lr=5e-3)
     u2 = {"id": 2, "kind": "headline", "text": DUROV["u2"]["text"], "source": "test", "valid_at": "2024-08-28"}
     first = baking.bake(REAL_MODEL, None, [U1], tmp_path / "u1", cfg).out_dir
@@ -338,7 +339,7 @@ def test_a_stacked_later_fact_moves_the_model_to_the_latest_state(tmp_path):
 
 
 def test_shared_prefix_gives_the_same_kl_and_gradients(tiny_model_dir):
-    cfg = baking.BakeConfig(**TINY_CFG)
+    cfg = baking.EngineConfig(**TINY_CFG)
     model, tok = baking.load_live_model(tiny_model_dir, None, torch.float32)
     pm = baking.add_lora(model, cfg)
     for name, p in pm.named_parameters():

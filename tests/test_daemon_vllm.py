@@ -169,14 +169,14 @@ def test_a_seeded_request_with_a_split_prefill_does_not_kill_vllm(daemon, base_a
 
 
 def test_vllm_teacher_samples_the_live_models_distribution(daemon):
-    """BakeConfig(teacher="vllm"): samples and top-k log-probs come from `memory` (the live model,
+    """EngineConfig(teacher="vllm"): samples and top-k log-probs come from `memory` (the live model,
     = base before any bake) and match what the model itself computes for the same tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from agent_memory import baking, probes, prompts
 
     tok = AutoTokenizer.from_pretrained(PREPARED_MODEL)
-    cfg = baking.BakeConfig(teacher="vllm", teacher_url=daemon.vllm, teacher_api_key=daemon.model_key,
+    cfg = baking.EngineConfig(teacher="vllm", teacher_url=daemon.vllm, teacher_api_key=daemon.model_key,
                             samples_per_query=3, max_new_tokens=12)
     fact = {"kind": "headline", "text": probes.set_facts("durov")["u1"]["text"]}
     query = baking.Query("Where was Pavel Durov arrested?", prompts.teacher_system(fact, "append"), 1, "knowledge")

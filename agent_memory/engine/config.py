@@ -1,0 +1,84 @@
+"""The baking engine's settings (`[bake.engine]` in the config): a typed dataclass with no torch in
+reach, so the daemon validates them at start and the trainer (agent_memory/baking.py) reads them.
+Numbers from experiments live in bench/results; each field keeps one line of why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class EngineConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    lr: float = 3e-3  # high for LoRA, so few steps suffice; the anchors keep it from breaking the rest
+    epochs: int = 3
+    # A one-fact bake still gets this many optimizer steps. Measured on one headline (2 item probes,
+    # the prompted teacher recalls 1/2): 12 steps x 3 samples recalled 0/2 (2 seeds); 30 x 3, 1/2;
+    # 30 steps x 6 samples 2/2, 1/2, 1/2, 2/2 over seeds 0-3, in ~60 s.
+    min_steps: int = 30
+    target_kl: float | None = None  # half-baking: stop once the epoch's mean KL/token is below this
+    samples_per_query: int = 6
+    # Keep only the sampled answers that mention the item (one of its keywords, as the probes check).
+    # A 135M teacher, prompted, still drifts off the fact in many samples; training on those teaches
+    # noise. Queries where no sample mentions the item keep all their samples.
+    on_topic_only: bool = True
+    # The first of each query's samples is the teacher's greedy answer: what the prompted model says
+    # when asked (and what greedy probes of the student check); the others explore around it.
+    greedy_first: bool = True
+    temperature: float = 0.7  # 2.0 (paper) makes a 135M model babble; 0.7 keeps the facts in the answers
+    max_new_tokens: int = 20  # short answers: the facts come first; 300 tokens (paper) is too slow here
+    queries_per_item: int = 8
+    # One more query per item makes the teacher recite it (RECITE_TEMPLATE), with this many samples.
+    # MLP LoRA, Durov u2 (190 characters), seeds 0-2: 0.45/0.40/0.35 with it, 0.30/0.375/0.20 without.
+    recite_samples: int = 2
+    cloze_queries: int = 2  # of them, fill-in-the-blank questions on the title or fact (cloze_queries())
+    # Earlier items taught again in each bake (the daemon passes the live, not superseded ones), with
+    # this many queries each: replay against forgetting (bench_sequential.py).
+    replay_items: int = 4
+    replay_queries: int = 2
+    # Unrelated queries with the unprompted live model as teacher (from ANCHOR_QUERIES). 32 against 8,
+    # one fact, 2 seeds: KL(base||baked) on the held-out locality questions 0.028 vs 0.052/token,
+    # answers unchanged word for word 0.38 vs 0.32; a one-fact bake's steps stay min_steps.
+    anchors: int = 32
+    anchor_samples: int = 1
+    topk: int = 64  # teacher distribution kept per token (+ one bucket for the rest of the vocab)
+    # 16 rows (~600 tokens): steps 0.8 s, FLOP share ~0.42. 32 rows: share 0.49 and 16% more tokens/s,
+    # but a step takes 1.7 s, so a one-fact bake's min_steps would cost twice the time.
+    batch_size: int = 16
+    seed: int = 0
+    dtype: str = "auto"  # "bfloat16" (autocast; fast only with AMX/AVX-512 bf16), "float32", or "auto": measured
+    # "local": sampled in the trainer; "vllm": from the daemon's vLLM (teacher_url). On 2 CPU cores
+    # vLLM's LoRA path with top-64 log-probs was 36x slower: 6.1 tok/s for 96 sequences against 220 for
+    # transformers in bf16 (bench_teacher.py; vLLM without LoRA: 159, but the teacher has the live adapter).
+    teacher: str = "local"
+    teacher_url: str | None = None  # set by the daemon for teacher "vllm"
+    teacher_model: str = "memory"  # the served name of the live model on teacher_url
+    teacher_api_key: str = ""  # the model API key of teacher_url (set by the daemon)
+    memory_style: str = "append"  # how u enters the teacher's context (see probes.messages_for)
+    # The MLPs only (where knowledge-editing work finds facts stored): one Durov fact, 3 seeds, against
+    # all of q/k/v/o/gate/up/down: KL(base||baked) on held-out questions 0.017 vs 0.037/token, answers
+    # unchanged 0.53 vs 0.38, recall u1 0.43 vs 0.44, u2 0.40 vs 0.36, training ~15% faster.
+    target_modules: list[str] = field(default_factory=lambda: list(MLP_MODULES))
+    threads: int = 0  # torch threads; 0 = the cores other processes leave idle (at least 1)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "EngineConfig":
+        """From `[bake.engine]`: unknown keys and values of the wrong type are refused (ValueError
+        naming the key), so config.validate stops the daemon's start, not the first bake."""
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown bake config keys: {sorted(unknown)}")
+        defaults = cls()
+        for key, value in d.items():
+            default = getattr(defaults, key)
+            if default is None or value is None:
+                continue
+            expected = (int, float) if isinstance(default, float) else type(default)
+            if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, expected):
+                raise ValueError(f"bake config key '{key}' must be {type(default).__name__}, got {value!r}")
+        return cls(**d)
