@@ -376,21 +376,55 @@ def bake(ctx: Context, now: bool, wait: bool, timeout: float, gate_overrides: tu
     if not wait:
         emit({"bake_id": bake_id}, as_json, f"bake {bake_id} queued")
         return
-    deadline = time.monotonic() + timeout
-    shown = None
+    started = time.monotonic()
+    deadline = started + timeout
+    progress = _Progress(bake_id, live=not as_json and sys.stderr.isatty())
     while True:
         record = client.get(f"/v1/bakes/{bake_id}")
         if record["status"] in FINAL_BAKE_STATES:
             break
         if time.monotonic() > deadline:
             raise UserError(f"bake {bake_id} still {record['status']} after {timeout:.0f}s")
-        if not as_json and sys.stderr.isatty() and record["status"] != shown:
-            shown = record["status"]
-            click.echo(f"bake {bake_id}: {shown} ...", err=True)
-        time.sleep(2)
+        running = client.get("/v1/status")["bake"]
+        progress.show(running.get("stage") if running.get("running") == bake_id else record["status"])
+        time.sleep(1)
+    progress.close()
     emit(record, as_json, _bake_text(record))
     if record["status"] != "live":
         sys.exit(2)  # scripts can tell "baked and live" from "rejected/failed"
+
+
+class _Progress:
+    """`bake --wait` on a terminal: one line that follows the stage ("train 12/30") with a bar,
+    the stage's elapsed time and an estimate of what is left of it; a line per finished stage."""
+
+    def __init__(self, bake_id: int, live: bool):
+        import time
+
+        self.bake_id, self.live, self.clock = bake_id, live, time.monotonic
+        self.stage, self.since = None, self.clock()
+
+    def show(self, text: str | None) -> None:
+        if not self.live or not text:
+            return
+        name, _, count = text.partition(" ")
+        if name != self.stage:
+            if self.stage:
+                click.echo(f"\r\033[Kbake {self.bake_id}: {self.stage} done in {self.clock() - self.since:.0f} s", err=True)
+            self.stage, self.since = name, self.clock()
+        elapsed = self.clock() - self.since
+        line = f"bake {self.bake_id}: {name} {elapsed:.0f} s"
+        done, _, total = count.partition("/")
+        if done.isdigit() and total.isdigit() and int(total):
+            share = int(done) / int(total)
+            bar = "#" * int(share * 20) + "." * (20 - int(share * 20))
+            left = f", ~{elapsed / share - elapsed:.0f} s left" if share > 0 else ""
+            line = f"bake {self.bake_id}: {name} [{bar}] {done}/{total} {elapsed:.0f} s{left}"
+        click.echo(f"\r\033[K{line}", err=True, nl=False)
+
+    def close(self) -> None:
+        if self.live and self.stage:
+            click.echo(f"\r\033[Kbake {self.bake_id}: {self.stage} done in {self.clock() - self.since:.0f} s", err=True)
 
 
 def _bake_text(b: dict) -> str:

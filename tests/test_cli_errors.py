@@ -79,3 +79,23 @@ def test_daemon_vllm_dies_at_start(tmp_path):
     result = proc.cli("daemon", timeout=240)
     assert_one_line_error(result, "exited with code")
     assert "no-such-vllm-flag" in result.stderr
+
+
+def test_bake_progress_on_a_terminal_follows_the_stage(capsys):
+    from agent_memory import cli
+
+    now = [0.0]
+    progress = cli._Progress(7, live=True)
+    progress.clock, progress.since = (lambda: now[0]), 0.0
+    for t, stage in ((0, "teacher 1/4"), (10, "train 5/20"), (20, "train 10/20"), (21, "composing"), (30, None)):
+        now[0] = t
+        progress.show(stage) if stage else progress.close()
+    err = capsys.readouterr().err
+    assert "bake 7: teacher [#####...............] 1/4 0 s" in err
+    assert "bake 7: teacher done in 10 s" in err
+    assert "bake 7: train [##########..........] 10/20 10 s, ~10 s left" in err
+    assert "bake 7: train done in 11 s" in err and "bake 7: composing done in 9 s" in err
+    quiet = cli._Progress(8, live=False)
+    quiet.show("train 1/2")
+    quiet.close()
+    assert capsys.readouterr().err == ""
