@@ -172,6 +172,7 @@ class ManagedVllm:
             raise UserError(f"no model checkpoint in {self.model_dir}: run `agent-memory model prepare` first")
         stop_stale(self.pid_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        rotate_log(self.log_path)
         with open(self.log_path, "ab") as logfile:
             log.info("starting vLLM (%s) on port %s (log: %s)", self.role, self.port, self.log_path)
             self.process = subprocess.Popen(
@@ -423,6 +424,17 @@ def read_model_api_key(cfg: Config) -> str:
     except PermissionError:
         raise UserError(f"cannot read {cfg.state_path / 'model-api-key'}: run as the daemon's user "
                         "or set vllm.api_key") from None
+
+
+def rotate_log(path: Path, max_bytes: int = 20_000_000, keep: int = 2) -> None:
+    """At each (re)start: a log past `max_bytes` becomes path.1 (path.1 -> path.2, ...)."""
+    if not path.exists() or path.stat().st_size < max_bytes:
+        return
+    for n in range(keep - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{n}")
+        if older.exists():
+            os.replace(older, path.with_name(f"{path.name}.{n + 1}"))
+    os.replace(path, path.with_name(f"{path.name}.1"))
 
 
 def free_port(host: str) -> int:

@@ -100,3 +100,19 @@ def test_a_failing_replica_puts_the_others_back(replicas, tmp_path):
     assert replicas[0].adapters[MEMORY_NAME] == path(tmp_path, "v0001")
     assert replicas[2].loads == []
     assert serving.live_version == "v0001"
+
+
+def test_an_engine_log_past_its_size_is_rotated_at_start(tmp_path):
+    from agent_memory.serving import rotate_log
+
+    log = tmp_path / "vllm-memory.log"
+    log.write_bytes(b"x" * 30)
+    rotate_log(log, max_bytes=100)
+    assert log.exists() and not (tmp_path / "vllm-memory.log.1").exists()  # small: left alone
+    for generation in (b"a", b"b", b"c"):
+        log.write_bytes(generation * 200)
+        rotate_log(log, max_bytes=100, keep=2)
+    assert not log.exists()
+    assert (tmp_path / "vllm-memory.log.1").read_bytes() == b"c" * 200
+    assert (tmp_path / "vllm-memory.log.2").read_bytes() == b"b" * 200
+    assert not (tmp_path / "vllm-memory.log.3").exists()
