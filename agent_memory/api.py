@@ -15,10 +15,8 @@ Errors are JSON `{"error": "..."}`. Every exception becomes a response in one pl
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from typing import TYPE_CHECKING, Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi import Path as PathParam
@@ -33,6 +31,7 @@ from .config import Config
 from .errors import (Forbidden, MisdirectedRequest, NotFound, TooLarge, Unauthorized, UnsupportedMediaType,
                      UserError)
 from .ingest import IngestError, ingest_conversation, remember
+from .loopback import LOOPBACK_NAMES, host_name, is_loopback
 from .prompts import memory_prompt
 from .serving import ServingError
 from .store import MAX_SQLITE_INT, STATUSES, Store
@@ -103,23 +102,7 @@ def require_token(request: Request) -> None:
         raise Unauthorized("missing or wrong bearer token")
 
 
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 BODY_METHODS = ("POST", "PUT", "PATCH", "DELETE")
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-def _host_name(host_header: str | None) -> str | None:
-    """"localhost:8700" -> "localhost", "[::1]:8700" -> "::1"; None when malformed."""
-    try:
-        return urlsplit(f"//{host_header}").hostname if host_header else None
-    except ValueError:
-        return None
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -130,7 +113,7 @@ def _is_json(content_type: str | None) -> bool:
 def _check_request(method: str, scheme: str, headers, loopback: bool, max_bytes: int) -> None:
     """Refuse, before any route runs, what a web page could make a browser send to this daemon."""
     host = headers.get("host")
-    if loopback and _host_name(host) not in LOOPBACK_NAMES:
+    if loopback and host_name(host) not in LOOPBACK_NAMES:
         raise MisdirectedRequest(f"this daemon answers only to {', '.join(LOOPBACK_NAMES)} (Host: {host!r})")
     origin = headers.get("origin")
     if origin is not None and origin.lower() != f"{scheme}://{host}".lower():
@@ -144,7 +127,7 @@ def _check_request(method: str, scheme: str, headers, loopback: bool, max_bytes:
 
 
 def _install_guard(app: FastAPI, cfg: Config) -> None:
-    loopback = _is_loopback(cfg.api.host)
+    loopback = is_loopback(cfg.api.host)
     max_bytes = cfg.api.max_request_bytes
 
     @app.middleware("http")

@@ -23,6 +23,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .loopback import LOOPBACK_NAMES, host_name, is_loopback
+
 log = logging.getLogger(__name__)
 
 FORWARDED = ("/v1/chat/completions", "/v1/completions")
@@ -33,8 +35,9 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> JS
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
 
-def create_proxy_app(routes: dict, client_key: str) -> Starlette:
-    """`routes`: public model name -> its endpoints (serving.Endpoint, with the internal key)."""
+def create_proxy_app(routes: dict, client_key: str, loopback: bool = True) -> Starlette:
+    """`routes`: public model name -> its endpoints (serving.Endpoint, with the internal key).
+    `loopback`: the port is bound to loopback, so only loopback Host headers are answered."""
     # One async client per upstream engine, with its internal key; created in the server's loop.
     clients: dict[str, httpx.AsyncClient] = {}
 
@@ -46,6 +49,9 @@ def create_proxy_app(routes: dict, client_key: str) -> Starlette:
                 timeout=httpx.Timeout(None, connect=10.0))  # generation may take long; connecting may not
         return clients[endpoint.url]
 
+    def misdirected(request: Request) -> bool:
+        return loopback and host_name(request.headers.get("host")) not in LOOPBACK_NAMES
+
     def authorised(request: Request) -> bool:
         given = request.headers.get("authorization", "")
         return bool(client_key) and hmac.compare_digest(given.encode(), f"Bearer {client_key}".encode())
@@ -54,12 +60,16 @@ def create_proxy_app(routes: dict, client_key: str) -> Starlette:
         return Response(status_code=200)
 
     async def models(request: Request) -> Response:
+        if misdirected(request):
+            return _error(421, f"this port answers only to {', '.join(LOOPBACK_NAMES)}")
         if not authorised(request):
             return _error(401, "a valid API key is needed (see README: model API key)", "authentication_error")
         return JSONResponse({"object": "list", "data": [
             {"id": name, "object": "model", "owned_by": "agent-memory"} for name in routes]})
 
     async def forward(request: Request) -> Response:
+        if misdirected(request):
+            return _error(421, f"this port answers only to {', '.join(LOOPBACK_NAMES)}")
         if not authorised(request):
             return _error(401, "a valid API key is needed (see README: model API key)", "authentication_error")
         body = await request.body()
@@ -112,7 +122,8 @@ class ProxyServer:
     """The proxy's uvicorn server, in a thread of the daemon (its own event loop)."""
 
     def __init__(self, cfg, routes: dict, client_key: str):
-        config = uvicorn.Config(create_proxy_app(routes, client_key), host=cfg.vllm.host, port=cfg.vllm.port,
+        app = create_proxy_app(routes, client_key, loopback=is_loopback(cfg.vllm.host))
+        config = uvicorn.Config(app, host=cfg.vllm.host, port=cfg.vllm.port,
                                 log_level="warning", access_log=False, timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="model-proxy", daemon=True)
