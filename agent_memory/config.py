@@ -63,6 +63,8 @@ class VllmConfig:
     dtype: str = "auto"
     boot_timeout_s: float = 300.0
     restart_limit: int = 5  # restarts within `restart_window_s` before the daemon gives up
+    # An engine that answers no health check for this long (stopped, hung) is killed and restarted.
+    unresponsive_restart_s: float = 120.0
     restart_window_s: float = 600.0
     extra_args: list[str] = field(default_factory=list)  # appended to the vLLM command line
 
@@ -292,6 +294,7 @@ def validate(cfg: Config) -> None:
         ("bake.retries", cfg.bake.retries >= 0, "0 or more"),
         ("bake.max_attempts", cfg.bake.max_attempts >= 1, "at least 1"),
         ("vllm.kvcache_gib", cfg.vllm.kvcache_gib > 0, "positive"),
+        ("vllm.unresponsive_restart_s", cfg.vllm.unresponsive_restart_s >= 10, "at least 10"),
         ("api.max_request_bytes", cfg.api.max_request_bytes >= 1024, "at least 1024"),
         ("bake.min_pending", cfg.bake.min_pending >= 1, "at least 1"),
         ("bake.max_items", cfg.bake.max_items >= 1, "at least 1"),

@@ -46,10 +46,7 @@ BASE_NAME = "base"
 MEMORY_NAME = "memory"
 PUBLIC_NAMES = (MEMORY_NAME, BASE_NAME)
 TEACHER_MAX_LOGPROBS = 64  # top log-probs per token a vLLM teacher may ask for (EngineConfig.topk)
-# A health check that takes longer than this counts as a failed one; this many failures in a row
-# (a stopped or hung engine) and a managed engine is killed and restarted.
-HEALTH_TIMEOUT_S = 10.0
-HEALTH_FAILURES_TO_RESTART = 6
+HEALTH_TIMEOUT_S = 10.0  # a health check that takes longer counts as failed
 
 
 class ServingError(Exception):
@@ -128,7 +125,7 @@ class ManagedVllm:
         self.pid_path = cfg.state_path / f"vllm-{role}.pid"
         self.process: subprocess.Popen | None = None
         self.restarts: deque[float] = deque()
-        self.health_failures = 0
+        self.unhealthy_since: float | None = None
 
     def command(self) -> list[str]:
         v = self.cfg.vllm
@@ -180,7 +177,7 @@ class ManagedVllm:
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )
         self.pid_path.write_text(str(self.process.pid))
-        self.health_failures = 0
+        self.unhealthy_since = None
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + self.cfg.vllm.boot_timeout_s
@@ -197,15 +194,17 @@ class ManagedVllm:
                            f"(vllm.boot_timeout_s); log: {self.log_path}")
 
     def alive(self) -> bool:
-        """Running and answering: a stopped (SIGSTOP) or hung engine fails its health checks and,
-        after HEALTH_FAILURES_TO_RESTART of them in a row, counts as dead."""
+        """Running and answering: an engine that has failed every health check for
+        `vllm.unresponsive_restart_s` (stopped by SIGSTOP, hung) counts as dead. A slow machine
+        answers within that time; it is not a reason to restart."""
         if self.process is None or self.process.poll() is not None:
             return False
         if self.endpoint.healthy():
-            self.health_failures = 0
-        else:
-            self.health_failures += 1
-        return self.health_failures < HEALTH_FAILURES_TO_RESTART
+            self.unhealthy_since = None
+            return True
+        now = time.monotonic()
+        self.unhealthy_since = self.unhealthy_since or now
+        return now - self.unhealthy_since < self.cfg.vllm.unresponsive_restart_s
 
     def may_restart(self) -> bool:
         """At most `restart_limit` restarts per window: a crash loop stops the daemon instead."""

@@ -58,7 +58,8 @@ def daemon(tmp_path_factory, feed_server):
     # (seed 3: items 1.0, knowledge kept 1.0 in-process).
     (state / "config.toml").write_text("[bake.engine]\nseed = 3\nmin_steps = 60\n")
     proc = DaemonProcess(state, feeds_file=str(feeds_file), bake_min_pending="1000", bake_every="30d",
-                         feeds_allow_loopback="true", bake_retry_wait="2s", bake_retries="6")
+                         feeds_allow_loopback="true", bake_retry_wait="2s", bake_retries="6",
+                         vllm_unresponsive_restart_s="30")
     proc.env["AGENT_MEMORY_CONFIG"] = str(state / "config.toml")
     proc.start()
     try:
