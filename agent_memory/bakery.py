@@ -118,6 +118,8 @@ class Bakery:
                 raise UserError("no model is served (vllm.mode = 'off'): nothing can be baked")
             raise ConflictError("the model server is still starting: ask for the bake again in a minute")
         gate_settings = asdict(self._gate_policy(gate or {}))  # validates the overrides now
+        if trigger != "scheduled" and not self.store.counts_by_status().get("pending"):
+            raise ConflictError("nothing to bake: no item is pending (`agent-memory queue` lists them)")
         with self.lock:
             if self.waiting is None or gate:
                 config = {"trigger": trigger, "gate": gate_settings}
@@ -242,7 +244,7 @@ class Bakery:
             reason=verdict.reason, delta_path=str(self.versions.delta_dir(bake_id)),
             adapter_path=str(self.versions.path(version)) if version else None,
             metrics={"stages": stages, "total_s": round(total, 3), "train": train_report,
-                     "served": served, **asdict(verdict)},
+                     "served": served, "live_version": before, **asdict(verdict)},
         )
         self._prune_deltas()
         self.events.bake_finished(total)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from . import __version__
 from .store import STATUSES
 
 if TYPE_CHECKING:
@@ -51,18 +52,36 @@ class _StoreCollector:
             bakes.add_metric([result], n)
         yield bakes
 
+        live = self.daemon.versions.current()
         accuracy = GaugeMetricFamily("agent_memory_probe_accuracy_ratio",
                                      "Share of probes answered right by the live version",
                                      labels=["probe_set"])
-        for probe_set, ratio in store.live_probe_accuracy().items():
+        for probe_set, ratio in store.live_probe_accuracy(live).items():
             accuracy.add_metric([probe_set], ratio)
         yield accuracy
+
+        info = GaugeMetricFamily("agent_memory_build_info", "The running agent-memory", labels=["version"])
+        info.add_metric([__version__], 1.0)
+        yield info
+        last_ok = store.last_bake_finished(verdicts=("passed",))
+        yield GaugeMetricFamily("agent_memory_last_live_bake_timestamp_seconds",
+                                "When the last bake that went live finished (0: none yet)", value=last_ok or 0.0)
+        stage = GaugeMetricFamily("agent_memory_bake_stage", "1 for the stage the running bake is in",
+                                  labels=["stage"])
+        bakery = self.daemon.bakery
+        if bakery.running is not None and bakery.stage:
+            stage.add_metric([bakery.stage.split(" ")[0]], 1.0)
+        yield stage
+        feeds = GaugeMetricFamily("agent_memory_feed_failures", "Consecutive failed polls per feed",
+                                  labels=["feed"])
+        for feed in store.list_feeds():
+            feeds.add_metric([str(feed["id"])], feed.get("failures") or 0)
+        yield feeds
 
         serving = self.daemon.serving
         yield GaugeMetricFamily("agent_memory_vllm_up", "1 if every model endpoint is healthy",
                                 value=float(bool(serving and serving.healthy())))
         yield CounterMetricFamily("agent_memory_vllm_restarts", "vLLM restarts by the daemon",
                                   value=serving.restarts if serving else 0)
-        live = self.daemon.versions.current()
         yield GaugeMetricFamily("agent_memory_live_version", "Number of the live adapter version",
                                 value=int(live[1:]))

@@ -549,16 +549,30 @@ class Store:
             return None
         return datetime.fromisoformat(row["t"]).timestamp()
 
+    def last_bake_finished(self, verdicts: tuple[str, ...]) -> float | None:
+        """When the last bake with one of these verdicts finished (a Unix timestamp)."""
+        row = self._one(f"select max(finished_at) as t from bakes where verdict in ({', '.join('?' for _ in verdicts)})",
+                        list(verdicts))
+        return datetime.fromisoformat(row["t"]).timestamp() if row and row["t"] else None
+
     def bake_results(self) -> dict[str, int]:
         rows = self._rows("select verdict, count(*) as n from bakes where verdict is not null group by verdict")
         return {r["verdict"]: r["n"] for r in rows}
 
-    def live_probe_accuracy(self) -> dict[str, float]:
-        """Probe accuracy per set recorded when the live version's bake passed its gate."""
-        row = self._one("select metrics from bakes where verdict = 'passed' order by id desc limit 1")
-        if not row or not row["metrics"]:
-            return {}
-        return row["metrics"].get("probes", {})  # (JSON columns come back decoded)
+    def live_probe_accuracy(self, version: str) -> dict[str, float]:
+        """Probe accuracy per set of the live version `version`: the candidate's scores of the bake
+        that made it, or, for a version no bake made (v0000, a forget's recomposition), the live
+        scores the last bake on top of it recorded; {} when no bake has probed it."""
+        number = int(version[1:])
+        row = self._one("select metrics from bakes where verdict = 'passed' and version = ? order by id desc limit 1",
+                        [number])
+        if row and row["metrics"]:
+            return row["metrics"].get("probes", {})  # (JSON columns come back decoded)
+        for bake in self._rows("select metrics from bakes where metrics is not null order by id desc limit 50"):
+            metrics = json.loads(bake["metrics"]) if isinstance(bake["metrics"], str) else bake["metrics"]
+            if metrics.get("live_version") == version and metrics.get("live_probes"):
+                return metrics["live_probes"]
+        return {}
 
     def previous_live_version(self, current: str) -> str | None:
         """The version that was live before `current` (from passed bakes and events)."""

@@ -223,3 +223,32 @@ def test_a_daemon_stopping_mid_bake_requeues_without_counting_an_attempt(quick_r
     with pytest.raises(bakery_mod.BakeCancelled):
         bake_now(bakery)
     assert (store.get_item(item)["status"], store.get_item(item)["attempts"]) == ("pending", 0)
+
+
+def test_metrics_follow_the_live_version_and_show_stage_feeds_and_build(cfg, store):
+    """/metrics: probe accuracy of the version live now (a rollback moves it), the stage of the
+    running bake, each feed's failures, when a bake last went live, the build."""
+    from types import SimpleNamespace
+
+    from agent_memory.metrics import Metrics
+
+    bakery = make_bakery(cfg, store)
+    first = store.create_bake(status="live")["id"]
+    store.update_bake(first, verdict="passed", version=1, finished_at="2026-12-01T10:00:00+00:00",
+                      metrics={"probes": {"durov": 0.5}, "live_probes": {"durov": 0.25}, "live_version": "v0000"})
+    feed = store.add_feed("http://127.0.0.1:1/rss.xml", interval_s=60)[0]
+    store.update_feed(feed["id"], failures=3)
+    daemon = SimpleNamespace(store=store, versions=bakery.versions, serving=None, bakery=bakery)
+    metrics = Metrics(daemon)
+
+    bakery.versions.set_current("v0001")
+    bakery.running, bakery.stage = 2, "train 3/30"
+    text = metrics.render().decode()
+    assert 'agent_memory_probe_accuracy_ratio{probe_set="durov"} 0.5' in text
+    assert 'agent_memory_bake_stage{stage="train"} 1.0' in text
+    assert f'agent_memory_feed_failures{{feed="{feed["id"]}"}} 3.0' in text
+    assert "agent_memory_last_live_bake_timestamp_seconds 1.7961192e+09" in text  # 2026-12-01 10:00 UTC
+    assert 'agent_memory_build_info{version="0.1.0"} 1.0' in text
+
+    bakery.versions.set_current("v0000")  # rolled back: the scores of v0000, as that bake saw them
+    assert 'agent_memory_probe_accuracy_ratio{probe_set="durov"} 0.25' in metrics.render().decode()
