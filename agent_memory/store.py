@@ -29,7 +29,8 @@ from .errors import ConflictError, NotFound, UserError
 KINDS = ("headline", "fact", "conversation", "prompt")
 STATUSES = ("pending", "baking", "baked", "failed", "rejected", "forgotten")
 # A bake in one of these when the daemon starts was cut off (see Bakery.recover).
-UNFINISHED_BAKE_STATES = ("queued", "claiming", "training", "composing", "probing", "swapping")
+# ("probing": the stage of bakes before the gate moved into the trainer; kept for older databases.)
+UNFINISHED_BAKE_STATES = ("queued", "claiming", "training", "composing", "probing", "swapping", "checking")
 _UNFINISHED_BAKE_SQL = f"status in ({', '.join('?' * len(UNFINISHED_BAKE_STATES))})"
 BUSY_TIMEOUT_S = 10.0
 MAX_SQLITE_INT = 2**63 - 1

@@ -38,7 +38,7 @@ def test_recover_after_kill_9_mid_swap_and_mid_training(cfg, store, tmp_path):
     a, b = (store.add_item("fact", text)[0]["id"] for text in ("fact a", "fact b"))
     store.claim_pending(1, bake_id=swapped)
     store.claim_pending(1, bake_id=training)
-    store.update_bake(swapped, status="swapping", item_ids=[a])
+    store.update_bake(swapped, status="checking", item_ids=[a])  # swapped, checking the served model
     store.update_bake(training, status="training", item_ids=[b])
     # The daemon died right after CURRENT moved to the version holding `swapped`'s delta.
     (versions.path("v0001")).mkdir(parents=True)
