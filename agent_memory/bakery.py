@@ -403,10 +403,7 @@ class Bakery:
     def _promote(self, version: str) -> None:
         if self.versions.current() == version:
             return  # an earlier try got this far
-        started = time.monotonic()
         self._swap_to(version)
-        self.events.swapped(time.monotonic() - started)
-        log.info("swapped memory to %s in %.2f s", version, time.monotonic() - started)
 
     def _check_served(self, answers: dict) -> dict:
         """Ask the served `memory` (through the model port, as users do) a few of the item probes:
@@ -497,10 +494,14 @@ class Bakery:
     def _swap_to(self, version: str) -> None:
         """`memory` serves `version` everywhere, then CURRENT says so (a kill -9 between the two
         leaves CURRENT on the old version, which the next start serves)."""
+        started = time.monotonic()
         failures = self.serving.swap(version) if self.serving else {}
         if failures:
             raise ServingError("swap failed on " + ", ".join(f"{u}: {e}" for u, e in failures.items()))
         self.versions.set_current(version)
+        seconds = time.monotonic() - started
+        self.events.swapped(seconds)
+        log.info("swapped memory to %s in %.2f s", version, seconds)
         self.versions.prune_merged()
 
     @contextmanager

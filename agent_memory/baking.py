@@ -14,9 +14,9 @@ Read top to bottom:
   4. loss         KL(teacher || student) over all answer tokens, the FIRST one included
   5. train        AdamW, bf16 where the CPU is fast at it (hardware.py), length-sorted batches,
                   early stop at a target KL
-  6. probe        the gate's questions (gate.probe_plan), answered greedily by the candidate (the new
-                  delta on) and the live model (delta off): here, where the model already sits in
-                  memory, not through the model server (the gate decides on the answers, gate.py)
+  6. probe        the gate's questions (gate.probe_plan), answered greedily by the live model (before
+                  training) and the candidate (the new delta merged in): here, where the model already
+                  sits in memory, not through the model server (the gate decides on the answers, gate.py)
   7. save         delta + bake.json + probes.json into OUT.partial, renamed to OUT at the very end
 
 `python -m agent_memory.baking JOB.json` runs one bake from a job file (the daemon's subprocess).
@@ -575,34 +575,42 @@ def train(peft_model, batches: list[dict], cfg: EngineConfig, progress=None) -> 
 # 6. probe: the gate's questions, candidate and live, in this process
 # ----------------------------------------------------------------------------------------------
 
-def probe(peft_model, tokenizer, plan: dict[str, dict], live_cache: Path | None = None, progress=None) -> dict:
-    """{"candidate": {set: results}, "live": {set: results}} for the gate (gate.decide).
-
-    The live model is the same weights with the new delta switched off. Its answers only change
-    when the live version does, so they are kept in `live_cache` (one file per live version) and
-    asked again only for probes not answered there yet.
-    """
+def probe_live(model, tokenizer, plan: dict[str, dict], live_cache: Path | None = None) -> dict:
+    """The live model's answers to the gate's questions: {set: results}, asked of the plain live
+    model before the delta is added. They only change when the live version does, so they are kept
+    in `live_cache` (one file per live version) and asked again only for probes not answered there."""
     cache = json.loads(live_cache.read_text()) if live_cache and live_cache.exists() else {}
-    out = {"candidate": {}, "live": {}}
-    peft_model.eval()
+    out = {}
     for name, entry in plan.items():
         probes_, tokens = entry["probes"], entry["max_tokens"]
-        out["candidate"][name] = run_local(peft_model, tokenizer, probes_, max_new_tokens=tokens)
         keys = [f"{tokens}|{p['question']}|{'|'.join(p['answers'])}" for p in probes_]
-        missing = [p for p, k in zip(probes_, keys) if k not in cache]
+        missing = [(p, k) for p, k in zip(probes_, keys) if k not in cache]
         if missing:
-            with peft_model.disable_adapter():
-                answered = run_local(peft_model, tokenizer, missing, max_new_tokens=tokens)
-            cache.update({f"{tokens}|{p['question']}|{'|'.join(p['answers'])}": r for p, r in zip(missing, answered)})
-        out["live"][name] = [cache[k] for k in keys]
-        if progress:
-            progress("probe", len(out["live"]), len(plan))
+            answered = run_local(model, tokenizer, [p for p, _ in missing], max_new_tokens=tokens)
+            cache.update({k: r for (_, k), r in zip(missing, answered)})
+        out[name] = [cache[k] for k in keys]
     if live_cache:
         live_cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = live_cache.with_suffix(".tmp")
         tmp.write_text(json.dumps(cache))
         os.replace(tmp, live_cache)
     return out
+
+
+def probe_candidate(peft_model, tokenizer, plan: dict[str, dict], progress=None) -> dict:
+    """The candidate's answers: {set: results}. The delta is merged into the weights while it
+    answers (a LoRA branch on every MLP doubles a decoding step's small operations), then taken out."""
+    peft_model.eval()
+    peft_model.merge_adapter()
+    try:
+        out = {}
+        for done, (name, entry) in enumerate(plan.items(), 1):
+            out[name] = run_local(peft_model, tokenizer, entry["probes"], max_new_tokens=entry["max_tokens"])
+            if progress:
+                progress("probe", done, len(plan))
+        return out
+    finally:
+        peft_model.unmerge_adapter()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -653,6 +661,11 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
     timings["load_s"] = time.monotonic() - t0
 
     t = time.monotonic()
+    live_answers = probe_live(model, tokenizer, probe_plan, Path(live_cache) if live_cache else None) \
+        if probe_plan else None
+    timings["probe_live_s"] = time.monotonic() - t
+
+    t = time.monotonic()
     queries = build_queries(items, cfg, rng, earlier)
     examples = teacher_examples(model, tokenizer, queries, cfg, progress)
     timings["teacher_s"] = time.monotonic() - t
@@ -667,9 +680,9 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
     timings["train_s"] = time.monotonic() - t
 
     t = time.monotonic()
-    answers = probe(peft_model, tokenizer, probe_plan, Path(live_cache) if live_cache else None, progress) \
+    answers = {"candidate": probe_candidate(peft_model, tokenizer, probe_plan, progress), "live": live_answers} \
         if probe_plan else None
-    timings["probe_s"] = time.monotonic() - t
+    timings["probe_s"] = time.monotonic() - t + timings["probe_live_s"]
 
     steps_per_batch = {i: report["epochs_run"] for i in range(len(batches))}  # each batch once per epoch
     flops = train_flops(model.config, batches, steps_per_batch)
