@@ -29,7 +29,6 @@ from safetensors.torch import load_file, save_file
 
 # No lm_head / embed_tokens: SmolLM2 ties them, and vLLM cannot serve LoRA on tied embeddings.
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model."

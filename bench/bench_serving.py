@@ -74,7 +74,7 @@ def options():
     args = p.parse_args()
     quick = args.quick
     args.concurrency = [1, 4] if quick else [1, 4, 8]
-    args.requests_per_client = 1 if quick else 4
+    args.requests_per_client = 1 if quick else 2
     args.max_tokens = 16 if quick else 64
     args.swap_clients = 3
     args.swap_gap_s = 0.5 if quick else 1.0
