@@ -258,7 +258,7 @@ class Serving:
         self.engines: list[ManagedVllm] = []
         if cfg.vllm.mode == "managed":
             self.client_key = model_api_key(cfg)
-            internal_key = secrets.token_urlsafe(32)  # this process's only; engines change at restart
+            internal_key = secrets.token_urlsafe(32)  # known to this daemon process only: new at each start
             if self.mode == "merged":
                 self.engines = [ManagedVllm(cfg, "memory", versions.merged(versions.current()), MEMORY_NAME,
                                             False, internal_key),
