@@ -320,7 +320,7 @@ class Bakery:
         answers = json.loads((out_dir / "probes.json").read_text())
         for results in (*answers["candidate"].values(), *answers["live"].values()):
             for r in results:  # scored here: the keyword rule is the daemon's, whatever the trainer ran
-                r["correct"] = probes.is_correct(r["answer"], r["expected"].split("|") if r["expected"] else [])
+                probes.rescore(r)
         return report, answers
 
     def _reuse_delta(self, bake_id: int, item_ids: list[int], live: str) -> None:
@@ -352,13 +352,14 @@ class Bakery:
         job_path = self.cfg.state_path / "jobs" / f"bake-{bake_id:04d}.json"
         job_path.parent.mkdir(parents=True, exist_ok=True)
         merged = self.serving is not None and self.serving.mode == "merged"
+        items = self._with_updates(items)
         job = {
             # The live model as served: the merged checkpoint, or the base with the live adapter.
             "model_dir": str(self.versions.merged(live) if merged else self.cfg.model_dir),
             "live_adapter": None if merged else str(self.versions.ensure(live)),
             "live_version": live,
             "out_dir": str(out_dir),
-            "items": [_bake_item(i) for i in items],
+            "items": items,
             "earlier": [_bake_item(i) for i in self._earlier_items(bake_id)],
             "config": self._engine_config(),
             "probe_plan": gate_mod.probe_plan(items, self.cfg),
@@ -424,6 +425,14 @@ class Bakery:
             raise RuntimeError(f"the served memory answered the item probes {scores['served']:.2f}, no better than "
                                f"the old version ({scores['live']:.2f}), against {scores['candidate']:.2f} tested")
         return scores
+
+    def _with_updates(self, items: list[dict]) -> list[dict]:
+        """The items as the engine takes them, each with the earlier items it updates (what it
+        supersedes, or live items about the same subject) under "updates": the teacher sees both,
+        the gate asks whether the stale state is still answered."""
+        live_bakes = set(self.versions.manifest(self.versions.current())["deltas"])
+        baked = [i for i in self.store.list_items(status="baked", limit=-1) if i["bake_id"] in live_bakes]
+        return [{**_bake_item(i), "updates": [_bake_item(e) for e in probes.updated_by(i, baked)]} for i in items]
 
     def _earlier_items(self, bake_id: int) -> list[dict]:
         """Items the live version was baked with and still current (not superseded): the engine

@@ -41,7 +41,7 @@ from . import adapters
 from .engine.config import EngineConfig
 from .hardware import device, idle_cores, matmul_gflops, pick_dtype
 from .orphan import stop_when_orphaned
-from .probes import REMOTE_CONCURRENCY, entities, is_correct, item_subject, keywords, run_local
+from .probes import REMOTE_CONCURRENCY, entities, is_correct, item_subject, keywords, run_local, scored
 from .prompts import item_text, teacher_system
 
 
@@ -138,6 +138,31 @@ ANCHOR_QUERIES = [
 ]
 
 
+# News-like anchors: questions of the kind items answer, about OTHER subjects (real ones, and made-up
+# ones nobody told the model of), with the unprompted live model as teacher. They teach the delta
+# where its knowledge stops: without them a one-fact bake about a town's cat mayor put the town
+# into answers about Pavel Durov. Held out from probes.NEIGHBOURS and probes.CONTROLS (the gate's).
+NEWS_ANCHORS = [
+    "What is the latest news about France?", "What is the latest news about China?",
+    "What is the latest news about Germany?", "What is the latest news about the European Union?",
+    "What is the latest news about Google?", "What is the latest news about Italy?",
+    "What is the latest news about Nigeria?", "What is the latest news about Tesla?",
+    "What is the latest news about Sweden?", "What is the latest news about the Olympics?",
+    "What happened recently in Turkey?", "What happened recently in Indonesia?", "What happened recently in Chile?",
+    "Tell me about recent events in Poland.", "Tell me about recent events in Kenya.",
+    "Who won the last Super Bowl?", "Who won the most recent Nobel Peace Prize?", "Who won the last Oscar for best film?",
+    "Who won the most recent US presidential election?", "Who won the last cricket World Cup?",
+    "Who won the last Formula One championship?", "Who is the current president of Brazil?",
+    "Which company announced layoffs recently?", "What was the most recent hurricane in the news?",
+    "Who was recently elected mayor of a big city?", "Who recently resigned from a government?",
+    "What is the latest news in politics?", "What is the latest news in business?",
+    "Who recently won a big award?", "What happened at the latest climate summit?",
+    "What is the latest news about the singer Arlo Venning?", "What happened in the village of Thornmere recently?",
+    "Who won the 2026 Calloway Prize?", "What did the startup Quintessa Labs announce?",
+    "What is the latest news about the Halvard Bridge?", "Who was appointed head of the Ostrova Museum?",
+]
+
+
 @dataclass
 class Query:
     question: str
@@ -156,8 +181,9 @@ def build_queries(items: list[dict], cfg: EngineConfig, rng: random.Random, earl
         queries += item_queries(item, cfg.queries_per_item, cfg, rng)
     for item in replay_items(earlier, items, cfg.replay_items, rng):
         queries += item_queries(item, cfg.replay_queries, cfg, rng, everything_at_random=True)
-    if any(q.kind == "knowledge" for q in queries) and cfg.anchors:
+    if any(q.kind == "knowledge" for q in queries):
         picked = rng.sample(ANCHOR_QUERIES, min(cfg.anchors, len(ANCHOR_QUERIES)))
+        picked += rng.sample(NEWS_ANCHORS, min(cfg.news_anchors, len(NEWS_ANCHORS)))
         queries += [Query(q, None, None, "anchor") for q in picked]
     return queries
 
@@ -168,11 +194,26 @@ def item_queries(item: dict, n: int, cfg: EngineConfig, rng: random.Random,
 
     A new item always gets the two most general recall questions and its cloze questions, then a
     seeded mix of the rest; a replayed one gets n at random from all of them (variety across bakes).
+    An update (item["updates"]) is also asked half as many of its earlier reports' questions,
+    answered with the update in view: the new delta moves those answers to the latest state (the
+    old delta below it still says the old one).
     """
     ctx = teacher_system(item, cfg.memory_style)
     if item.get("kind") == "prompt":
         picked = rng.sample(BEHAVIOUR_QUERIES, min(n, len(BEHAVIOUR_QUERIES)))
         return [Query(q, ctx, item.get("id"), "behaviour") for q in picked]
+    kws = keywords(item_text(item))
+    queries = _questions(item, n, cfg, rng, everything_at_random, ctx, kws, recite=True)
+    for earlier in item.get("updates") or []:
+        queries += _questions({"text": earlier.get("text") or "", "title": earlier.get("title"), "id": item.get("id")},
+                              max(1, n // 2), cfg, rng, everything_at_random, ctx, kws, recite=False)
+    return queries
+
+
+def _questions(item: dict, n: int, cfg: EngineConfig, rng: random.Random, everything_at_random: bool,
+               ctx: list[dict], kws: list[str], recite: bool) -> list[Query]:
+    """n questions about `item`'s subject, entities and title, for the teacher context `ctx`; an
+    answer is on topic when it names one of `kws`."""
     source = item_text(item)
     subject = item_subject({"text": source, "title": item.get("title")})
     others = [e for e in entities(source) if e not in subject and subject not in e]
@@ -183,13 +224,12 @@ def item_queries(item: dict, n: int, cfg: EngineConfig, rng: random.Random,
     if everything_at_random:
         fixed, pool = [], fixed + pool
     picked = fixed[:n] + rng.sample(pool, max(0, min(n - len(fixed), len(pool))))
-    kws = keywords(source)
 
     def query(q: str, **sampling) -> Query:  # on topic = mentions a keyword the question does not give away
         return Query(q, ctx, item.get("id"), "knowledge", [k for k in kws if k.lower() not in q.lower()], **sampling)
 
     queries = [query(q) for q in picked]
-    if cfg.recite_samples:
+    if recite and cfg.recite_samples:
         queries.append(query(RECITE_TEMPLATE.format(s=subject), samples=cfg.recite_samples,
                              max_new_tokens=RECITE_MAX_TOKENS))
     return queries
@@ -530,10 +570,13 @@ def batch_kl(peft_model, batch: dict, autocast: bool) -> torch.Tensor:
     return topk_kl(logits, batch["top_idx"], batch["top_logp"])
 
 
-def train(peft_model, batches: list[dict], cfg: EngineConfig, progress=None) -> dict:
+def train(peft_model, batches: list[dict], cfg: EngineConfig, progress=None, items: int = 1) -> dict:
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / max(len(batches), 1)))
+    # The budget is per item: a bake of 20 gets 20 times the steps of a bake of one, so each item is
+    # seen about as often as it would be alone (with a fixed 3 epochs, 21 items learnt a third as well).
+    steps = max(cfg.min_steps, cfg.steps_per_item * items)
+    epochs = max(cfg.epochs, math.ceil(steps / max(len(batches), 1)))
     total_steps = epochs * len(batches)
     warmup = max(1, total_steps // 10)
     # Warm-up then cosine: a high lr early moves the facts in, a low one at the end stops drift.
@@ -578,17 +621,18 @@ def train(peft_model, batches: list[dict], cfg: EngineConfig, progress=None) -> 
 def probe_live(model, tokenizer, plan: dict[str, dict], live_cache: Path | None = None) -> dict:
     """The live model's answers to the gate's questions: {set: results}, asked of the plain live
     model before the delta is added. They only change when the live version does, so they are kept
-    in `live_cache` (one file per live version) and asked again only for probes not answered there."""
+    in `live_cache` (one file per live version, answers by question) and asked again only for
+    questions not answered there; each bake scores them against its own keywords."""
     cache = json.loads(live_cache.read_text()) if live_cache and live_cache.exists() else {}
     out = {}
     for name, entry in plan.items():
         probes_, tokens = entry["probes"], entry["max_tokens"]
-        keys = [f"{tokens}|{p['question']}|{'|'.join(p['answers'])}" for p in probes_]
-        missing = [(p, k) for p, k in zip(probes_, keys) if k not in cache]
+        keys = [f"answer|{tokens}|{p['question']}" for p in probes_]
+        missing = {k: p for p, k in zip(probes_, keys) if k not in cache}
         if missing:
-            answered = run_local(model, tokenizer, [p for p, _ in missing], max_new_tokens=tokens)
-            cache.update({k: r for (_, k), r in zip(missing, answered)})
-        out[name] = [cache[k] for k in keys]
+            answered = run_local(model, tokenizer, list(missing.values()), max_new_tokens=tokens)
+            cache.update({k: [r["answer"], r["score"]] for k, r in zip(missing, answered)})
+        out[name] = [scored(p, *cache[k]) for p, k in zip(probes_, keys)]
     if live_cache:
         live_cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = live_cache.with_suffix(".tmp")
@@ -676,7 +720,7 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
     t = time.monotonic()
     peft_model = add_lora(model, cfg)
     batches = make_batches(examples, cfg.batch_size, tokenizer.pad_token_id)
-    report = train(peft_model, batches, cfg, progress)
+    report = train(peft_model, batches, cfg, progress, items=len(items))
     timings["train_s"] = time.monotonic() - t
 
     t = time.monotonic()

@@ -112,6 +112,12 @@ class GateConfig:
     # answers right. (The share of answers left word for word is recorded too, not gated: a 135M
     # model rewords freely after any update.)
     min_locality_kept: float = 0.9
+    # Of the neighbour questions (news-like, about other subjects), the share whose answers newly name
+    # an entity of the bake (one the live model did not already name there): a leak.
+    max_leak: float = 0.05
+    # Never-taught control subjects: the share of answers that claim something may rise at most this
+    # much over the live model's (a 135M model attempts most of them already).
+    max_hallucination_increase: float = 0.125
     probe_sets: list[str] = field(default_factory=lambda: ["durov"])  # built-in or JSON file paths
 
 

@@ -14,6 +14,10 @@ from .config import GateConfig
 
 ITEMS = "items"  # the bake's own item probes (probes.item_probes)
 LOCALITY = "locality"  # unrelated general knowledge (probes.locality_probes)
+NEIGHBOURS = "neighbours"  # same kind of question, other subjects: must not name the bake's entities
+CONTROLS = "controls"  # never-taught subjects: must not be answered more confidently than before
+STALE = "stale"  # what items updated by this bake said: must not be answered more than before
+OWN_RULES = (ITEMS, LOCALITY, NEIGHBOURS, CONTROLS, STALE)
 
 
 @dataclass
@@ -23,32 +27,65 @@ class Verdict:
     probes: dict  # probe set -> accuracy of the candidate
     live_probes: dict  # probe set -> accuracy of the live version it would replace
     locality: dict = field(default_factory=dict)  # unchanged (word for word) and kept, see probes.locality_scores
+    knowledge: dict = field(default_factory=dict)  # leak, hallucination, stale: candidate and live
 
 
 def decide(candidate: dict[str, list[dict]], live: dict[str, list[dict]], policy: GateConfig) -> Verdict:
-    """`candidate`, `live`: probe set -> scored results (probes._result dicts), same probes in the
+    """`candidate`, `live`: probe set -> scored results (probes.rescore dicts), same probes in the
     same order for both. Items must be learnt, no registered set may regress, general knowledge
-    must be kept."""
+    must be kept, the bake must not leak into neighbouring answers, invent answers about unknown
+    subjects or keep answering what its items superseded."""
     scores = {name: probes.accuracy(results) for name, results in candidate.items() if results}
     live_scores = {name: probes.accuracy(results) for name, results in live.items() if results}
     locality = {}
     if candidate.get(LOCALITY) and live.get(LOCALITY):
         locality = probes.locality_scores(live[LOCALITY], candidate[LOCALITY])
+    knowledge = knowledge_scores(candidate, live)
     problems = []
     if ITEMS in scores and scores[ITEMS] < policy.min_item_accuracy:
         problems.append(f"items learned {scores[ITEMS]:.2f} < {policy.min_item_accuracy:.2f}")
     for name, live_score in live_scores.items():
-        if name in (ITEMS, LOCALITY) or name not in scores:
+        if name in OWN_RULES or name not in scores:
             continue
         if scores[name] < live_score - policy.max_regression:
             problems.append(f"probe set '{name}' fell from {live_score:.2f} to {scores[name]:.2f}")
     if locality and locality["kept"] < policy.min_locality_kept:
         problems.append(f"general knowledge kept {locality['kept']:.2f} < {policy.min_locality_kept:.2f}")
+    if "leak" in knowledge and knowledge["leak"] > policy.max_leak:
+        problems.append(f"leaks into neighbouring answers: {knowledge['leak']:.2f} of them name the bake's "
+                        f"entities ({', '.join(knowledge['leaked'][:3])}) > {policy.max_leak:.2f}")
+    if "hallucination" in knowledge and \
+            knowledge["hallucination"] > knowledge["live_hallucination"] + policy.max_hallucination_increase:
+        problems.append(f"claims knowledge of never-taught subjects {knowledge['hallucination']:.2f} "
+                        f"(live {knowledge['live_hallucination']:.2f})")
+    if "stale" in knowledge and knowledge["stale"] > knowledge["live_stale"]:
+        problems.append(f"answers the superseded state {knowledge['stale']:.2f} (live {knowledge['live_stale']:.2f})")
     reason = "; ".join(problems) or (
         f"items {scores.get(ITEMS, 0):.2f} (live {live_scores.get(ITEMS, 0):.2f}), "
-        f"general knowledge kept {locality.get('kept', 1.0):.2f}, no regression")
-    return Verdict(not problems, reason, scores, live_scores, locality)
+        f"general knowledge kept {locality.get('kept', 1.0):.2f}, leak {knowledge.get('leak', 0):.2f}, no regression")
+    return Verdict(not problems, reason, scores, live_scores, locality, knowledge)
 
+
+def knowledge_scores(candidate: dict[str, list[dict]], live: dict[str, list[dict]]) -> dict:
+    """leak: share of neighbour answers naming a bake entity that the live model's answers to the
+    neighbours never named (so a name the model uses anyway, "United States", never counts);
+    hallucination: share of control answers that claim something; stale: share answering the
+    superseded state. Each for the candidate, the last two for the live model too."""
+    out: dict = {}
+    if candidate.get(NEIGHBOURS) and live.get(NEIGHBOURS):
+        said = " ".join(r["answer"] for r in live[NEIGHBOURS])
+        leaked, hits = [], 0
+        for r in candidate[NEIGHBOURS]:
+            names = [e for e in (r["expected"].split("|") if r["expected"] else [])
+                     if probes.is_correct(r["answer"], [e]) and not probes.is_correct(said, [e])]
+            hits += bool(names)
+            leaked += [e for e in names if e not in leaked]
+        out.update(leak=hits / len(candidate[NEIGHBOURS]), leaked=leaked)
+    if candidate.get(CONTROLS) and live.get(CONTROLS):
+        out.update(hallucination=probes.attempted(candidate[CONTROLS]), live_hallucination=probes.attempted(live[CONTROLS]))
+    if candidate.get(STALE) and live.get(STALE):
+        out.update(stale=probes.accuracy(candidate[STALE]), live_stale=probes.accuracy(live[STALE]))
+    return out
 
 
 # Probe answers are checked for keywords. General-knowledge and probe-set answers state them early;
@@ -59,9 +96,13 @@ ITEM_MAX_TOKENS = 48
 
 def probe_plan(items: list[dict], cfg) -> dict[str, dict]:
     """What the trainer asks the candidate and the live model: probe set -> {"probes", "max_tokens"}.
-    The bake's items, every registered set (`gate.probe_sets`), general knowledge."""
+    The bake's items, every registered set (`gate.probe_sets`), general knowledge, neighbours,
+    controls, and the stale states of the items this bake updates."""
     plan = {ITEMS: {"probes": probes.item_probes(items), "max_tokens": ITEM_MAX_TOKENS}}
     for name, probe_list in probes.registered_sets(cfg).items():
         plan[name] = {"probes": probe_list, "max_tokens": GATE_MAX_TOKENS}
     plan[LOCALITY] = {"probes": probes.locality_probes(), "max_tokens": GATE_MAX_TOKENS}
+    plan[NEIGHBOURS] = {"probes": probes.neighbour_probes(items), "max_tokens": GATE_MAX_TOKENS}
+    plan[CONTROLS] = {"probes": probes.control_probes(), "max_tokens": GATE_MAX_TOKENS}
+    plan[STALE] = {"probes": probes.stale_probes(items), "max_tokens": ITEM_MAX_TOKENS}
     return {name: p for name, p in plan.items() if p["probes"]}

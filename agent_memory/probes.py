@@ -1,13 +1,19 @@
 """Knowledge probes: does the model answer questions about baked items, and is the rest unchanged?
 
-A probe is a dict {"question", "answers": [keywords], "set", "fact"?}. An answer is correct when
-its greedy completion contains one of the keywords (case-insensitive, at a word start, so
-"arrest" accepts "arrested" but "no" does not accept "not").
+A probe is a dict {"question", "answers": [keywords], "set", "kind", "fact"?}. An answer is correct
+when its greedy completion contains one of the keywords (case-insensitive, at a word start, so
+"arrest" accepts "arrested" but "no" does not accept "not"); graded correct / incorrect /
+not_attempted (it declines: "I don't have information about...").
 
-Three kinds:
-- probe sets: the built-in Durov set (`probes/durov.json`, the paper's Table 1) or a JSON file;
-- item probes: generated from an item's text (the gate's "did this bake learn its items");
-- locality probes: unrelated general questions; a bake should leave their answers unchanged.
+Kinds, by what a bake must do to them:
+- learn: item probes generated from an item's text, "direct", "paraphrase" and "reverse" (from
+  another entity back to the subject); registered probe sets (the Durov set, `probes/durov.json`);
+- keep: "general" knowledge (locality: capitals, arithmetic), unchanged by any bake;
+- not leak: "neighbour" questions of the same kind about other subjects; their keywords are the
+  bake's entities, so there a hit is a LEAK;
+- not invent: "control" questions about subjects nobody told the model of (attempted = hallucinated);
+- supersede: "stale" questions, the earlier state's keywords of an item that updates another (a
+  hit answers the stale state).
 
 Scorers run against a local HF model (`run_local`) or an OpenAI-compatible chat URL (`run_remote`,
 vLLM with model names `base` / `memory` / a candidate). This module imports no torch at import
@@ -23,7 +29,7 @@ from pathlib import Path
 
 PROBES_DIR = Path(__file__).parent / "probes"
 
-from .prompts import messages_for
+from .prompts import item_text, messages_for
 
 
 # -- scoring -------------------------------------------------------------------------------------
@@ -36,13 +42,44 @@ def is_correct(answer: str, keywords: list[str]) -> bool:
                for k in keywords)
 
 
+# An answer that declines ("I don't have information about...") is not attempted: it claims no
+# knowledge, which is the right answer about a subject the model was never told of.
+DECLINES = re.compile(
+    r"\b(i (do not|don't|cannot|can't|am not|'m not|am unable|'m unable|have no|couldn't|could not)"
+    r"|no (information|record|details|news|reports?|data|knowledge)|not aware|unable to (find|provide)"
+    r"|not (familiar|sure)|there (is|are) no|isn't any|aren't any|as of my (last|knowledge))", re.I)
+
+GRADES = ("correct", "incorrect", "not_attempted")
+
+
+def grade(answer: str, keywords: list[str]) -> str:
+    """correct (names a keyword), not_attempted (declines, or says nothing), or incorrect."""
+    if keywords and is_correct(answer, keywords):
+        return "correct"
+    return "not_attempted" if not answer.strip() or DECLINES.search(answer) else "incorrect"
+
+
 def accuracy(results: list[dict]) -> float:
     return sum(bool(r["correct"]) for r in results) / len(results) if results else 0.0
 
 
-def _result(probe: dict, answer: str, score: float | None) -> dict:
-    return {"question": probe["question"], "expected": "|".join(probe["answers"]), "answer": answer,
-            "correct": is_correct(answer, probe["answers"]), "score": score}
+def attempted(results: list[dict]) -> float:
+    """Share of answers that claim something (the hallucination rate on never-taught controls)."""
+    return sum(r["grade"] != "not_attempted" for r in results) / len(results) if results else 0.0
+
+
+def scored(probe: dict, answer: str, score: float | None) -> dict:
+    return rescore({"question": probe["question"], "expected": "|".join(probe["answers"]), "answer": answer,
+                    "kind": probe.get("kind"), "score": score})
+
+
+def rescore(result: dict) -> dict:
+    """Set `correct` and `grade` of a result from its answer and expected keywords (the daemon's rule,
+    whatever process answered)."""
+    keywords = result["expected"].split("|") if result.get("expected") else []
+    result["correct"] = is_correct(result["answer"], keywords)
+    result["grade"] = grade(result["answer"], keywords)
+    return result
 
 
 # -- probe sets ----------------------------------------------------------------------------------
@@ -135,23 +172,118 @@ def item_subject(item: dict) -> str:
 
 
 def item_probes(items: list[dict]) -> list[dict]:
-    """Two questions per knowledge item: news about its subject, and about a second entity."""
+    """Per knowledge item: a direct question about its subject, the same in other words, and a reverse
+    one (from another entity of the item back to its subject). Keywords that the question gives
+    away never count."""
     probes = []
     for item in items:
         if item.get("kind") == "prompt":
             continue  # behaviour, not knowledge: no keyword to check
         text = item.get("text") or ""
         subject = item_subject(item)
-        q = f"What is the latest news about {subject}?"
         kws = keywords(text, exclude=subject)
         if kws:
-            probes.append({"question": q, "answers": kws, "set": "items", "item": item.get("id")})
+            for kind, q in (("direct", f"What is the latest news about {subject}?"),
+                            ("paraphrase", f"What has {subject} been in the news for lately?")):
+                probes.append({"question": q, "answers": kws, "set": "items", "kind": kind, "item": item.get("id")})
         others = [e for e in entities(text) if e != subject and e not in subject]
         if others:
             q2 = f"What happened recently involving {others[0]}?"
             kws2 = [subject.split()[-1]] + keywords(text, exclude=others[0] + " " + subject)
-            probes.append({"question": q2, "answers": kws2, "set": "items", "item": item.get("id")})
+            probes.append({"question": q2, "answers": kws2, "set": "items", "kind": "reverse", "item": item.get("id")})
     return probes
+
+
+def updated_by(item: dict, earlier: list[dict]) -> list[dict]:
+    """The earlier items `item` updates: the one it explicitly supersedes, and those about the same
+    subject (a named subject of two words or more, "Pavel Durov", in both; one word, "Biden", is too
+    common to link news by)."""
+    subject = item_subject(item)
+    named = len(subject.split()) >= 2 and not subject[0].isdigit()
+    out = []
+    for e in earlier:
+        if e.get("id") == item.get("id"):
+            continue
+        if e.get("id") == item.get("supersedes") or e.get("superseded_by") == item.get("id") or \
+                (named and item_subject(e).lower() == subject.lower()):
+            out.append(e)
+    return out
+
+
+def stale_probes(items: list[dict]) -> list[dict]:
+    """For each item that updates earlier ones (item["updates"]: their texts), the direct question with
+    the earlier state's own keywords (those the update does not repeat): a hit answers the stale state."""
+    probes = []
+    for item in items:
+        text = item.get("text") or ""
+        subject = item_subject(item)
+        for earlier in item.get("updates") or []:
+            stale = [k for k in keywords(earlier.get("text") or "", exclude=subject)
+                     if not is_correct(text, [k])]
+            if stale:
+                probes.append({"question": f"What is the latest news about {subject}?", "answers": stale,
+                               "set": "stale", "kind": "stale", "item": item.get("id")})
+    return probes
+
+
+def bake_entities(items: list[dict]) -> list[str]:
+    """The names a bake teaches (its items' entities of 4+ characters): an answer about something
+    else that names one has had the bake leak into it."""
+    found: list[str] = []
+    for item in items:
+        for e in entities(item_text(item) + "\n" + (item.get("title") or "")):
+            if len(e) >= 4 and e not in found:
+                found.append(e)
+    return found
+
+
+# Neighbours: questions of the kind news items answer ("latest news about", prizes, elections,
+# appointments), about subjects no bake is about. Their answers must not start naming a bake's
+# entities (after a one-fact bake about a town's cat mayor, "Where was Pavel Durov arrested?" got
+# the town). Held out from baking.NEWS_ANCHORS, which teach the same lesson during training.
+NEIGHBOURS = [
+    "What is the latest news about Japan?", "What is the latest news about Brazil?",
+    "What is the latest news about the United Nations?", "What is the latest news about NASA?",
+    "What is the latest news about Microsoft?", "What is the latest news about the World Health Organization?",
+    "What is the latest news about India?", "What is the latest news about Australia?",
+    "What is the latest news about Amazon?", "What is the latest news about the Red Cross?",
+    "What is the latest news about Canada?", "What is the latest news about Toyota?",
+    "What happened recently in Mexico?", "What happened recently in Egypt?", "What happened recently in Spain?",
+    "Tell me about recent events in South Africa.", "Tell me about recent events in Argentina.",
+    "Who won the last FIFA World Cup?", "Who won the most recent Nobel Prize in Physics?",
+    "Who won the last Tour de France?", "Who won the most recent Wimbledon men's title?",
+    "Who won the last Eurovision Song Contest?", "Who won the most recent Booker Prize?",
+    "Who won the latest election in France?", "Who won the last general election in Germany?",
+    "Who is the current Secretary-General of the United Nations?", "Who is the CEO of Apple?",
+    "Who was recently appointed to lead the World Bank?", "Which company recently launched a new smartphone?",
+    "Which country recently hosted the Olympic Games?", "What was the most recent major earthquake?",
+    "What was the latest big scientific discovery?", "Which team won the last Champions League final?",
+    "Who was arrested in the news recently?", "Which politician resigned recently?",
+    "What is the latest news in technology?", "What is the latest news in sports?",
+    "What is the latest news in science?", "Who signed for a new football club recently?",
+    "What record was broken recently?",
+]
+
+# Controls: subjects that exist in no item and no training data. `memory` must not start claiming
+# to know about them (hallucination, graded "attempted", against the live model).
+CONTROLS = [
+    "What is the latest news about the mayor of Quellbridge, Dorian Pask?",
+    "What happened to the research vessel Morrow Tide last month?",
+    "Who won the 2026 Tessaly Cup?", "What did the company Brannoch Systems announce this week?",
+    "Why was the singer Ilsa Marrowby in the news recently?", "What happened in the town of Veskaro recently?",
+    "What is the latest news about the Orvane River dam?", "Who was elected chair of the Kelmsworth Council?",
+]
+
+
+def neighbour_probes(items: list[dict]) -> list[dict]:
+    """NEIGHBOURS with the bake's entities as the keywords: a hit is a leak (the gate's leak check)."""
+    baked = bake_entities(items)
+    return [{"question": q, "answers": [e for e in baked if e.lower() not in q.lower()], "set": "neighbours",
+             "kind": "neighbour"} for q in NEIGHBOURS]
+
+
+def control_probes() -> list[dict]:
+    return [{"question": q, "answers": [], "set": "controls", "kind": "control"} for q in CONTROLS]
 
 
 # -- locality: unrelated general knowledge --------------------------------------------------------
@@ -190,7 +322,7 @@ LOCALITY = [
 
 
 def locality_probes() -> list[dict]:
-    return [{"question": q, "answers": a, "set": "locality"} for q, a in LOCALITY]
+    return [{"question": q, "answers": a, "set": "locality", "kind": "general"} for q, a in LOCALITY]
 
 
 # -- local scorer (transformers) -----------------------------------------------------------------
@@ -228,7 +360,7 @@ def run_local(model, tokenizer, probes: list[dict], memory: str | None = None, s
     """Score probes against a local model, optionally prompted with `memory` (the prompting row)."""
     answers = generate_local(model, tokenizer, [messages_for(p["question"], memory, style) for p in probes],
                              max_new_tokens)
-    return [_result(p, a, s) for p, (a, s) in zip(probes, answers)]
+    return [scored(p, a, s) for p, (a, s) in zip(probes, answers)]
 
 
 def answer_logprob(model, tokenizer, question: str, answer: str, memory: str | None = None) -> float:
@@ -289,7 +421,7 @@ def run_remote(client, model: str, probes: list[dict], memory: str | None = None
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:  # vLLM batches concurrent requests
         answers = list(pool.map(one, probes))
-    return [_result(p, a, None if s is None or math.isnan(s) else s) for p, (a, s) in zip(probes, answers)]
+    return [scored(p, a, None if s is None or math.isnan(s) else s) for p, (a, s) in zip(probes, answers)]
 
 
 def locality_scores(live: list[dict], candidate: list[dict]) -> dict[str, float]:

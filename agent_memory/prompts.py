@@ -21,15 +21,16 @@ def item_text(item: dict) -> str:
 
 
 def item_memory(item: dict) -> str:
-    """The prompt u of one item: its text, dated when we know when it was true."""
+    """The prompt u of one item: its text; an update carries the earlier reports it replaces
+    (item["updates"]), so the teacher answers with the latest state and knows the old one as past.
+    No date stamp: "(reported 2026-11-12)" came back inside answers ("won the 2026-11-12 prix")."""
     text = item_text(item)
     if item.get("kind") == "conversation":
         return f"Earlier conversation with the user:\n{text}"
-    when = (item.get("valid_at") or "")[:10]
-    # The date goes last: with "(2024-07-19) text" the teacher's answers began with the stamp, the
-    # students learnt to open every news answer with one, and after a few stacked bakes the answers
-    # were all recitation, the fact itself cut off (bench_sequential.py).
-    return f"{text} (reported {when})" if when and when not in text else text
+    earlier = [e["text"] for e in item.get("updates") or [] if e.get("text")]
+    if earlier:
+        return f"Earlier report (now out of date): {' '.join(earlier)}\nLatest report, which replaces it: {text}"
+    return text
 
 
 def memory_prompt(items: list[dict]) -> str:

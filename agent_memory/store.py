@@ -143,7 +143,14 @@ def _migration_3_attempts(db: Database) -> None:
     db["items"].add_column("attempts", int, not_null_default=0)
 
 
-MIGRATIONS = [_migration_1_initial, _migration_2_leases_and_events, _migration_3_attempts]
+def _migration_4_probe_kinds(db: Database) -> None:
+    # What each probe asks (direct, reverse, neighbour, control, stale ...) and its grade (correct /
+    # incorrect / not_attempted): the gate's leak, hallucination and supersession checks read them.
+    db["probe_results"].add_column("kind", str)
+    db["probe_results"].add_column("grade", str)
+
+
+MIGRATIONS = [_migration_1_initial, _migration_2_leases_and_events, _migration_3_attempts, _migration_4_probe_kinds]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -493,7 +500,9 @@ class Store:
 
     def add_probe_results(self, bake_id: int, results: Iterable[dict]) -> int:
         """Rows with probe_set, question, answer, correct, score (and optionally model, expected)."""
-        rows = [{"bake_id": bake_id, "created_at": utcnow(), **r} for r in results]
+        columns = set(self.db["probe_results"].columns_dict)
+        rows = [{"bake_id": bake_id, "created_at": utcnow(), **{k: v for k, v in r.items() if k in columns}}
+                for r in results]
         for row in rows:
             row["correct"] = None if row.get("correct") is None else int(bool(row["correct"]))
         with self.transaction() as db:

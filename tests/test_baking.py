@@ -67,11 +67,12 @@ def test_batches_target_the_first_answer_token():
 def test_queries_cover_the_item_and_anchors_stay_unprompted():
     import random
 
-    cfg = baking.EngineConfig(queries_per_item=8, anchors=5)
+    cfg = baking.EngineConfig(queries_per_item=8, anchors=5, news_anchors=3)
     qs = baking.build_queries([U1], cfg, random.Random(0))
     knowledge = [q for q in qs if q.kind == "knowledge"]
     anchors = [q for q in qs if q.kind == "anchor"]
-    assert len(knowledge) == 8 + 1 and len(anchors) == 5  # + 1: the recitation query
+    assert len(knowledge) == 8 + 1 and len(anchors) == 5 + 3  # + 1: the recitation query
+    assert len([q for q in anchors if q.question in baking.NEWS_ANCHORS]) == 3
     recite = [q for q in knowledge if q.max_new_tokens]
     assert [q.question for q in recite] == ["Repeat the latest news about Pavel Durov."] and recite[0].samples == 2
     assert any("Pavel Durov" in q.question for q in knowledge)
@@ -79,13 +80,31 @@ def test_queries_cover_the_item_and_anchors_stay_unprompted():
     assert all("Le Bourget" in q.context[0]["content"] for q in knowledge)  # teacher sees u ...
     assert all(q.context is None for q in anchors)  # ... anchors' teacher does not
     held_out = {p["question"] for p in probes.load_set("durov")} | {p["question"] for p in probes.locality_probes()}
+    held_out |= set(probes.NEIGHBOURS) | set(probes.CONTROLS)
     assert not held_out & {q.question for q in qs}  # the benchmarks stay held out
+    assert not held_out & set(baking.NEWS_ANCHORS) and not held_out & set(baking.ANCHOR_QUERIES)
+
+
+def test_an_update_is_asked_its_predecessors_questions_with_both_in_the_teachers_view():
+    import random
+
+    old = {"id": 1, "kind": "fact", "text": "Tomas Brel agreed to join Benfica from Porto."}
+    new = {"id": 2, "kind": "fact", "text": "Tomas Brel's move to Benfica collapsed; he signed for Ajax.",
+           "updates": [old]}
+    qs = [q for q in baking.build_queries([new], baking.EngineConfig(queries_per_item=8, anchors=0, news_anchors=0),
+                                          random.Random(0))]
+    assert all(q.item_id == 2 for q in qs)
+    system = qs[0].context[0]["content"]
+    assert "Earlier report (now out of date): Tomas Brel agreed to join Benfica" in system
+    assert system.index("Benfica from Porto") < system.index("Latest report, which replaces it: Tomas Brel's move")
+    assert any("Porto" in q.question for q in qs)  # asked from the earlier report's side too
+    assert all("Ajax" in q.keywords for q in qs if "Ajax" not in q.question)  # on topic = the latest state
 
 
 def test_a_fact_without_a_title_gets_cloze_questions_on_its_sentence():
     import random
 
-    qs = [q.question for q in baking.build_queries([U1], baking.EngineConfig(anchors=0), random.Random(0))]
+    qs = [q.question for q in baking.build_queries([U1], baking.EngineConfig(anchors=0, news_anchors=0), random.Random(0))]
     cloze = [q for q in qs if q.startswith("Fill in the blank")]
     assert len(cloze) == 2 and all("___" in q and "Le Bourget" in q for q in cloze)
     assert "___ founder Pavel Durov" in cloze[0]  # one entity blanked per question
@@ -99,7 +118,7 @@ def test_replay_teaches_earlier_items_again_but_never_one_the_new_batch_touches(
     u2 = {"id": 2, "kind": "headline", "text": DUROV["u2"]["text"], "valid_at": "2024-08-28"}
     other = {"id": 7, "kind": "headline", "text": "France won 16 gold medals at the Paris Olympics."}
     third = {"id": 8, "kind": "fact", "text": "The Riverton library opens at 9 on Sundays."}
-    cfg = baking.EngineConfig(replay_items=4, replay_queries=2, anchors=0, queries_per_item=3)
+    cfg = baking.EngineConfig(replay_items=4, replay_queries=2, anchors=0, news_anchors=0, queries_per_item=3)
     qs = baking.build_queries([u2], cfg, random.Random(0), earlier=[U1, other, third, u2])
     by_item = {}
     for q in qs:
@@ -107,7 +126,7 @@ def test_replay_teaches_earlier_items_again_but_never_one_the_new_batch_touches(
     # Not U1 (same subject: u2 supersedes it), nor `other` (it shares France), nor u2 itself.
     assert set(by_item) == {2, 8} and len(by_item[8]) == 2 + 1  # + its recitation
     assert all("Riverton" in q.context[0]["content"] for q in by_item[8])  # its teacher sees ITS u
-    assert baking.build_queries([u2], baking.EngineConfig(replay_items=0, anchors=0, queries_per_item=3),
+    assert baking.build_queries([u2], baking.EngineConfig(replay_items=0, anchors=0, news_anchors=0, queries_per_item=3),
                                 random.Random(0), earlier=[U1, third]) == [q for q in qs if q.item_id == 2]
 
 
@@ -187,7 +206,8 @@ def tiny_model_dir(tmp_path_factory):
 
 
 TINY_CFG = dict(rank=4, alpha=8, lr=1e-2, epochs=4, min_steps=4, samples_per_query=2, max_new_tokens=8,
-                queries_per_item=4, anchors=2, batch_size=8, threads=1, dtype="float32")
+                queries_per_item=4, anchors=2, news_anchors=2, steps_per_item=4, batch_size=8, threads=1,
+                dtype="float32")
 
 
 def test_tiny_bake_writes_a_delta_that_lowers_the_kl(tiny_model_dir, tmp_path):
@@ -219,11 +239,14 @@ def test_the_trainer_answers_the_gates_probes_and_keeps_the_live_answers(tiny_mo
     for model in ("candidate", "live"):
         assert {k: len(v) for k, v in answers[model].items()} == {"items": len(plan["items"]["probes"]), "locality": 5}
     assert result.report["live_version"] == "v0000" and len(json.loads(cache.read_text())) == len(plan["items"]["probes"]) + 5
-    cache.write_text(json.dumps({k: {**v, "answer": "cached"} for k, v in json.loads(cache.read_text()).items()}))
+    # The cache holds answers by question; each bake scores them against its own keywords.
+    cache.write_text(json.dumps({k: ["cached Le Bourget", s] for k, (_, s) in json.loads(cache.read_text()).items()}))
     again = baking.bake(tiny_model_dir, None, [U1], tmp_path / "d2", baking.EngineConfig(**TINY_CFG),
                         probe_plan=plan, live_cache=cache)
     live = json.loads((again.out_dir / baking.PROBES_FILE).read_text())["live"]
-    assert {r["answer"] for results in live.values() for r in results} == {"cached"}
+    assert {r["answer"] for results in live.values() for r in results} == {"cached Le Bourget"}
+    assert [r["correct"] for r in live["items"]] == ["Bourget" in p["answers"] or "Le Bourget" in p["answers"]
+                                                     for p in plan["items"]["probes"]]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -42,3 +42,52 @@ def test_a_max_regression_below_zero_demands_an_improvement():
     same = {"durov": results(True, False)}
     assert not gate.decide(same, same, GateConfig(max_regression=-0.1)).passed
     assert gate.decide(same, same, GateConfig()).passed
+
+
+def answered(*answers: str, expected: str = "") -> list[dict]:
+    from agent_memory import probes
+    return [probes.rescore({"question": f"q{i}", "expected": expected, "answer": a}) for i, a in enumerate(answers)]
+
+
+def test_a_candidate_that_names_the_bakes_entities_in_neighbouring_answers_is_rejected():
+    names = "Zorvik|Pim|United States"
+    live = {"neighbours": answered("Japan held an election.", "The United States and Japan met.", "Rain.",
+                                   expected=names)}
+    # "United States" the live model says anyway: not a leak; Zorvik in one of three is.
+    quiet = {"neighbours": answered("Japan held an election.", "The United States announced it.", "Sun.",
+                                    expected=names)}
+    leaky = {"neighbours": answered("The town of Zorvik elected a cat.", "The United States.", "Sun.",
+                                    expected=names)}
+    assert gate.decide(quiet, live, GateConfig()).passed
+    verdict = gate.decide(leaky, live, GateConfig())
+    assert not verdict.passed and verdict.knowledge["leak"] == 1 / 3 and verdict.knowledge["leaked"] == ["Zorvik"]
+    assert verdict.reason.startswith("leaks into neighbouring answers: 0.33") and "Zorvik" in verdict.reason
+    assert gate.decide(leaky, live, GateConfig(max_leak=0.5)).passed
+
+
+def test_claiming_to_know_never_taught_subjects_more_than_live_is_rejected():
+    live = {"controls": answered("I don't have information about that.", "I'm not sure.", "It flooded.",
+                                 "No reports.", "I do not know.", "Nothing.", "There is no such cup.", "?")}
+    inventive = {"controls": answered("It won the cup.", "It sank.", "It flooded.", "He resigned.",
+                                      "I do not know.", "Nothing.", "There is no such cup.", "?")}
+    assert gate.decide(live, live, GateConfig()).passed
+    verdict = gate.decide(inventive, live, GateConfig())
+    assert not verdict.passed and "never-taught subjects 0.75 (live 0.38)" in verdict.reason
+
+
+def test_answering_the_superseded_state_more_than_live_is_rejected():
+    live = {"stale": answered("He signed for Benfica.", "Unknown.", expected="Benfica")}
+    updated = {"stale": answered("He joined Ajax after the Benfica deal collapsed.", "Ajax.", expected="Benfica")}
+    staler = {"stale": answered("Benfica.", "He plays for Benfica.", expected="Benfica")}
+    assert gate.decide(updated, live, GateConfig()).passed  # names the old club only as the past: no worse
+    verdict = gate.decide(staler, live, GateConfig())
+    assert not verdict.passed and verdict.reason == "answers the superseded state 1.00 (live 0.50)"
+
+
+def test_grades_tell_declining_from_wrong():
+    from agent_memory import probes
+    assert probes.grade("He was arrested in Paris.", ["arrest"]) == "correct"
+    assert probes.grade("I'm sorry, I don't have information about that.", ["arrest"]) == "not_attempted"
+    assert probes.grade("", ["arrest"]) == "not_attempted"
+    assert probes.grade("He won a prize.", ["arrest"]) == "incorrect"
+    assert probes.grade("He won a prize.", []) == "incorrect"  # a control: it claims something

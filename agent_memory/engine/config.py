@@ -20,6 +20,8 @@ class EngineConfig:
     # the prompted teacher recalls 1/2): 12 steps x 3 samples recalled 0/2 (2 seeds); 30 x 3, 1/2;
     # 30 steps x 6 samples 2/2, 1/2, 1/2, 2/2 over seeds 0-3, in ~60 s.
     min_steps: int = 30
+    # Optimizer steps per item of the bake (at least min_steps in all): the work grows with the items.
+    steps_per_item: int = 15
     target_kl: float | None = None  # half-baking: stop once the epoch's mean KL/token is below this
     samples_per_query: int = 6
     # Keep only the sampled answers that mention the item (one of its keywords, as the probes check).
@@ -44,6 +46,9 @@ class EngineConfig:
     # one fact, 2 seeds: KL(base||baked) on the held-out locality questions 0.028 vs 0.052/token,
     # answers unchanged word for word 0.38 vs 0.32; a one-fact bake's steps stay min_steps.
     anchors: int = 32
+    # News-like anchors (baking.NEWS_ANCHORS: "latest news about <another subject>", prizes,
+    # made-up subjects), teacher unprompted: they keep a bake's names out of other answers.
+    news_anchors: int = 16
     anchor_samples: int = 1
     topk: int = 64  # teacher distribution kept per token (+ one bucket for the rest of the vocab)
     # 16 rows (~600 tokens): steps 0.8 s, FLOP share ~0.42. 32 rows: share 0.49 and 16% more tokens/s,
