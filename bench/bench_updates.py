@@ -1,0 +1,100 @@
+"""Updates that supersede: a feed baked in two rounds, the second carrying updates of the first. Not a test.
+
+    .venv/bin/python bench/bench_updates.py [--quick] [--seeds 1] [--link auto|explicit|none]
+
+Data: bench/data/updates.json, 12 fictional stories, each an earlier report and a later one that
+changes the state (a transfer that collapsed, a resignation, a re-dating...), with a question about
+the current state (`new` keywords right, `stale` keywords the old answer) and one about the past.
+Round 1 bakes every earlier report in one bake; round 2 bakes every later report in one bake on top
+of it, as the daemon stacks deltas. How round 2 knows which items it updates (--link):
+  auto      as the daemon links a feed's items: probes.updated_by (same named subject)
+  explicit  every pair linked, as `remember --supersedes` does
+  none      no link: the later reports baked as unrelated news (what the daemon did before)
+After round 2, greedy and without context: latest state answered (target >= 0.8), stale answer
+given (target <= 0.1), the past question answered. After round 1 the same questions show what the
+model had learnt to say before the update.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+from common import PREPARED_MODEL, Report, context, load_model, log, parser
+from knowledge import TOKENS, bake, interval, load
+
+from agent_memory import hardware, probes
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--link", action="append", choices=["auto", "explicit", "none"], default=None,
+                   help="how round 2 links its updates (repeatable; default: auto and none)")
+    args = p.parse_args(argv)
+    import torch
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(hardware.idle_cores())
+    pairs = load("updates")["pairs"][: 4 if args.quick else None]
+    links = args.link or ["auto", "none"]
+    tok = AutoTokenizer.from_pretrained(PREPARED_MODEL)
+    report = Report("updates", f"Updates that supersede: {len(pairs)} stories baked in two rounds", context(0, args.quick))
+    work = Path(tempfile.mkdtemp(prefix="bench-updates-"))
+    before = [{"id": i + 1, "kind": "fact", "text": p["before"]["text"], "valid_at": p["before"]["valid_at"],
+               "source": "bench"} for i, p in enumerate(pairs)]
+    rows = []
+    for seed in range(args.seeds):
+        config = {"seed": seed}
+        first = bake(before, work / f"round1-s{seed}", config)
+        after_round1 = ask(load_model([first["dir"]]), tok, pairs)
+        rows.append(["after round 1", seed, "-", *scores(after_round1), first["wall_s"], "-"])
+        for link in links:
+            after = [{"id": 100 + i, "kind": "fact", "text": p["after"]["text"], "valid_at": p["after"]["valid_at"],
+                      "source": "bench", "supersedes": i + 1 if link == "explicit" else None}
+                     for i, p in enumerate(pairs)]
+            linked = 0
+            for item in after:
+                updates = probes.updated_by(item, before) if link != "none" else []
+                item["updates"] = [{"id": u["id"], "text": u["text"], "valid_at": u["valid_at"]} for u in updates]
+                linked += bool(updates)
+            second = bake(after, work / f"round2-{link}-s{seed}", config, live_adapter=first["dir"], earlier=before)
+            results = ask(load_model([first["dir"], second["dir"]]), tok, pairs)
+            rows.append([f"after round 2, link {link}", seed, f"{linked}/{len(pairs)}", *scores(results),
+                         second["wall_s"], examples(results)])
+            log(f"seed {seed} link {link}: {scores(results)}")
+    n = len(pairs)
+    report.table(f"{n} update pairs, greedy answers without context",
+                 ["model", "seed", "pairs linked", "latest state", "95% Wilson", "stale answer", "95% Wilson",
+                  "past answered", "bake s", "examples (question -> answer)"],
+                 [r[:3] + [r[3], interval(r[3], n), r[4], interval(r[4], n), r[5]] + r[6:] for r in rows],
+                 note="Targets (after round 2): latest state >= 0.8, stale answer <= 0.1. `stale answer` counts answers "
+                      "naming the old state's keywords without the new state's.")
+    report.finish()
+    return 0
+
+
+def ask(model, tok, pairs: list[dict]) -> list[dict]:
+    """Each pair's current-state and past questions, greedy, graded against the new, stale and past keywords."""
+    current = probes.run_local(model, tok, [{"question": p["question"], "answers": p["new"]} for p in pairs],
+                               max_new_tokens=TOKENS)
+    past = probes.run_local(model, tok, [{"question": p["past_question"], "answers": p["past"]} for p in pairs],
+                            max_new_tokens=TOKENS)
+    return [{"question": p["question"], "answer": c["answer"], "latest": c["correct"],
+             "stale": probes.is_correct(c["answer"], p["stale"]) and not c["correct"], "past": q["correct"]}
+            for p, c, q in zip(pairs, current, past)]
+
+
+def scores(results: list[dict]) -> list[float]:
+    n = len(results)
+    return [sum(r["latest"] for r in results) / n, sum(r["stale"] for r in results) / n,
+            sum(r["past"] for r in results) / n]
+
+
+def examples(results: list[dict]) -> str:
+    return " / ".join(f"{r['question']} -> {r['answer'][:70]}" for r in results[:2])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""What the knowledge benchmarks share: held-out fictional news (bench/data/), bakes in a subprocess
+as the daemon runs them, and one evaluator for recall by probe kind, leaks and hallucination.
+
+Not a benchmark itself (bench_knowledge.py, bench_updates.py use it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import BENCH, PREPARED_MODEL, log, wilson
+
+from agent_memory import probes
+
+DATA = BENCH / "data"
+TOKENS = 48  # as the gate's item probes: a news answer takes a sentence to get to the point
+
+
+def load(name: str) -> dict:
+    return json.loads((DATA / f"{name}.json").read_text())
+
+
+def as_item(entry: dict, kind: str = "fact") -> dict:
+    """A data entry as the daemon would queue it (a posted fact)."""
+    return {"id": entry["id"], "kind": kind, "text": entry["text"], "valid_at": entry.get("valid_at"),
+            "title": None, "source": "bench"}
+
+
+def bake(items: list[dict], out_dir: Path, config: dict, live_adapter: Path | None = None,
+         earlier: list[dict] = ()) -> dict:
+    """One bake through `python -m agent_memory.baking JOB.json`, the daemon's trainer subprocess;
+    returns bake.json plus wall seconds and the trainer's peak RSS (GiB, from wait4)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    job = out_dir.with_suffix(".job.json")
+    job.write_text(json.dumps({"model_dir": str(PREPARED_MODEL), "live_adapter": str(live_adapter) if live_adapter else None,
+                               "items": items, "out_dir": str(out_dir), "config": config, "earlier": list(earlier)}))
+    started = time.monotonic()
+    process = subprocess.Popen([sys.executable, "-m", "agent_memory.baking", str(job)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail = []
+    for line in process.stdout:
+        tail = (tail + [line.rstrip()])[-20:]
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"bake failed ({process.returncode}):\n" + "\n".join(tail))
+    report = json.loads((out_dir / "bake.json").read_text())
+    report.update(wall_s=time.monotonic() - started, peak_rss_gib=usage.ru_maxrss / 2**20, dir=out_dir)
+    log(f"baked {len(items)} items in {report['wall_s']:.0f} s ({report['steps']} steps, "
+        f"timings {report['timings']}, peak RSS {report['peak_rss_gib']:.2f} GiB)")
+    return report
+
+
+def item_probes(entries: list[dict]) -> list[dict]:
+    """The data's own questions about these entries, each with its kind and item id."""
+    return [{"question": p["question"], "answers": p["answers"], "kind": p["kind"], "fact": e["id"]}
+            for e in entries for p in e["probes"]]
+
+
+class Evaluator:
+    """Greedy answers of a model to the items' questions, the neighbour questions and the controls.
+
+    recall by kind; leak = share of neighbour answers naming an entity of the baked items (the same
+    count for the base model is the floor: names it would say anyway); hallucination = share of
+    control answers that claim something (probes.grade: not "I don't know")."""
+
+    def __init__(self, base, tokenizer, data: dict):
+        self.tok, self.data = tokenizer, data
+        self.neighbours = [{"question": n["question"], "answers": [], "kind": "neighbour"} for n in data["neighbours"]]
+        self.controls = [{"question": c["question"], "answers": [], "kind": "control"} for c in data["controls"]]
+        self.base_neighbours = self._ask(base, self.neighbours)
+        self.base_controls = self._ask(base, self.controls)
+
+    def _ask(self, model, probe_list: list[dict], memory: str | None = None) -> list[dict]:
+        return [{**p, **r} for p, r in zip(probe_list, probes.run_local(model, self.tok, probe_list, memory=memory,
+                                                                         max_new_tokens=TOKENS))]
+
+    def recall(self, model, entries: list[dict], memory=None) -> list[dict]:
+        """Results of the entries' questions; `memory`: a context for all (str) or per item (callable)."""
+        probe_list = item_probes(entries)
+        if callable(memory):
+            out = []
+            for e in entries:
+                out += self._ask(model, [p for p in probe_list if p["fact"] == e["id"]], memory(e))
+            return out
+        return self._ask(model, probe_list, memory)
+
+    def side_effects(self, model, baked: list[dict]) -> dict:
+        """leak (memory and base) on the neighbours, hallucination (memory and base) on the controls."""
+        names = probes.bake_entities(baked)
+
+        def leak(results):
+            hits = [r for r in results if any(probes.is_correct(r["answer"], [n]) for n in names
+                                              if n.lower() not in r["question"].lower())]
+            return len(hits) / len(results), hits
+
+        memory_leak, examples = leak(self._ask(model, self.neighbours))
+        base_leak, _ = leak(self.base_neighbours)
+        controls = self._ask(model, self.controls)
+        return {"leak": memory_leak, "base_leak": base_leak, "neighbours": len(self.neighbours),
+                "leak_examples": [f"{r['question']} -> {r['answer'][:90]}" for r in examples[:3]],
+                "hallucination": probes.attempted(controls), "base_hallucination": probes.attempted(self.base_controls),
+                "controls": len(self.controls)}
+
+
+def by_kind(results: list[dict]) -> dict[str, float]:
+    kinds = sorted({r["kind"] for r in results})
+    return {k: probes.accuracy([r for r in results if r["kind"] == k]) for k in kinds} | {"all": probes.accuracy(results)}
+
+
+def interval(p: float, n: int) -> str:
+    return "{:.2f}-{:.2f}".format(*wilson(p, n))
