@@ -24,7 +24,7 @@ SECRET_TEXT = "Pavel Durov keeps his passwords in a notebook."
 
 
 class FakeBakery:
-    """Records what the API asks of the bakery; `fail` is raised by rollback."""
+    """Records what the API asks of the bakery and of history; `fail` is raised by rollback."""
 
     def __init__(self):
         self.requests: list[tuple[str, dict | None]] = []
@@ -41,7 +41,7 @@ class FakeBakery:
 @pytest.fixture
 def bakery(api, store):
     fake = FakeBakery()
-    api.app.state.daemon.bakery = fake
+    api.app.state.bakery = api.app.state.history = fake
     store.create_bake(status="queued")
     return fake
 
@@ -183,11 +183,10 @@ def test_other_host_names_are_refused_on_loopback(api, host):
 
 
 def test_host_is_not_checked_when_serving_beyond_loopback(cfg, store):
-    from agent_memory.api import create_app
-    from conftest import StubDaemon
+    from conftest import stub_app
 
     cfg.api.host = "0.0.0.0"
-    client = TestClient(create_app(StubDaemon(cfg, store)), base_url="http://memory.lan:8700",
+    client = TestClient(stub_app(cfg, store), base_url="http://memory.lan:8700",
                         headers=auth_header(ensure_token(cfg)))
     assert client.get(ITEMS).status_code == 200
     assert client.get(ITEMS, headers={"origin": "http://elsewhere.lan"}).status_code == 403
