@@ -35,7 +35,8 @@ from .ingest import IngestError, ingest_conversation, remember
 from .loopback import LOOPBACK_NAMES, host_name, is_loopback
 from .prompts import memory_prompt
 from .serving import ServingError
-from .store import MAX_SQLITE_INT, RETRYABLE, STATUSES, ItemKind, ItemStatus, Store
+from .records import RETRYABLE, ItemKind, ItemStatus
+from .store import MAX_SQLITE_INT, Store
 from .versions import Version, Versions
 
 if TYPE_CHECKING:
@@ -246,9 +247,9 @@ def _statuses(status: str | None) -> list[str] | None:
     if not status:
         return None
     statuses = [s.strip() for s in status.split(",") if s.strip()]
-    unknown = [s for s in statuses if s not in STATUSES]
+    unknown = [s for s in statuses if s not in tuple(ItemStatus)]
     if unknown:
-        raise UserError(f"unknown status {unknown[0]!r}: use {', '.join(STATUSES)}")
+        raise UserError(f"unknown status {unknown[0]!r}: use {', '.join(ItemStatus)}")
     return statuses
 
 
@@ -282,7 +283,7 @@ def get_memory_prompt(
     limit: int = Query(50, ge=1, le=1000, description="the most recent this many items"),
 ):
     """The memory prompt u for these items (default: the baked ones, what the live model knows)."""
-    statuses = [s for s in _statuses(status) or STATUSES if s != ItemStatus.FORGOTTEN]
+    statuses = [s for s in _statuses(status) or ItemStatus if s != ItemStatus.FORGOTTEN]
     items = _store(request).list_items(status=statuses, limit=limit)
     return {"prompt": memory_prompt(items), "item_ids": sorted(i["id"] for i in items)}
 

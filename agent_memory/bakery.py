@@ -47,7 +47,8 @@ from .config import Config, GateConfig, parse_duration, validate_gate
 from .errors import ConflictError, UserError
 from .orphan import child_env
 from .serving import MEMORY_NAME, Serving, ServingError
-from .store import BakeStatus, ItemStatus, Store, utcnow
+from .records import BakeStatus, ItemStatus
+from .store import Store, utcnow
 from .versions import EMPTY_VERSION, Version, Versions
 
 log = logging.getLogger(__name__)

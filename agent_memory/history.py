@@ -18,7 +18,8 @@ import logging
 
 from .bakery import Bakery
 from .errors import ConflictError, NotFound, UserError
-from .store import ItemStatus, Store
+from .records import ItemStatus
+from .store import Store
 from .versions import EMPTY_VERSION, Versions
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,8 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from . import __version__
-from .store import PASSED, STATUSES, Store
+from .records import PASSED, ItemStatus
+from .store import Store
 from .versions import Versions
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ class _StoreCollector:
         store = self.store
         queue = GaugeMetricFamily("agent_memory_queue_items", "Items by state", labels=["state"])
         counts = store.counts_by_status()
-        for state in STATUSES:
+        for state in ItemStatus:
             queue.add_metric([state], counts.get(state, 0))
         yield queue
 

@@ -7,7 +7,7 @@ before it returns, so an acknowledgement sent after it means the row is on disk
 Schema changes are ordered migration functions in `MIGRATIONS`; `PRAGMA user_version` holds how
 many have run (the schema version). Add a function at the end, never edit one that shipped.
 
-Item life: pending -> baking -> baked | failed | rejected, and any of them -> forgotten.
+Item and bake statuses, and item kinds: records.py.
 """
 
 from __future__ import annotations
@@ -19,76 +19,16 @@ import sqlite3
 import threading
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from enum import StrEnum
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from sqlite_utils import Database
 
 from .errors import ConflictError, NotFound, UserError
+from .records import PASSED, RETRYABLE, UNFINISHED_BAKE_STATES, BakeStatus, ItemKind, ItemStatus
 from .versions import EMPTY_VERSION, Version
 
 
-
-class ItemKind(StrEnum):
-    """What an item is (the `kind` column). str-valued: rows and JSON hold the plain strings."""
-
-    HEADLINE = "headline"
-    FACT = "fact"
-    CONVERSATION = "conversation"  # a chat transcript, stored whole (ingest.py)
-    PROMPT = "prompt"  # an instruction or persona: baked as behaviour, not as knowledge
-
-    @classmethod
-    def remembered(cls) -> tuple[ItemKind, ...]:
-        """The kinds `remember` takes one text of (a conversation comes with its messages)."""
-        return cls.FACT, cls.HEADLINE, cls.PROMPT
-
-
-class ItemStatus(StrEnum):
-    """Where an item is in its life (the `status` column): see the module docstring."""
-
-    PENDING = "pending"
-    BAKING = "baking"
-    BAKED = "baked"
-    FAILED = "failed"  # in `bake.max_attempts` bakes that could not finish; `retry` takes it back
-    REJECTED = "rejected"  # the gate's verdict (or a rollback); `retry --rejected` takes it back
-    FORGOTTEN = "forgotten"
-
-
-class BakeStatus(StrEnum):
-    """Where a bake is (the `status` column of bakes): queued, then one stage after the other, then
-    one final state. The `verdict` column holds the final state, "passed" for live."""
-
-    QUEUED = "queued"
-    CLAIMING = "claiming"
-    TRAINING = "training"  # the trainer subprocess: teacher, train, the gate's probes
-    PROBING = "probing"  # the stage of bakes before the gate moved into the trainer (older databases)
-    COMPOSING = "composing"
-    SWAPPING = "swapping"
-    CHECKING = "checking"  # asking the served `memory` a few item probes after the swap
-    LIVE = "live"
-    REJECTED = "rejected"  # by the gate; live untouched
-    FAILED = "failed"  # infrastructure: the items went back to the queue
-    EMPTY = "empty"  # nothing was pending
-    SKIPPED = "skipped"  # another process held the model lease
-    CANCELLED = "cancelled"  # the daemon stopped mid-bake
-    ABANDONED = "abandoned"  # found unfinished at start (a kill): see Bakery.recover
-
-    @property
-    def verdict(self) -> str:
-        """What the `verdict` column says of a bake that ended in this state."""
-        return PASSED if self is BakeStatus.LIVE else self.value
-
-
-PASSED = "passed"  # the verdict of a bake that went live
-FINISHED_BAKE_STATES = frozenset({BakeStatus.LIVE, BakeStatus.REJECTED, BakeStatus.FAILED, BakeStatus.EMPTY,
-                                  BakeStatus.SKIPPED, BakeStatus.CANCELLED, BakeStatus.ABANDONED})
-# A bake in one of these when the daemon starts was cut off (see Bakery.recover).
-UNFINISHED_BAKE_STATES = (BakeStatus.QUEUED, BakeStatus.CLAIMING, BakeStatus.TRAINING, BakeStatus.COMPOSING,
-                          BakeStatus.PROBING, BakeStatus.SWAPPING, BakeStatus.CHECKING)
-RETRYABLE = (ItemStatus.FAILED, ItemStatus.REJECTED)  # the statuses `retry` takes items back from
-KINDS = tuple(ItemKind)
-STATUSES = tuple(ItemStatus)
 _UNFINISHED_BAKE_SQL = f"status in ({', '.join('?' * len(UNFINISHED_BAKE_STATES))})"
 BUSY_TIMEOUT_S = 10.0
 MAX_SQLITE_INT = 2**63 - 1
@@ -292,7 +232,7 @@ class Store:
         Known means: the same `dedup_key` (any status, so a forgotten feed entry stays forgotten),
         else the same kind and text (`content_hash`) in any status but forgotten.
         """
-        if kind not in KINDS:
+        if kind not in tuple(ItemKind):
             raise ValueError(f"unknown item kind {kind!r}")
         unknown = set(fields) - ITEM_FIELDS
         if unknown:
@@ -355,7 +295,7 @@ class Store:
         return self._rows(sql, params + [limit])
 
     def counts_by_status(self) -> dict[str, int]:
-        counts = dict.fromkeys(STATUSES, 0)
+        counts = dict.fromkeys(ItemStatus, 0)
         for row in self._rows("select status, count(*) as n from items group by status"):
             counts[row["status"]] = row["n"]
         return counts
@@ -373,7 +313,7 @@ class Store:
         bake_id: int | None = None,
     ) -> int:
         """Set the status (and reason, and bake id when given) of these items; returns how many."""
-        if status not in STATUSES:
+        if status not in tuple(ItemStatus):
             raise ValueError(f"unknown item status {status!r}")
         with self.transaction() as db:
             return self._set_status(db, list(ids), status, reason, bake_id)
