@@ -97,6 +97,21 @@ def test_an_empty_token_file_stops_the_start(cfg):
         ensure_token(cfg)
 
 
+def test_the_model_api_key_is_made_and_read_like_the_token(cfg):
+    """One helper for both secrets: the model port's key is a 0600 file too, unless vllm.api_key is set."""
+    from agent_memory.auth import MODEL_API_KEY, ensure_secret, read_secret
+
+    path = cfg.model_api_key_path
+    assert read_secret(cfg.vllm.api_key, path, MODEL_API_KEY) is None
+    key = ensure_secret(cfg.vllm.api_key, path, MODEL_API_KEY)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and key != ensure_token(cfg)
+    assert read_secret("", path, MODEL_API_KEY) == key == ensure_secret("", path, MODEL_API_KEY)
+    assert ensure_secret("configured", path, MODEL_API_KEY) == "configured"
+    path.write_text("\n")
+    with pytest.raises(UserError, match="model API key file .*model-api-key is empty"):
+        ensure_secret("", path, MODEL_API_KEY)
+
+
 def test_the_api_url_brackets_an_ipv6_host(cfg):
     cfg.api.host = "::1"
     assert cfg.api_url == "http://[::1]:8700"
