@@ -288,7 +288,7 @@ class Bakery:
                 wait *= 2
 
     @contextmanager
-    def _stage(self, bake_id: int, name: str, stages: dict[str, float]):
+    def _stage(self, bake_id: int, name: BakeStatus, stages: dict[str, float]):
         """Show the stage in the bake's status, the journal and systemd's STATUS=; record its time."""
         self.store.update_bake(bake_id, status=name)
         self._progress(bake_id, name)
