@@ -1,11 +1,12 @@
 """The daemon's HTTP API (FastAPI): JSON in and out, a bearer token on writes and on reads of
 memory contents, size limits, and no requests a web page could forge.
 
-Routes read and write through the daemon object (`app.state.daemon`): its `cfg`, `store`, and
-the methods it offers. Three routers: `public_router` (health, status, the status page, metrics:
-open to any local process; none shows memory contents) and `memory_router` / `history_router`
-(everything else), which check the token in a router dependency, so a route added to them is
-guarded by default. Before any route, `_install_guard` refuses what a browser could be made to
+Routes get what they need from `app.state`, set once by `create_app`: `cfg`, `store`, `versions`,
+`bakery` (bakes), `history` (rollback, forget, retry), `metrics`, and the daemon's `status` and
+`readiness` as functions; none of them is the daemon. Three routers: `public_router` (health,
+status, the status page, metrics: open to any local process; none shows memory contents) and
+`memory_router` / `history_router` (everything else), which check the token in a router
+dependency, so a route added to them is guarded by default. Before any route, `_install_guard` refuses what a browser could be made to
 send: a foreign Host when serving on loopback (DNS rebinding, 421), a foreign Origin (403), a body
 that is not JSON (415), a body over `api.max_request_bytes` (413).
 
@@ -16,7 +17,7 @@ Errors are JSON `{"error": "..."}`. Every exception becomes a response in one pl
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi import Path as PathParam
@@ -34,20 +35,30 @@ from .ingest import IngestError, ingest_conversation, remember
 from .loopback import LOOPBACK_NAMES, host_name, is_loopback
 from .prompts import memory_prompt
 from .serving import ServingError
-from .store import MAX_SQLITE_INT, STATUSES, Store
+from .records import RETRYABLE, ItemKind, ItemStatus
+from .store import MAX_SQLITE_INT, Store
+from .versions import Version, Versions
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from .bakery import Bakery
+    from .history import History
+    from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 
-def create_app(daemon: "Daemon") -> FastAPI:
+def create_app(cfg: Config, store: Store, versions: Versions, *, bakery: "Bakery | None",
+               history: "History | None", metrics: "Metrics | None", status: Callable[[], dict],
+               readiness: Callable[[], tuple[bool, str]]) -> FastAPI:
+    """The API over these collaborators (`status`: the /v1/status document; `readiness`: (ready,
+    why not)); bakery, history and metrics may be None where a test needs none of their routes."""
     app = FastAPI(title="agent-memory", version="0.1.0")
-    app.state.daemon = daemon
+    app.state.cfg, app.state.store, app.state.versions = cfg, store, versions
+    app.state.bakery, app.state.history, app.state.metrics = bakery, history, metrics
+    app.state.status, app.state.readiness = status, readiness
     for exc_class in (UserError, IngestError, LookupError, ServingError, HTTPException, RequestValidationError):
         app.add_exception_handler(exc_class, _handle_exception)  # any other exception: see _install_guard
-    _install_guard(app, daemon.cfg)
+    _install_guard(app, cfg)
     app.include_router(public_router)
     app.include_router(memory_router)
     app.include_router(history_router)
@@ -98,7 +109,7 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 def require_token(request: Request) -> None:
     """Router dependency: `Authorization: Bearer <token>` (auth.py) or 401."""
-    if not token_matches(request.headers.get("authorization"), request.app.state.daemon.cfg.api.token):
+    if not token_matches(request.headers.get("authorization"), request.app.state.cfg.api.token):
         raise Unauthorized("missing or wrong bearer token")
 
 
@@ -157,12 +168,13 @@ def _install_guard(app: FastAPI, cfg: Config) -> None:
 
 memory_router = APIRouter(dependencies=[Depends(require_token)])
 ItemId = Annotated[int, PathParam(ge=1, le=MAX_SQLITE_INT)]
+RememberKind = Literal[tuple(k.value for k in ItemKind.remembered())]  # fact, headline, prompt
 
 
 class ItemIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: str
-    kind: Literal["fact", "headline", "prompt"] = "fact"
+    kind: RememberKind = ItemKind.FACT.value
     source: str | None = None
     valid_at: str | None = Field(None, description="ISO 8601 date or date-time")
     supersedes: int | None = Field(None, description="id of an earlier item this one replaces")
@@ -177,7 +189,7 @@ class MessageIn(BaseModel):
 class FactIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: str
-    kind: Literal["fact", "headline", "prompt"] = "fact"
+    kind: RememberKind = ItemKind.FACT.value
     valid_at: str | None = None
     supersedes: int | None = None
 
@@ -199,7 +211,7 @@ class FeedIn(BaseModel):
 
 
 def _store(request: Request) -> Store:
-    return request.app.state.daemon.store
+    return request.app.state.store
 
 
 @memory_router.post("/v1/memory/items", status_code=201)
@@ -235,9 +247,9 @@ def _statuses(status: str | None) -> list[str] | None:
     if not status:
         return None
     statuses = [s.strip() for s in status.split(",") if s.strip()]
-    unknown = [s for s in statuses if s not in STATUSES]
+    unknown = [s for s in statuses if s not in tuple(ItemStatus)]
     if unknown:
-        raise UserError(f"unknown status {unknown[0]!r}: use {', '.join(STATUSES)}")
+        raise UserError(f"unknown status {unknown[0]!r}: use {', '.join(ItemStatus)}")
     return statuses
 
 
@@ -245,7 +257,7 @@ def _statuses(status: str | None) -> list[str] | None:
 def get_items(
     request: Request,
     status: str | None = Query(None, description="one status or a comma-separated list"),
-    kind: Literal["headline", "fact", "conversation", "prompt"] | None = None,
+    kind: ItemKind | None = None,
     limit: int = Query(100, ge=1, le=10_000),
 ):
     store = _store(request)
@@ -259,7 +271,7 @@ def get_item(item_id: ItemId, request: Request):
     item = store.get_item(item_id)
     if item is None:
         raise NotFound(f"no item {item_id}")
-    if item["kind"] == "conversation":
+    if item["kind"] == ItemKind.CONVERSATION:
         item["facts"] = store.list_items(parent_id=item_id, limit=10_000, oldest_first=True)
     return item
 
@@ -271,7 +283,7 @@ def get_memory_prompt(
     limit: int = Query(50, ge=1, le=1000, description="the most recent this many items"),
 ):
     """The memory prompt u for these items (default: the baked ones, what the live model knows)."""
-    statuses = [s for s in _statuses(status) or STATUSES if s != "forgotten"]
+    statuses = [s for s in _statuses(status) or ItemStatus if s != ItemStatus.FORGOTTEN]
     items = _store(request).list_items(status=statuses, limit=limit)
     return {"prompt": memory_prompt(items), "item_ids": sorted(i["id"] for i in items)}
 
@@ -283,8 +295,8 @@ def get_feeds(request: Request):
 
 @memory_router.post("/v1/feeds", status_code=201)
 def post_feed(body: FeedIn, request: Request, response: Response):
-    daemon = request.app.state.daemon
-    feed, created = feeds_mod.add_feed(daemon.store, daemon.cfg, body.url, body.interval, body.title,
+    state = request.app.state
+    feed, created = feeds_mod.add_feed(state.store, state.cfg, body.url, body.interval, body.title,
                                        check=body.check)
     if not created:
         response.status_code = 200
@@ -301,17 +313,17 @@ def delete_feed(feed_id: ItemId, request: Request):
 @memory_router.post("/v1/feeds/poll")
 def poll_all_feeds(request: Request):
     """Poll every enabled feed now (not only the due ones)."""
-    daemon = request.app.state.daemon
-    return feeds_mod.poll_due(daemon.store, daemon.cfg, force=True)
+    state = request.app.state
+    return feeds_mod.poll_due(state.store, state.cfg, force=True)
 
 
 @memory_router.post("/v1/feeds/{feed_id}/poll")
 def poll_one_feed(feed_id: ItemId, request: Request):
-    daemon = request.app.state.daemon
-    feed = daemon.store.get_feed(feed_id)
+    state = request.app.state
+    feed = state.store.get_feed(feed_id)
     if feed is None or not feed["enabled"]:
         raise NotFound(f"no feed {feed_id}")
-    return feeds_mod.poll_feed(daemon.store, feed_id, daemon.cfg)
+    return feeds_mod.poll_feed(state.store, feed_id, state.cfg)
 
 
 # --- bakes, history, rollback, forget ------------------------------------------------------
@@ -319,13 +331,17 @@ def poll_one_feed(feed_id: ItemId, request: Request):
 history_router = APIRouter(dependencies=[Depends(require_token)])
 
 
-def _daemon(request: Request) -> "Daemon":
-    return request.app.state.daemon
+def _bakery(request: Request) -> "Bakery":
+    return request.app.state.bakery
+
+
+def _history(request: Request) -> "History":
+    return request.app.state.history
 
 
 class RollbackIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: str | None = Field(default=None, pattern=r"^v\d{4}$", description="e.g. v0002; default: the previous one")
+    version: str | None = Field(default=None, pattern=Version.PATTERN, description="e.g. v0002; default: the previous one")
 
 
 class BakeIn(BaseModel):
@@ -335,19 +351,19 @@ class BakeIn(BaseModel):
 
 @history_router.post("/v1/bakes", status_code=202)
 def post_bake(request: Request, body: BakeIn | None = None):
-    bake_id = _daemon(request).bakery.request("api", body.gate if body else None)
-    return {"bake_id": bake_id, "status": _daemon(request).store.get_bake(bake_id)["status"]}
+    bake_id = _bakery(request).request("api", body.gate if body else None)
+    return {"bake_id": bake_id, "status": _store(request).get_bake(bake_id)["status"]}
 
 
 @history_router.get("/v1/bakes")
 def get_bakes(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 50):
-    return {"bakes": _daemon(request).store.list_bakes(limit=limit),
-            "live_version": _daemon(request).versions.current()}
+    return {"bakes": _store(request).list_bakes(limit=limit),
+            "live_version": request.app.state.versions.current()}
 
 
 @history_router.get("/v1/bakes/{bake_id}")
 def get_bake(bake_id: ItemId, request: Request):
-    store = _daemon(request).store
+    store = _store(request)
     bake = store.get_bake(bake_id)
     if bake is None:
         raise NotFound(f"no bake {bake_id}")
@@ -357,28 +373,28 @@ def get_bake(bake_id: ItemId, request: Request):
 
 @history_router.get("/v1/events")
 def get_events(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 50):
-    return {"events": _daemon(request).store.list_events(limit=limit)}
+    return {"events": _store(request).list_events(limit=limit)}
 
 
 @history_router.post("/v1/rollback")
 def post_rollback(body: RollbackIn, request: Request):
-    return _daemon(request).bakery.rollback(body.version)
+    return _history(request).rollback(body.version)
 
 
 class RetryIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     ids: list[ItemId] | None = Field(default=None, description="failed or rejected items; default: all of `statuses`")
-    statuses: list[Literal["failed", "rejected"]] = Field(default=["failed"])
+    statuses: list[Literal[tuple(s.value for s in RETRYABLE)]] = Field(default=[ItemStatus.FAILED.value])
 
 
 @history_router.post("/v1/memory/items/retry")
 def post_retry(body: RetryIn, request: Request):
-    return _daemon(request).bakery.retry(body.ids, tuple(body.statuses))
+    return _history(request).retry(body.ids, tuple(body.statuses))
 
 
 @history_router.delete("/v1/memory/items/{item_id}")
 def forget_item(item_id: ItemId, request: Request):
-    return _daemon(request).bakery.forget(item_id)
+    return _history(request).forget(item_id)
 
 
 # --- open to any local process: health, status, the status page (no item texts), metrics ----
@@ -393,7 +409,7 @@ def livez():
 
 @public_router.get("/readyz")
 def readyz(request: Request):
-    ready, reason = _daemon(request).readiness()
+    ready, reason = request.app.state.readiness()
     if not ready:
         return JSONResponse({"ready": False, "reason": reason}, status_code=503)
     return {"ready": True}
@@ -401,7 +417,12 @@ def readyz(request: Request):
 
 @public_router.get("/v1/status")
 def status(request: Request):
-    return _daemon(request).status()
+    return request.app.state.status()
+
+
+def _daemon(request: Request):
+    """The status page's source until web.py renders from data: set by run_daemon, not create_app."""
+    return request.app.state.daemon
 
 
 @public_router.get("/", include_in_schema=False)
@@ -417,11 +438,11 @@ def status_page(request: Request):
 def plot(request: Request):
     from .web import plot_png
 
-    return Response(plot_png(_daemon(request).store.list_bakes(limit=500)), media_type="image/png")
+    return Response(plot_png(_store(request).list_bakes(limit=500)), media_type="image/png")
 
 
 @public_router.get("/metrics", include_in_schema=False)
 def metrics(request: Request):
     from .metrics import CONTENT_TYPE
 
-    return Response(_daemon(request).metrics.render(), media_type=CONTENT_TYPE)
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)

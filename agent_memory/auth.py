@@ -1,8 +1,9 @@
-"""The API credential: one bearer token, from `api.token` or a 0600 file in the state dir.
+"""The credentials the daemon makes: the API's bearer token and the model port's API key.
 
-The daemon makes the file at its first start (`ensure_token`); the CLI and other local clients read
-it (`read_token`) and send `auth_header(token)`. The API compares tokens in constant time
-(`token_matches`).
+Each is a setting (`api.token`, `vllm.api_key`) or, when that is empty, a random secret in a 0600
+file in the state dir (`api-token`, `model-api-key`). The daemon makes the file at its first start
+(`ensure_secret`); the CLI and other local clients read it (`read_secret`) and send
+`auth_header(token)`. The API compares tokens in constant time (`token_matches`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import os
 import secrets
 import stat
+from pathlib import Path
 
 from .config import Config
 from .errors import UserError
@@ -34,40 +36,55 @@ def token_matches(authorization: str | None, expected: str) -> bool:
 
 def ensure_token(cfg: Config) -> str:
     """At daemon start: `api.token` if configured, else the token file's, made on first start."""
-    if cfg.api.token:
-        return cfg.api.token
-    path = cfg.api_token_path
-    token = _read(path)
-    if token is None:
-        token = _create(path)
-        log.info("created the API token in %s (clients read it from there)", path)
-    elif stat.S_IMODE(path.stat().st_mode) & 0o077:
-        os.chmod(path, 0o600)
-        log.warning("%s was readable by others: made it 0600", path)
-    cfg.api.token = token
-    return token
+    cfg.api.token = ensure_secret(cfg.api.token, cfg.api_token_path, API_TOKEN)
+    return cfg.api.token
 
 
 def read_token(cfg: Config) -> str | None:
     """For clients: `api.token`, else the daemon's token file (None before the daemon's first start)."""
-    return cfg.api.token or _read(cfg.api_token_path)
+    return read_secret(cfg.api.token, cfg.api_token_path, API_TOKEN)
 
 
-def _read(path) -> str | None:
+# What each secret is called in messages, and the setting that replaces its file.
+API_TOKEN = ("API token", "api.token")
+MODEL_API_KEY = ("model API key", "vllm.api_key")
+
+
+def ensure_secret(configured: str, path: Path, names: tuple[str, str]) -> str:
+    """At daemon start: the configured value if any, else the secret in the 0600 file at `path`,
+    made at the first start (a file others can read is made 0600 again)."""
+    if configured:
+        return configured
+    secret = read_secret("", path, names)
+    if secret is None:
+        secret = _create(path, names)
+        log.info("created the %s in %s (clients read it from there)", names[0], path)
+    elif stat.S_IMODE(path.stat().st_mode) & 0o077:
+        os.chmod(path, 0o600)
+        log.warning("%s was readable by others: made it 0600", path)
+    return secret
+
+
+def read_secret(configured: str, path: Path, names: tuple[str, str]) -> str | None:
+    """For clients: the configured value, else the daemon's file (None before its first start)."""
+    if configured:
+        return configured
+    what, setting = names
     try:
-        token = path.read_text().strip()
+        secret = path.read_text().strip()
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise UserError(f"cannot read the API token file {path} ({e.strerror}): run as the daemon's user, "
-                        f"or set api.token (AGENT_MEMORY_API_TOKEN)") from None
-    if not token:
-        raise UserError(f"the API token file {path} is empty: delete it and restart the daemon")
-    return token
+        env = "AGENT_MEMORY_" + setting.upper().replace(".", "_")
+        raise UserError(f"cannot read the {what} file {path} ({e.strerror}): run as the daemon's user, "
+                        f"or set {setting} ({env})") from None
+    if not secret:
+        raise UserError(f"the {what} file {path} is empty: delete it and restart the daemon")
+    return secret
 
 
-def _create(path) -> str:
-    """A fresh random token in a 0600 file, written whole before it appears under its name."""
+def _create(path: Path, names: tuple[str, str]) -> str:
+    """A fresh random secret in a 0600 file, written whole before it appears under its name."""
     token = secrets.token_urlsafe(32)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -80,9 +97,9 @@ def _create(path) -> str:
             os.fsync(f.fileno())
         os.link(tmp, path)  # fails if another process made it first: then theirs counts
     except FileExistsError:
-        return _read(path)
+        return read_secret("", path, names)
     except OSError as e:
-        raise UserError(f"cannot create the API token file {path}: {e.strerror}") from None
+        raise UserError(f"cannot create the {names[0]} file {path}: {e.strerror}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return token

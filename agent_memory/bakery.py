@@ -17,6 +17,10 @@ puts its items back in the queue with the reason (`failed` after `bake.max_attem
 `agent-memory retry` takes them). At start `recover` settles what a stop or kill cut off: a bake
 whose delta is in the live version is recorded live, any other unfinished bake abandoned and its
 items requeued.
+
+One change of the served model at a time: a bake holds the `bake` lease row in SQLite while it
+runs (so it holds across processes too); a rollback or a forget (history.py) takes the same lease
+through `model_change()`, refused while a bake runs.
 """
 
 from __future__ import annotations
@@ -40,14 +44,18 @@ from . import gate as gate_mod
 from . import probes
 from .client import ModelError
 from .config import Config, GateConfig, parse_duration, validate_gate
-from .errors import ConflictError, NotFound, UserError
+from .errors import ConflictError, UserError
 from .orphan import child_env
 from .serving import MEMORY_NAME, Serving, ServingError
+from .records import BakeStatus, ItemStatus
 from .store import Store, utcnow
-from .versions import EMPTY_VERSION, Versions
+from .versions import EMPTY_VERSION, Version, Versions
 
 log = logging.getLogger(__name__)
 
+MODEL_LEASE = "bake"  # the lease row held while the served model changes (a bake, a rollback, a forget)
+# Bakes that ended without going live and may have left a finished delta a retry of the same items re-uses.
+DELTA_REUSABLE = (BakeStatus.FAILED, BakeStatus.ABANDONED)
 REPLAY_POOL = 64  # earlier items a bake job carries for the engine to replay a few of
 SMOKE_PROBES = 8  # item probes asked of the served `memory` after a swap
 
@@ -94,9 +102,9 @@ class Bakery:
         live_deltas = set(self.versions.manifest(current)["deltas"])
         for bake in self.store.unfinished_bakes():
             if bake["id"] in live_deltas:  # killed after the swap, before recording it: it is live
-                self.store.mark_items(bake["item_ids"] or [], "baked", None, bake["id"])
-                self.store.update_bake(bake["id"], status="live", verdict="passed", finished_at=utcnow(),
-                                       version=int(current[1:]),
+                self.store.mark_items(bake["item_ids"] or [], ItemStatus.BAKED, None, bake["id"])
+                self.store.update_bake(bake["id"], status=BakeStatus.LIVE, verdict=BakeStatus.LIVE.verdict,
+                                       finished_at=utcnow(), version=current.number,
                                        reason="live; the daemon stopped before recording the verdict")
         self.store.requeue_stale_baking()  # items of bakes that did not reach live go back to pending
         self.store.abandon_unfinished_bakes()  # their deltas stay on disk: a re-bake of the same items re-uses them
@@ -118,12 +126,12 @@ class Bakery:
                 raise UserError("no model is served (vllm.mode = 'off'): nothing can be baked")
             raise ConflictError("the model server is still starting: ask for the bake again in a minute")
         gate_settings = asdict(self._gate_policy(gate or {}))  # validates the overrides now
-        if trigger != "scheduled" and not self.store.counts_by_status().get("pending"):
+        if trigger != "scheduled" and not self.store.counts_by_status().get(ItemStatus.PENDING):
             raise ConflictError("nothing to bake: no item is pending (`agent-memory queue` lists them)")
         with self.lock:
             if self.waiting is None or gate:
                 config = {"trigger": trigger, "gate": gate_settings}
-                self.waiting = self.store.create_bake(status="queued", config=config)["id"]
+                self.waiting = self.store.create_bake(status=BakeStatus.QUEUED, config=config)["id"]
                 self.requests.put(self.waiting)
             return self.waiting
 
@@ -141,7 +149,7 @@ class Bakery:
 
     def due(self) -> bool:
         """Enough pending items, or some pending and `bake.every` since the last bake."""
-        pending = self.store.counts_by_status().get("pending", 0)
+        pending = self.store.counts_by_status().get(ItemStatus.PENDING, 0)
         if pending == 0:
             return False
         if pending >= self.cfg.bake.min_pending:
@@ -153,14 +161,6 @@ class Bakery:
         """Scheduled job: queue a bake when one is due and none is waiting."""
         if self.waiting is None and self.running is None and self.due():
             self.request("scheduled")
-
-    def retry(self, item_ids: list[int] | None = None, statuses: tuple[str, ...] = ("failed",)) -> dict:
-        """Put failed (or rejected) items back in the queue: these ids, or all in `statuses`."""
-        requeued = self.store.retry(item_ids, statuses)
-        if requeued:
-            self.store.record_event("retry", {"items": requeued})
-            log.info("retry: items %s back in the queue", requeued)
-        return {"requeued": requeued}
 
     def stop(self) -> None:
         """Daemon shutdown: end a running training subprocess (its items are requeued)."""
@@ -190,24 +190,25 @@ class Bakery:
                 self.stage = None
 
     def _run(self, bake_id: int) -> None:
-        if not self.store.acquire_lease("bake", owner=f"{os.getpid()}:bake {bake_id}"):
-            self.store.update_bake(bake_id, status="skipped", verdict="skipped", finished_at=utcnow(),
-                                   reason="another process holds the bake lease")
+        if not self.store.acquire_lease(MODEL_LEASE, owner=f"{os.getpid()}:bake {bake_id}"):
+            self._finish(bake_id, BakeStatus.SKIPPED, reason="another process holds the bake lease")
             return
         try:
             self._bake(bake_id)
         finally:
-            self.store.release_lease("bake")
+            self.store.release_lease(MODEL_LEASE)
+
+    def _finish(self, bake_id: int, status: BakeStatus, **fields) -> None:
+        self.store.update_bake(bake_id, status=status, verdict=status.verdict, finished_at=utcnow(), **fields)
 
     # -- one bake --------------------------------------------------------------------------
 
     def _bake(self, bake_id: int) -> None:
         started = time.monotonic()
-        self.store.update_bake(bake_id, status="claiming", started_at=utcnow())
+        self.store.update_bake(bake_id, status=BakeStatus.CLAIMING, started_at=utcnow())
         items = self.store.claim_pending(self.cfg.bake.max_items, bake_id=bake_id)
         if not items:
-            self.store.update_bake(bake_id, status="empty", finished_at=utcnow(), verdict="empty",
-                                   reason="no pending items")
+            self._finish(bake_id, BakeStatus.EMPTY, reason="no pending items")
             return
         item_ids = [i["id"] for i in items]
         policy = GateConfig(**(self.store.get_bake(bake_id)["config"] or {}).get("gate") or asdict(self.cfg.gate))
@@ -216,8 +217,8 @@ class Bakery:
         stages: dict[str, float] = {}
         version, before = None, self.versions.current()
         try:
-            with self._stage(bake_id, "training", stages):
-                train_report, answers = self._retrying("training", lambda: self._train(bake_id, items))
+            with self._stage(bake_id, BakeStatus.TRAINING, stages):
+                train_report, answers = self._retrying(BakeStatus.TRAINING, lambda: self._train(bake_id, items))
             self.store.add_probe_results(bake_id, [
                 {**r, "probe_set": name, "model": model} for model in ("candidate", "live")
                 for name, results in answers[model].items() for r in results])
@@ -225,23 +226,22 @@ class Bakery:
             log.info("bake %s: gate %s: %s", bake_id, "passed" if verdict.passed else "rejected", verdict.reason)
             served = None
             if verdict.passed:
-                with self._stage(bake_id, "composing", stages):
-                    version = self._retrying("composing", lambda: self._compose(bake_id))
-                with self._stage(bake_id, "swapping", stages):
-                    self._retrying("swapping", lambda: self._promote(version))
-                with self._stage(bake_id, "checking", stages):
-                    served = self._retrying("checking", lambda: self._check_served(answers))
+                with self._stage(bake_id, BakeStatus.COMPOSING, stages):
+                    version = self._retrying(BakeStatus.COMPOSING, lambda: self._compose(bake_id))
+                with self._stage(bake_id, BakeStatus.SWAPPING, stages):
+                    self._retrying(BakeStatus.SWAPPING, lambda: self._promote(version))
+                with self._stage(bake_id, BakeStatus.CHECKING, stages):
+                    served = self._retrying(BakeStatus.CHECKING, lambda: self._check_served(answers))
         except Exception as e:
             self._failed(bake_id, item_ids, e, stages, version, before)
             return
 
-        outcome = "baked" if verdict.passed else "rejected"
-        self.store.mark_items(item_ids, outcome, None if verdict.passed else verdict.reason[:500], bake_id)
+        outcome = BakeStatus.LIVE if verdict.passed else BakeStatus.REJECTED
+        self.store.mark_items(item_ids, ItemStatus.BAKED if verdict.passed else ItemStatus.REJECTED,
+                              None if verdict.passed else verdict.reason[:500], bake_id)
         total = time.monotonic() - started
-        self.store.update_bake(
-            bake_id, status="live" if verdict.passed else "rejected", finished_at=utcnow(),
-            verdict="passed" if verdict.passed else "rejected", version=int(version[1:]) if version else None,
-            reason=verdict.reason, delta_path=str(self.versions.delta_dir(bake_id)),
+        self._finish(
+            bake_id, outcome, version=version.number if version else None, reason=verdict.reason, delta_path=str(self.versions.delta_dir(bake_id)),
             adapter_path=str(self.versions.path(version)) if version else None,
             metrics={"stages": stages, "total_s": round(total, 3), "train": train_report,
                      "served": served, "live_version": before, **asdict(verdict)},
@@ -256,19 +256,17 @@ class Bakery:
         """The bake could not finish: nothing judged the items, so they go back to the queue."""
         if version and self.versions.current() == version:  # swapped, then the check failed for good
             try:
-                self._swap_to(before)
+                self.swap_to(before)
             except Exception:  # noqa: BLE001 - recorded below; the next start serves CURRENT
                 log.exception("bake %s: could not put %s back", bake_id, before)
         if self.stopping.is_set():  # the daemon is stopping: not the items' fault, no attempt counted
-            self.store.mark_items(item_ids, "pending", "bake cancelled: daemon stopping")
-            self.store.update_bake(bake_id, status="cancelled", finished_at=utcnow(),
-                                   verdict="cancelled", reason="daemon stopping", metrics={"stages": stages})
+            self.store.mark_items(item_ids, ItemStatus.PENDING, "bake cancelled: daemon stopping")
+            self._finish(bake_id, BakeStatus.CANCELLED, reason="daemon stopping", metrics={"stages": stages})
             raise BakeCancelled() from error
         log.error("bake %s failed: %s: %s", bake_id, error.__class__.__name__, error)
         reason = f"{error.__class__.__name__}: {error}"
         moved = self.store.fail_attempt(item_ids, reason[:300], self.cfg.bake.max_attempts)
-        self.store.update_bake(bake_id, status="failed", finished_at=utcnow(), verdict="failed",
-                               reason=reason[:2000], metrics={"stages": stages, "items": moved})
+        self._finish(bake_id, BakeStatus.FAILED, reason=reason[:2000], metrics={"stages": stages, "items": moved})
         self.events.bake_status(f"ready; live {self.versions.current()}; last bake {bake_id} failed")
 
     def _retrying(self, stage: str, step: Callable):
@@ -290,7 +288,7 @@ class Bakery:
                 wait *= 2
 
     @contextmanager
-    def _stage(self, bake_id: int, name: str, stages: dict[str, float]):
+    def _stage(self, bake_id: int, name: BakeStatus, stages: dict[str, float]):
         """Show the stage in the bake's status, the journal and systemd's STATUS=; record its time."""
         self.store.update_bake(bake_id, status=name)
         self._progress(bake_id, name)
@@ -330,7 +328,7 @@ class Bakery:
         if out_dir.exists():
             return
         for bake in self.store.list_bakes(limit=20):
-            if bake["id"] != bake_id and bake["status"] in ("failed", "abandoned") \
+            if bake["id"] != bake_id and bake["status"] in DELTA_REUSABLE \
                     and sorted(bake["item_ids"] or []) == sorted(item_ids) \
                     and _finished_delta(self.versions.delta_dir(bake["id"]), live):
                 os.rename(self.versions.delta_dir(bake["id"]), out_dir)
@@ -343,7 +341,7 @@ class Bakery:
         live = self.versions.current()
         for bake in self.store.list_bakes(limit=1000):
             path = self.versions.delta_dir(bake["id"])
-            if bake["status"] in ("failed", "abandoned", "cancelled", "rejected") and path.exists() \
+            if bake["status"] in (*DELTA_REUSABLE, BakeStatus.CANCELLED, BakeStatus.REJECTED) and path.exists() \
                     and not _finished_delta(path, live):
                 shutil.rmtree(path, ignore_errors=True)
 
@@ -392,9 +390,9 @@ class Bakery:
 
     def _compose(self, bake_id: int) -> str:
         live = self.versions.manifest(self.versions.current())
-        return self._version_with(live["deltas"] + [bake_id], f"bake {bake_id}")
+        return self.version_with(live["deltas"] + [bake_id], f"bake {bake_id}")
 
-    def _version_with(self, deltas: list[int], note: str) -> str:
+    def version_with(self, deltas: list[int], note: str) -> Version:
         """A version holding these deltas (the empty version for none), its served form ready."""
         version = self.versions.build(deltas, note=note) if deltas else EMPTY_VERSION
         if self.serving is not None and self.serving.mode == "merged":
@@ -404,7 +402,7 @@ class Bakery:
     def _promote(self, version: str) -> None:
         if self.versions.current() == version:
             return  # an earlier try got this far
-        self._swap_to(version)
+        self.swap_to(version)
 
     def _check_served(self, answers: dict) -> dict:
         """Ask the served `memory` (through the model port, as users do) a few of the item probes:
@@ -438,7 +436,7 @@ class Bakery:
         """Items the live version was baked with and still current (not superseded): the engine
         replays a few of them. At most REPLAY_POOL, drawn at random so old ones get their turn."""
         live_bakes = set(self.versions.manifest(self.versions.current())["deltas"])
-        current = [i for i in self.store.list_items(status="baked", limit=-1)
+        current = [i for i in self.store.list_items(status=ItemStatus.BAKED, limit=-1)
                    if i["bake_id"] in live_bakes and not i.get("superseded_by")]
         return random.Random(bake_id).sample(current, min(REPLAY_POOL, len(current)))
 
@@ -450,57 +448,9 @@ class Bakery:
             engine["teacher_api_key"] = self.serving.client_key
         return engine
 
-    # -- history operations: rollback and forget --------------------------------------------
+    # -- what a bake shares with history.py (rollback, forget) -----------------------------------
 
-    def rollback(self, version: str | None = None) -> dict:
-        """Make an earlier version live again (default: the one before the current)."""
-        with self._exclusive("rollback"):
-            current = self.versions.current()
-            target = version or self.store.previous_live_version(current)
-            if target is None:
-                raise ConflictError(f"no earlier version than {current} to roll back to")
-            if target != EMPTY_VERSION and not (self.versions.path(target) / "manifest.json").exists():
-                raise UserError(f"unknown adapter version {target!r}: see `agent-memory history`")
-            self._swap_to(target)
-            before = self.versions.manifest(current)["deltas"]
-            after = self.versions.manifest(target)["deltas"]
-            dropped = [b for b in before if b not in after]
-            restored = [b for b in after if b not in before]  # rolling forward again
-            for bake_id in dropped:
-                ids = (self.store.get_bake(bake_id) or {}).get("item_ids") or []
-                self.store.mark_items(ids, "rejected", f"rolled back from {current} to {target}", bake_id)
-            for bake_id in restored:  # items a rollback had taken out (not forgotten ones) are baked again
-                ids = [i["id"] for i in self.store.list_items("rejected", bake_id=bake_id, limit=-1)]
-                self.store.mark_items(ids, "baked", None, bake_id)
-            event = {"from": current, "to": target, "dropped_bakes": dropped, "restored_bakes": restored}
-            self.store.record_event("rollback", event)
-            log.info("rollback: %s", event)
-            return event
-
-    def forget(self, item_id: int) -> dict:
-        """Remove an item's knowledge: recompose without its bake's delta; re-queue its bake-mates."""
-        with self._exclusive("forget"):
-            item = self.store.get_item(item_id)
-            if item is None:
-                raise NotFound(f"no item {item_id}")
-            current = self.versions.current()
-            live_deltas = self.versions.manifest(current)["deltas"]
-            bake_id = item.get("bake_id")
-            if item["status"] != "baked" or bake_id not in live_deltas:
-                self.store.mark_items([item_id], "forgotten", "forgotten before it was live", bake_id)
-                return {"item": item_id, "version": current, "requeued": []}
-            remaining = [b for b in live_deltas if b != bake_id]
-            version = self._version_with(remaining, f"forget item {item_id} (drop bake {bake_id})")
-            self._swap_to(version)
-            mates = [i for i in (self.store.get_bake(bake_id)["item_ids"] or []) if i != item_id]
-            self.store.mark_items([item_id], "forgotten", f"dropped with bake {bake_id} in {version}", bake_id)
-            self.store.mark_items(mates, "pending", f"re-queued: bake {bake_id} dropped to forget item {item_id}", None)
-            event = {"item": item_id, "bake": bake_id, "version": version, "requeued": mates}
-            self.store.record_event("forget", event)
-            log.info("forget: %s", event)
-            return event
-
-    def _swap_to(self, version: str) -> None:
+    def swap_to(self, version: str) -> None:
         """`memory` serves `version` everywhere, then CURRENT says so (a kill -9 between the two
         leaves CURRENT on the old version, which the next start serves)."""
         started = time.monotonic()
@@ -514,13 +464,15 @@ class Bakery:
         self.versions.prune_merged()
 
     @contextmanager
-    def _exclusive(self, what: str):
-        if self.running is not None or not self.store.acquire_lease("bake", owner=f"{os.getpid()}:{what}"):
+    def model_change(self, what: str):
+        """Hold the model lease for a change that is not a bake (a rollback, a forget), or raise
+        ConflictError while a bake (or another change, here or in another process) holds it."""
+        if self.running is not None or not self.store.acquire_lease(MODEL_LEASE, owner=f"{os.getpid()}:{what}"):
             raise ConflictError(f"a bake is running; {what} again when it has finished")
         try:
             yield
         finally:
-            self.store.release_lease("bake")
+            self.store.release_lease(MODEL_LEASE)
 
 
 def _finished_delta(out_dir, live_version: str) -> bool:

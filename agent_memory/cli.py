@@ -14,6 +14,8 @@ import click
 from . import __version__
 from . import config as config_mod
 from .errors import UserError
+from .records import FINISHED_BAKE_STATES, BakeStatus, ItemKind, ItemStatus
+from .versions import Version
 
 
 class Context:
@@ -142,7 +144,8 @@ def status(ctx: Context, as_json: bool) -> None:
 
 @cli.command("remember")
 @click.argument("text")
-@click.option("--kind", type=click.Choice(["fact", "headline", "prompt"]), default="fact", show_default=True)
+@click.option("--kind", type=click.Choice([k.value for k in ItemKind.remembered()]),
+              default=ItemKind.FACT.value, show_default=True)
 @click.option("--source", default="cli", show_default=True, help="Who says so: an agent, a person, a URL.")
 @click.option("--valid-at", help="When it became true: ISO 8601 date or date-time (2024-08-28).")
 @click.option("--supersedes", type=int, help="Id of an earlier item this one replaces.")
@@ -305,16 +308,16 @@ def feeds_poll(ctx: Context, feed_id: int | None, as_json: bool) -> None:
 @cli.command()
 @click.option("--status", default="pending", show_default=True,
               help="pending, baking, baked, failed, rejected, forgotten, or all.")
-@click.option("--kind", type=click.Choice(["headline", "fact", "conversation", "prompt"]))
+@click.option("--kind", type=click.Choice([k.value for k in ItemKind]))
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000))
 @json_option
 @pass_ctx
 def queue(ctx: Context, status: str, kind: str | None, limit: int, as_json: bool) -> None:
     """Queued items with their provenance, oldest first (read from the database)."""
-    from .store import STATUSES, Store
+    from .store import Store
 
-    if status != "all" and status not in STATUSES:
-        raise UserError(f"--status must be one of {', '.join(STATUSES)}, or all")
+    if status != "all" and status not in tuple(ItemStatus):
+        raise UserError(f"--status must be one of {', '.join(ItemStatus)}, or all")
     store = Store(ctx.cfg.db_path, readonly=True)
     items = store.list_items(status=None if status == "all" else status, kind=kind, limit=limit,
                              oldest_first=True)
@@ -340,9 +343,6 @@ def queue(ctx: Context, status: str, kind: str | None, limit: int, as_json: bool
 
 
 # --- bakes and history ---------------------------------------------------------------------
-
-FINAL_BAKE_STATES = {"live", "rejected", "failed", "empty", "skipped", "cancelled", "abandoned"}
-
 
 @cli.command()
 @click.option("--now", is_flag=True, help="Bake pending items now instead of waiting for the schedule.")
@@ -381,7 +381,7 @@ def bake(ctx: Context, now: bool, wait: bool, timeout: float, gate_overrides: tu
     progress = _Progress(bake_id, live=not as_json and sys.stderr.isatty())
     while True:
         record = client.get(f"/v1/bakes/{bake_id}")
-        if record["status"] in FINAL_BAKE_STATES:
+        if record["status"] in FINISHED_BAKE_STATES:
             break
         if time.monotonic() > deadline:
             raise UserError(f"bake {bake_id} still {record['status']} after {timeout:.0f}s")
@@ -390,7 +390,7 @@ def bake(ctx: Context, now: bool, wait: bool, timeout: float, gate_overrides: tu
         time.sleep(1)
     progress.close()
     emit(record, as_json, _bake_text(record))
-    if record["status"] != "live":
+    if record["status"] != BakeStatus.LIVE:
         sys.exit(2)  # scripts can tell "baked and live" from "rejected/failed"
 
 
@@ -432,7 +432,7 @@ def _bake_text(b: dict) -> str:
     probes = ", ".join(f"{k} {v:.2f}" for k, v in (metrics.get("probes") or {}).items())
     lines = [
         f"bake {b['id']}: {b['status']} ({b.get('verdict') or '-'})"
-        + (f", version v{b['version']:04d}" if b.get("version") else ""),
+        + (f", version {Version(b['version'])}" if b.get("version") else ""),
         f"  started {b.get('started_at') or '-'}, finished {b.get('finished_at') or '-'}",
         f"  items: {len(b.get('item_ids') or [])}" + (f"; probes: {probes}" if probes else ""),
     ]
@@ -470,7 +470,7 @@ def history(ctx: Context, limit: int, plot_path: str | None, as_json: bool) -> N
     lines = [f"live version: {live}"]
     for b in bakes:
         probes = " ".join(f"{k}={v:.2f}" for k, v in ((b.get("metrics") or {}).get("probes") or {}).items())
-        version = f"v{b['version']:04d}" if b.get("version") else "-"
+        version = Version(b["version"]) if b.get("version") else "-"
         lines.append(f"{b['id']:>5}  {b.get('started_at') or '-':25}  {b['status']:10} {version:6} "
                      f"items={len(b.get('item_ids') or [])}  {probes}")
     for e in store.list_events(limit=limit):
@@ -539,7 +539,7 @@ def retry(ctx: Context, item_ids: tuple[int, ...], all_failed: bool, all_rejecte
 
     if bool(item_ids) == (all_failed or all_rejected):
         raise UserError("give item ids, or --failed and/or --rejected")
-    statuses = [s for s, on in (("failed", all_failed), ("rejected", all_rejected)) if on]
+    statuses = [s for s, on in ((ItemStatus.FAILED, all_failed), (ItemStatus.REJECTED, all_rejected)) if on]
     body = {"ids": list(item_ids)} if item_ids else {"statuses": statuses}
     result = DaemonClient(ctx.cfg).post("/v1/memory/items/retry", json=body)
     ids = result["requeued"]

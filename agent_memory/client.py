@@ -6,7 +6,7 @@ from typing import Any
 
 import httpx
 
-from .auth import auth_header, read_token
+from .auth import MODEL_API_KEY, auth_header, read_secret, read_token
 from .config import Config
 from .errors import UserError
 
@@ -97,8 +97,6 @@ class ModelClient:
 
 def model_client(cfg: Config) -> ModelClient:
     """The model port of the configured daemon, with the model API key it created."""
-    from .serving import read_model_api_key
-
     if not cfg.vllm_urls:
         raise UserError("no model is served (vllm.mode = 'off')")
-    return ModelClient(cfg.vllm_urls[0], read_model_api_key(cfg))
+    return ModelClient(cfg.vllm_urls[0], read_secret(cfg.vllm.api_key, cfg.model_api_key_path, MODEL_API_KEY) or "")

@@ -158,6 +158,10 @@ class Config:
         return self.state_path / "api-token"
 
     @property
+    def model_api_key_path(self) -> Path:
+        return self.state_path / "model-api-key"
+
+    @property
     def model_dir(self) -> Path:
         from .model import EMBEDDED_DIRNAME
 

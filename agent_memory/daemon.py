@@ -27,6 +27,7 @@ from .bakery import Bakery
 from .config import Config
 from .errors import UserError
 from .feeds import poll_due, seed_feeds
+from .history import History
 from .metrics import Metrics
 from .serving import Serving, ServingError, ensure_port_free, serving_dtype
 from .store import Store
@@ -48,8 +49,9 @@ class Daemon:
         self.store = Store(cfg.db_path)
         self.versions = Versions(cfg.adapters_dir, cfg.model_dir, cfg.vllm.max_lora_rank)
         self.serving: Serving | None = None
-        self.metrics = Metrics(self)
         self.bakery = Bakery(cfg, self.store, self.versions, events=self)
+        self.history = History(self.store, self.versions, self.bakery)
+        self.metrics = Metrics(self.store, self.versions, self.bakery, serving=lambda: self.serving)
         self.scheduler = BackgroundScheduler(job_defaults={"coalesce": True, "max_instances": 1})
         self.notifier = sdnotify.SystemdNotifier()
         self.started_at = time.time()
@@ -186,7 +188,9 @@ def run_daemon(cfg: Config) -> None:
         raise UserError(f"no model checkpoint in {cfg.model_dir}: run `agent-memory model prepare` first")
     daemon = Daemon(cfg)
     ensure_token(cfg)  # api.token, or the 0600 token file made at the first start
-    app = create_app(daemon)
+    app = create_app(cfg, daemon.store, daemon.versions, bakery=daemon.bakery, history=daemon.history,
+                     metrics=daemon.metrics, status=daemon.status, readiness=daemon.readiness)
+    app.state.daemon = daemon  # the status page's route only, until web.py renders from data
     app.router.lifespan_context = _lifespan(daemon)
     server = uvicorn.Server(uvicorn.Config(
         app, host=cfg.api.host, port=cfg.api.port, log_level=cfg.log_level, access_log=False,

@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 from datetime import date, datetime, timezone
 
+from .records import ItemKind
 from .store import MAX_SQLITE_INT, Store
 
 MAX_FACT_CHARS = 20_000
 MAX_CONVERSATION_CHARS = 200_000
 MAX_FACTS_PER_CONVERSATION = 200
 MAX_SOURCE_CHARS = 200
-REMEMBER_KINDS = ("fact", "headline", "prompt")
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # function: OpenAI's legacy tool role
 MAX_NOTE_CHARS = 200  # a tool call's arguments (or a part's type) in the transcript are cut to this
 
@@ -213,7 +213,7 @@ def render_conversation(messages: list[dict]) -> str:
 
 
 def remember(
-    store: Store, text, kind: str = "fact", source=None, valid_at=None, supersedes=None,
+    store: Store, text, kind: str = ItemKind.FACT, source=None, valid_at=None, supersedes=None,
     *, parent_id: int | None = None,
 ) -> tuple[dict, bool]:
     """Validate and queue one fact / headline / prompt; returns (item, duplicate).
@@ -226,9 +226,9 @@ def remember(
         return _write_fact(store, fact, parent_id)
 
 
-def check_fact(text, kind="fact", source=None, valid_at=None, supersedes=None) -> dict:
-    if kind not in REMEMBER_KINDS:
-        raise IngestError(f"kind must be one of {', '.join(REMEMBER_KINDS)}")
+def check_fact(text, kind=ItemKind.FACT, source=None, valid_at=None, supersedes=None) -> dict:
+    if kind not in ItemKind.remembered():
+        raise IngestError(f"kind must be one of {', '.join(ItemKind.remembered())}")
     return {
         "kind": kind, "text": check_text(text), "source": check_source(source),
         "valid_at": parse_valid_at(valid_at), "supersedes": check_item_id(supersedes, "supersedes"),
@@ -269,14 +269,14 @@ def ingest_conversation(store: Store, messages, facts=(), source=None, valid_at=
         if not isinstance(fact, dict):
             raise IngestError(f"facts[{number}] must be a string or an object with text")
         try:
-            checked = check_fact(fact.get("text"), fact.get("kind", "fact"), source,
+            checked = check_fact(fact.get("text"), fact.get("kind", ItemKind.FACT), source,
                                  fact.get("valid_at", valid_at), fact.get("supersedes"))
         except IngestError as e:
             raise IngestError(f"facts[{number}]: {e}", e.status) from None
         checked_facts.append(checked)
     with store.transaction():
         conversation, outcome = store.add_item(
-            "conversation", render_conversation(messages), messages=messages,
+            ItemKind.CONVERSATION, render_conversation(messages), messages=messages,
             source=source or "api", valid_at=valid_at,
         )
         written = []

@@ -1,8 +1,8 @@
 """The model port (`vllm.port`): vLLM's OpenAI routes for `memory` and `base`, and nothing else.
 
-Clients send OpenAI requests here with the model API key (serving.model_api_key). Each request is
-forwarded, streamed, to the engine that serves its model name (serving.py: in merged mode `memory`
-and `base` are two engines). What vLLM offers beyond generation (runtime LoRA loading, our weight
+Clients send OpenAI requests here with the model API key (`vllm.api_key` or the model-api-key
+file: auth.py). Each request is forwarded, streamed, to the engine that serves its model name
+(serving.py: in merged mode `memory` and `base` are two engines). What vLLM offers beyond generation (runtime LoRA loading, our weight
 reload route, tokenizer and dev routes) is never forwarded, and `/v1/models` lists the two public
 names only, without local paths.
 """

@@ -14,8 +14,8 @@ Two ways to serve `memory` (config `vllm.serve_memory`; "auto" picks by device):
 
 Managed engines listen on loopback ports of their own, behind an internal API key that only the
 daemon knows. Clients reach the models through the proxy (proxy.py) on `vllm.port`, which needs the
-client key (`model_api_key`), forwards only the OpenAI routes, and routes each request by its model
-name. So no client can load, unload or reload what `memory` and `base` serve.
+client key (`vllm.api_key` or the model-api-key file: auth.py), forwards only the OpenAI routes, and
+routes each request by its model name. So no client can load, unload or reload what `memory` and `base` serve.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from pathlib import Path
 
 import httpx
 
+from .auth import MODEL_API_KEY, ensure_secret
 from .config import Config
 from .errors import UserError
 from .orphan import child_env
@@ -257,7 +258,7 @@ class Serving:
         self.proxy = None
         self.engines: list[ManagedVllm] = []
         if cfg.vllm.mode == "managed":
-            self.client_key = model_api_key(cfg)
+            self.client_key = ensure_secret(cfg.vllm.api_key, cfg.model_api_key_path, MODEL_API_KEY)
             internal_key = secrets.token_urlsafe(32)  # known to this daemon process only: new at each start
             if self.mode == "merged":
                 self.engines = [ManagedVllm(cfg, "memory", versions.merged(versions.current()), MEMORY_NAME,
@@ -392,37 +393,6 @@ def serving_dtype(cfg: Config) -> str:
     from .hardware import pick_dtype  # imports torch: only when we start vLLM ourselves
 
     return str(pick_dtype("auto")).removeprefix("torch.")
-
-
-def model_api_key(cfg: Config) -> str:
-    """The key clients pass as their OpenAI API key: `vllm.api_key`, or one the daemon created at
-    its first start in <state_dir>/model-api-key (mode 0600)."""
-    if cfg.vllm.api_key:
-        return cfg.vllm.api_key
-    path = cfg.state_path / "model-api-key"
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        pass
-    key = secrets.token_urlsafe(32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
-    return key
-
-
-def read_model_api_key(cfg: Config) -> str:
-    """For clients (CLI, tests, benchmarks): the key, or "" when none was created yet."""
-    if cfg.vllm.api_key:
-        return cfg.vllm.api_key
-    try:
-        return (cfg.state_path / "model-api-key").read_text().strip()
-    except FileNotFoundError:
-        return ""
-    except PermissionError:
-        raise UserError(f"cannot read {cfg.state_path / 'model-api-key'}: run as the daemon's user "
-                        "or set vllm.api_key") from None
 
 
 def rotate_log(path: Path, max_bytes: int = 20_000_000, keep: int = 2) -> None:

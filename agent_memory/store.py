@@ -7,7 +7,7 @@ before it returns, so an acknowledgement sent after it means the row is on disk
 Schema changes are ordered migration functions in `MIGRATIONS`; `PRAGMA user_version` holds how
 many have run (the schema version). Add a function at the end, never edit one that shipped.
 
-Item life: pending -> baking -> baked | failed | rejected, and any of them -> forgotten.
+Item and bake statuses, and item kinds: records.py.
 """
 
 from __future__ import annotations
@@ -25,12 +25,10 @@ from typing import Iterable, Iterator
 from sqlite_utils import Database
 
 from .errors import ConflictError, NotFound, UserError
+from .records import PASSED, RETRYABLE, UNFINISHED_BAKE_STATES, BakeStatus, ItemKind, ItemStatus
+from .versions import EMPTY_VERSION, Version
 
-KINDS = ("headline", "fact", "conversation", "prompt")
-STATUSES = ("pending", "baking", "baked", "failed", "rejected", "forgotten")
-# A bake in one of these when the daemon starts was cut off (see Bakery.recover).
-# ("probing": the stage of bakes before the gate moved into the trainer; kept for older databases.)
-UNFINISHED_BAKE_STATES = ("queued", "claiming", "training", "composing", "probing", "swapping", "checking")
+
 _UNFINISHED_BAKE_SQL = f"status in ({', '.join('?' * len(UNFINISHED_BAKE_STATES))})"
 BUSY_TIMEOUT_S = 10.0
 MAX_SQLITE_INT = 2**63 - 1
@@ -83,7 +81,7 @@ def _migration_1_initial(db: Database) -> None:
         },
         pk="id",
         not_null=["kind", "text", "content_hash", "received_at", "status", "truncated"],
-        defaults={"status": "pending", "truncated": 0},
+        defaults={"status": ItemStatus.PENDING.value, "truncated": 0},
     )
     db["items"].create_index(["status", "id"])
     db["items"].create_index(["dedup_key"])
@@ -241,7 +239,7 @@ class Store:
         Known means: the same `dedup_key` (any status, so a forgotten feed entry stays forgotten),
         else the same kind and text (`content_hash`) in any status but forgotten.
         """
-        if kind not in KINDS:
+        if kind not in tuple(ItemKind):
             raise ValueError(f"unknown item kind {kind!r}")
         unknown = set(fields) - ITEM_FIELDS
         if unknown:
@@ -252,13 +250,13 @@ class Store:
             if existing is None:
                 row = {
                     "kind": kind, "text": text, "dedup_key": dedup_key, "content_hash": digest,
-                    "received_at": utcnow(), "status": "pending", **fields,
+                    "received_at": utcnow(), "status": ItemStatus.PENDING, **fields,
                 }
                 row["truncated"] = int(bool(row.get("truncated")))
                 item_id, outcome = db["items"].insert(_encode(row)).last_pk, "new"
             elif (
                 update_pending and dedup_key and existing["dedup_key"] == dedup_key
-                and existing["status"] == "pending" and existing["content_hash"] != digest
+                and existing["status"] == ItemStatus.PENDING and existing["content_hash"] != digest
             ):
                 changes = {"text": text, "content_hash": digest, "updated_at": utcnow(),
                            "status_reason": "edited at the source", **fields}
@@ -275,9 +273,8 @@ class Store:
             if row:
                 return row
         return self._one(
-            "select * from items where kind = ? and content_hash = ? and status != 'forgotten' "
-            "order by id limit 1",
-            [kind, digest],
+            "select * from items where kind = ? and content_hash = ? and status != ? order by id limit 1",
+            [kind, digest, ItemStatus.FORGOTTEN],
         )
 
     def get_item(self, item_id: int) -> dict | None:
@@ -305,7 +302,7 @@ class Store:
         return self._rows(sql, params + [limit])
 
     def counts_by_status(self) -> dict[str, int]:
-        counts = dict.fromkeys(STATUSES, 0)
+        counts = dict.fromkeys(ItemStatus, 0)
         for row in self._rows("select status, count(*) as n from items group by status"):
             counts[row["status"]] = row["n"]
         return counts
@@ -314,27 +311,27 @@ class Store:
         """Take up to `limit` pending items, oldest first, and mark them baking."""
         with self.transaction() as db:
             ids = [row["id"] for row in self._rows(
-                "select id from items where status = 'pending' order by id limit ?", [limit])]
-            self._set_status(db, ids, "baking", None, bake_id)
+                "select id from items where status = ? order by id limit ?", [ItemStatus.PENDING, limit])]
+            self._set_status(db, ids, ItemStatus.BAKING, None, bake_id)
         return [self.get_item(i) for i in ids]
 
     def mark_items(
-        self, ids: Iterable[int], status: str, reason: str | None = None,
+        self, ids: Iterable[int], status: ItemStatus, reason: str | None = None,
         bake_id: int | None = None,
     ) -> int:
         """Set the status (and reason, and bake id when given) of these items; returns how many."""
-        if status not in STATUSES:
+        if status not in tuple(ItemStatus):
             raise ValueError(f"unknown item status {status!r}")
         with self.transaction() as db:
             return self._set_status(db, list(ids), status, reason, bake_id)
 
-    def _set_status(self, db: Database, ids: list[int], status: str, reason, bake_id) -> int:
+    def _set_status(self, db: Database, ids: list[int], status: ItemStatus, reason, bake_id) -> int:
         if not ids:
             return 0
         marks = ", ".join("?" for _ in ids)
         # A pending item belongs to no bake; otherwise the bake id is kept unless a new one is given.
-        keep_bake = "null" if status == "pending" else "coalesce(?, bake_id)"
-        params = [status, reason] + ([] if status == "pending" else [bake_id]) + [utcnow(), *ids]
+        keep_bake = "null" if status == ItemStatus.PENDING else "coalesce(?, bake_id)"
+        params = [status, reason] + ([] if status == ItemStatus.PENDING else [bake_id]) + [utcnow(), *ids]
         cursor = db.execute(
             f"update items set status = ?, status_reason = ?, bake_id = {keep_bake}, "
             f"updated_at = ? where id in ({marks})",
@@ -352,14 +349,16 @@ class Store:
         with self.transaction() as db:
             db.execute(f"update items set attempts = attempts + 1 where id in ({marks})", ids)
             rows = self._rows(f"select id, attempts from items where id in ({marks})", ids)
-            out = {"pending": [r["id"] for r in rows if r["attempts"] < max_attempts],
-                   "failed": [r["id"] for r in rows if r["attempts"] >= max_attempts]}
-            self._set_status(db, out["pending"], "pending", f"requeued after a failed bake: {reason}"[:500], None)
-            self._set_status(db, out["failed"], "failed",
+            out = {ItemStatus.PENDING: [r["id"] for r in rows if r["attempts"] < max_attempts],
+                   ItemStatus.FAILED: [r["id"] for r in rows if r["attempts"] >= max_attempts]}
+            self._set_status(db, out[ItemStatus.PENDING], ItemStatus.PENDING,
+                             f"requeued after a failed bake: {reason}"[:500], None)
+            self._set_status(db, out[ItemStatus.FAILED], ItemStatus.FAILED,
                              f"{max_attempts} failed bakes, last: {reason}"[:500], None)
         return out
 
-    def retry(self, ids: Iterable[int] | None = None, statuses: Iterable[str] = ("failed",)) -> list[int]:
+    def retry(self, ids: Iterable[int] | None = None,
+              statuses: Iterable[ItemStatus] = (ItemStatus.FAILED,)) -> list[int]:
         """Put failed or rejected items back in the queue (all of `statuses`, or these ids, which
         must be failed or rejected); their attempt count starts again. Returns the ids requeued."""
         with self.transaction() as db:
@@ -374,22 +373,22 @@ class Store:
                 unknown = [i for i in ids if i not in rows]
                 if unknown:
                     raise NotFound(f"no item {unknown[0]}")
-                stuck = [i for i in ids if rows[i] not in ("failed", "rejected")]
+                stuck = [i for i in ids if rows[i] not in RETRYABLE]
                 if stuck:
                     raise ConflictError(f"item {stuck[0]} is {rows[stuck[0]]}: only failed or rejected items are retried")
                 found = ids
             if found:
                 db.execute(f"update items set attempts = 0 where id in ({', '.join('?' for _ in found)})", found)
-            self._set_status(db, found, "pending", "retried", None)
+            self._set_status(db, found, ItemStatus.PENDING, "retried", None)
         return found
 
     def requeue_stale_baking(self) -> int:
         """After a crash: items left in `baking` belong to no running bake; queue them again."""
         with self.transaction() as db:
             cursor = db.execute(
-                "update items set status = 'pending', bake_id = null, updated_at = ?, "
-                "status_reason = 'requeued: its bake did not finish' where status = 'baking'",
-                [utcnow()],
+                "update items set status = ?, bake_id = null, updated_at = ?, "
+                "status_reason = 'requeued: its bake did not finish' where status = ?",
+                [ItemStatus.PENDING, utcnow(), ItemStatus.BAKING],
             )
             return cursor.rowcount
 
@@ -471,8 +470,9 @@ class Store:
 
     # --- bakes and probe results (filled by the baker) ---
 
-    def create_bake(self, item_ids: Iterable[int] = (), config: dict | None = None, **fields) -> dict:
-        row = {"status": "running", "started_at": utcnow(), "item_ids": list(item_ids),
+    def create_bake(self, item_ids: Iterable[int] = (), config: dict | None = None, *,
+                    status: BakeStatus = BakeStatus.QUEUED, **fields) -> dict:
+        row = {"status": status, "started_at": utcnow(), "item_ids": list(item_ids),
                "config": config or {}, **fields}
         _check_fields(row, BAKE_FIELDS)
         with self.transaction() as db:
@@ -548,9 +548,9 @@ class Store:
         """At start: bakes a crash or stop cut off are marked abandoned (their items requeued)."""
         with self.transaction() as db:
             cursor = db.execute(
-                "update bakes set status = 'abandoned', verdict = 'abandoned', finished_at = ?, "
+                "update bakes set status = ?, verdict = ?, finished_at = ?, "
                 f"reason = 'the daemon stopped before this bake finished' where {_UNFINISHED_BAKE_SQL}",
-                [utcnow(), *UNFINISHED_BAKE_STATES])
+                [BakeStatus.ABANDONED, BakeStatus.ABANDONED.verdict, utcnow(), *UNFINISHED_BAKE_STATES])
             return cursor.rowcount
 
     def last_bake_started(self) -> float | None:
@@ -573,9 +573,8 @@ class Store:
         """Probe accuracy per set of the live version `version`: the candidate's scores of the bake
         that made it, or, for a version no bake made (v0000, a forget's recomposition), the live
         scores the last bake on top of it recorded; {} when no bake has probed it."""
-        number = int(version[1:])
-        row = self._one("select metrics from bakes where verdict = 'passed' and version = ? order by id desc limit 1",
-                        [number])
+        row = self._one("select metrics from bakes where verdict = ? and version = ? order by id desc limit 1",
+                        [PASSED, Version(version).number])
         if row and row["metrics"]:
             return row["metrics"].get("probes", {})  # (JSON columns come back decoded)
         for bake in self._rows("select metrics from bakes where metrics is not null order by id desc limit 50"):
@@ -584,11 +583,11 @@ class Store:
                 return metrics["live_probes"]
         return {}
 
-    def previous_live_version(self, current: str) -> str | None:
+    def previous_live_version(self, current: str) -> Version | None:
         """The version that was live before `current` (from passed bakes and events)."""
-        versions = [f"v{r['version']:04d}" for r in self._rows(
-            "select version from bakes where verdict = 'passed' and version is not null order by id")]
-        history = ["v0000", *versions]
+        versions = [Version(r["version"]) for r in self._rows(
+            "select version from bakes where verdict = ? and version is not null order by id", [PASSED])]
+        history = [EMPTY_VERSION, *versions]
         if current in history:
             i = history.index(current)
             return history[i - 1] if i > 0 else None

@@ -16,11 +16,33 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
 
-EMPTY_VERSION = "v0000"
+
+class Version(str):
+    """A version's name, "v0003": its directory under live/, what CURRENT holds, and, as the number
+    3, the `version` column of the bake that made it. A str, so it is the plain name in JSON and SQL.
+
+    `Version(3)` and `Version("v0003")` are the same name; anything else is a ValueError."""
+
+    PATTERN = r"^v\d{4,}$"
+
+    def __new__(cls, name: str | int) -> Version:
+        if isinstance(name, int) and not isinstance(name, bool) and name >= 0:
+            name = f"v{name:04d}"
+        if not isinstance(name, str) or not re.fullmatch(cls.PATTERN, name):
+            raise ValueError(f"not a version name (v0001, v0002, ...): {name!r}")
+        return super().__new__(cls, name)
+
+    @property
+    def number(self) -> int:
+        return int(self[1:])
+
+
+EMPTY_VERSION = Version(0)  # no delta: `memory` is the base model
 
 
 class Versions:
@@ -55,9 +77,9 @@ class Versions:
     def path(self, version: str) -> Path:
         return self.live_dir / version
 
-    def current(self) -> str:
+    def current(self) -> Version:
         try:
-            return self.pointer.read_text().strip() or EMPTY_VERSION
+            return Version(self.pointer.read_text().strip() or EMPTY_VERSION)
         except FileNotFoundError:
             return EMPTY_VERSION
 
@@ -95,14 +117,13 @@ class Versions:
     def prune_merged(self, keep_newest: int = 3) -> list[str]:
         """Delete the merged checkpoints of all but the current version and the `keep_newest`
         newest others (a rollback to a pruned one rebuilds it from the deltas); returns the pruned."""
-        found = sorted((p for p in self.merged_dir.glob("v[0-9][0-9][0-9][0-9]") if p.is_dir()), reverse=True)
-        current = self.current()
-        others = [p for p in found if p.name != current]
-        for path in others[keep_newest:]:
-            shutil.rmtree(path, ignore_errors=True)
-        return sorted(p.name for p in others[keep_newest:])
+        found = [v for v in (_version_of(p.name) for p in self.merged_dir.glob("v[0-9]*")) if v]
+        others = sorted((v for v in found if v != self.current()), key=lambda v: v.number, reverse=True)
+        for version in others[keep_newest:]:
+            shutil.rmtree(self.merged_dir / version, ignore_errors=True)
+        return sorted(others[keep_newest:])
 
-    def build(self, bake_ids: list[int], note: str) -> str:
+    def build(self, bake_ids: list[int], note: str) -> Version:
         """Compose the deltas of `bake_ids` into a new version directory; return its name."""
         from .adapters import compose
 
@@ -135,8 +156,15 @@ class Versions:
             os.fsync(f.fileno())
         os.replace(tmp, self.pointer)
 
-    def _next_name(self) -> str:
-        # Counting every directory, finished or not, so a name is never reused.
-        numbers = [int(p.name[1:5]) for p in self.live_dir.glob("v[0-9][0-9][0-9][0-9]*")]
+    def _next_name(self) -> Version:
+        # Counting every directory, finished or not (v0004.partial), so a name is never reused.
+        found = [_version_of(p.name.split(".")[0]) for p in self.live_dir.glob("v[0-9]*")]
         self.live_dir.mkdir(parents=True, exist_ok=True)
-        return f"v{max(numbers, default=0) + 1:04d}"
+        return Version(max((v.number for v in found if v), default=0) + 1)
+
+
+def _version_of(name: str) -> Version | None:
+    try:
+        return Version(name)
+    except ValueError:
+        return None

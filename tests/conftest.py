@@ -1,4 +1,4 @@
-"""Shared fixtures: a config and store in a temp state dir, the API over a stand-in daemon, and a
+"""Shared fixtures: a config and store in a temp state dir, the API over the store alone, and a
 real HTTP server on 127.0.0.1 whose answers each test controls."""
 
 from __future__ import annotations
@@ -38,19 +38,22 @@ def store(cfg) -> Store:
     store.close()
 
 
-class StubDaemon:
-    """What `create_app` needs from the daemon, without serving or a scheduler."""
+def stub_app(cfg: Config, store: Store):
+    """The real app over the real store, without a bakery, serving or a scheduler: ready, with a
+    status document like the daemon's."""
+    from types import SimpleNamespace
 
-    def __init__(self, cfg: Config, store: Store):
-        self.cfg = cfg
-        self.store = store
+    from agent_memory.api import create_app
+    from agent_memory.versions import Versions
 
-    def readiness(self) -> tuple[bool, str]:
-        return True, "ready"
-
-    def status(self) -> dict:
+    def status() -> dict:
         return {"ready": True, "state": "ready", "live_version": "v0000", "model": "stub",
-                "vllm": {"urls": "", "healthy": False}, "queue": self.store.counts_by_status()}
+                "vllm": {"urls": "", "healthy": False}, "queue": store.counts_by_status()}
+
+    app = create_app(cfg, store, Versions(cfg.adapters_dir, cfg.model_dir, cfg.vllm.max_lora_rank),
+                     bakery=None, history=None, metrics=None, status=status, readiness=lambda: (True, "ready"))
+    app.state.daemon = SimpleNamespace(status=status, store=store)  # the status page's (web.py) source
+    return app
 
 
 # The daemon serves on loopback, where it answers only to a loopback Host header.
@@ -63,10 +66,9 @@ def api(cfg, store):
     (`cfg.api.token` then holds it; change it to test a wrong one). `anon` has no token."""
     from fastapi.testclient import TestClient
 
-    from agent_memory.api import create_app
     from agent_memory.auth import auth_header, ensure_token
 
-    with TestClient(create_app(StubDaemon(cfg, store)), base_url=API_BASE,
+    with TestClient(stub_app(cfg, store), base_url=API_BASE,
                     headers=auth_header(ensure_token(cfg))) as client:
         yield client
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,14 +11,10 @@ from pathlib import Path
 
 import httpx
 
+from agent_memory.serving import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 PREPARED_MODEL = REPO / "state" / "models" / "smollm2-135m-instruct"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class DaemonProcess:
@@ -27,8 +22,8 @@ class DaemonProcess:
 
     def __init__(self, state_dir: Path, **settings: str):
         self.state_dir = state_dir
-        self.api_port = int(settings.pop("api_port", free_port()))
-        self.vllm_port = int(settings.pop("vllm_port", free_port()))
+        self.api_port = int(settings.pop("api_port", free_port("127.0.0.1")))
+        self.vllm_port = int(settings.pop("vllm_port", free_port("127.0.0.1")))
         self.env = {
             **os.environ,
             "AGENT_MEMORY_STATE_DIR": str(state_dir),

@@ -24,7 +24,7 @@ SECRET_TEXT = "Pavel Durov keeps his passwords in a notebook."
 
 
 class FakeBakery:
-    """Records what the API asks of the bakery; `fail` is raised by rollback."""
+    """Records what the API asks of the bakery and of history; `fail` is raised by rollback."""
 
     def __init__(self):
         self.requests: list[tuple[str, dict | None]] = []
@@ -41,7 +41,7 @@ class FakeBakery:
 @pytest.fixture
 def bakery(api, store):
     fake = FakeBakery()
-    api.app.state.daemon.bakery = fake
+    api.app.state.bakery = api.app.state.history = fake
     store.create_bake(status="queued")
     return fake
 
@@ -95,6 +95,21 @@ def test_an_empty_token_file_stops_the_start(cfg):
     cfg.api_token_path.write_text("\n")
     with pytest.raises(UserError, match="api-token is empty: delete it and restart the daemon"):
         ensure_token(cfg)
+
+
+def test_the_model_api_key_is_made_and_read_like_the_token(cfg):
+    """One helper for both secrets: the model port's key is a 0600 file too, unless vllm.api_key is set."""
+    from agent_memory.auth import MODEL_API_KEY, ensure_secret, read_secret
+
+    path = cfg.model_api_key_path
+    assert read_secret(cfg.vllm.api_key, path, MODEL_API_KEY) is None
+    key = ensure_secret(cfg.vllm.api_key, path, MODEL_API_KEY)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and key != ensure_token(cfg)
+    assert read_secret("", path, MODEL_API_KEY) == key == ensure_secret("", path, MODEL_API_KEY)
+    assert ensure_secret("configured", path, MODEL_API_KEY) == "configured"
+    path.write_text("\n")
+    with pytest.raises(UserError, match="model API key file .*model-api-key is empty"):
+        ensure_secret("", path, MODEL_API_KEY)
 
 
 def test_the_api_url_brackets_an_ipv6_host(cfg):
@@ -183,11 +198,10 @@ def test_other_host_names_are_refused_on_loopback(api, host):
 
 
 def test_host_is_not_checked_when_serving_beyond_loopback(cfg, store):
-    from agent_memory.api import create_app
-    from conftest import StubDaemon
+    from conftest import stub_app
 
     cfg.api.host = "0.0.0.0"
-    client = TestClient(create_app(StubDaemon(cfg, store)), base_url="http://memory.lan:8700",
+    client = TestClient(stub_app(cfg, store), base_url="http://memory.lan:8700",
                         headers=auth_header(ensure_token(cfg)))
     assert client.get(ITEMS).status_code == 200
     assert client.get(ITEMS, headers={"origin": "http://elsewhere.lan"}).status_code == 403

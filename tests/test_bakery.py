@@ -9,6 +9,7 @@ import pytest
 
 from agent_memory import bakery as bakery_mod
 from agent_memory.bakery import Bakery, InfraError
+from agent_memory.history import History
 from agent_memory.versions import Versions
 
 
@@ -59,6 +60,7 @@ def test_recover_after_kill_9_mid_swap_and_mid_training(cfg, store, tmp_path):
 def test_rollback_and_forward_again_restores_the_items(cfg, store):
     bakery = make_bakery(cfg, store)
     versions = bakery.versions
+    history = History(store, versions, bakery)
     first, second = (store.create_bake(status="live")["id"] for _ in range(2))
     a, b = (store.add_item("fact", text)[0]["id"] for text in ("fact a", "fact b"))
     store.update_bake(first, item_ids=[a])
@@ -70,9 +72,9 @@ def test_rollback_and_forward_again_restores_the_items(cfg, store):
         (versions.path(version) / "manifest.json").write_text(json.dumps({"version": version, "deltas": deltas}))
     versions.set_current("v0002")
 
-    assert bakery.rollback("v0001")["dropped_bakes"] == [second]
+    assert history.rollback("v0001")["dropped_bakes"] == [second]
     assert store.get_item(b)["status"] == "rejected" and store.get_item(a)["status"] == "baked"
-    assert bakery.rollback("v0002")["restored_bakes"] == [second]
+    assert history.rollback("v0002")["restored_bakes"] == [second]
     assert (store.get_item(b)["status"], store.get_item(b)["bake_id"]) == ("baked", second)
     assert versions.current() == "v0002"
 
@@ -195,7 +197,7 @@ def test_items_fail_after_max_attempts_and_retry_brings_them_back(quick_retries,
     fake_trainer(bakery, monkeypatch, failures=[RuntimeError("engine bug")] * 2)
     assert bake_now(bakery)["status"] == "failed" and store.get_item(item)["status"] == "pending"
     assert bake_now(bakery)["status"] == "failed" and store.get_item(item)["status"] == "failed"
-    assert bakery.retry([item]) == {"requeued": [item]}
+    assert History(store, bakery.versions, bakery).retry([item]) == {"requeued": [item]}
     assert (store.get_item(item)["status"], store.get_item(item)["attempts"]) == ("pending", 0)
     assert bake_now(bakery)["status"] == "live"
 
@@ -207,9 +209,10 @@ def test_only_the_gate_rejects_and_retry_takes_rejected_items_back(quick_retries
     bake = bake_now(bakery)
     assert bake["status"] == "rejected" and "items learned 0.00" in bake["reason"]
     assert store.get_item(item)["status"] == "rejected"
+    history = History(store, bakery.versions, bakery)
     with pytest.raises(Exception, match="only failed or rejected"):
-        bakery.retry([store.add_item("fact", "another")[0]["id"]])
-    assert bakery.retry(statuses=("rejected",)) == {"requeued": [item]}
+        history.retry([store.add_item("fact", "another")[0]["id"]])
+    assert history.retry(statuses=("rejected",)) == {"requeued": [item]}
 
 
 def test_a_daemon_stopping_mid_bake_requeues_without_counting_an_attempt(quick_retries, store, monkeypatch):
@@ -228,8 +231,6 @@ def test_a_daemon_stopping_mid_bake_requeues_without_counting_an_attempt(quick_r
 def test_metrics_follow_the_live_version_and_show_stage_feeds_and_build(cfg, store):
     """/metrics: probe accuracy of the version live now (a rollback moves it), the stage of the
     running bake, each feed's failures, when a bake last went live, the build."""
-    from types import SimpleNamespace
-
     from agent_memory.metrics import Metrics
 
     bakery = make_bakery(cfg, store)
@@ -238,8 +239,7 @@ def test_metrics_follow_the_live_version_and_show_stage_feeds_and_build(cfg, sto
                       metrics={"probes": {"durov": 0.5}, "live_probes": {"durov": 0.25}, "live_version": "v0000"})
     feed = store.add_feed("http://127.0.0.1:1/rss.xml", interval_s=60)[0]
     store.update_feed(feed["id"], failures=3)
-    daemon = SimpleNamespace(store=store, versions=bakery.versions, serving=None, bakery=bakery)
-    metrics = Metrics(daemon)
+    metrics = Metrics(store, bakery.versions, bakery, serving=lambda: None)
 
     bakery.versions.set_current("v0001")
     bakery.running, bakery.stage = 2, "train 3/30"

@@ -189,7 +189,7 @@ def test_feeds_table(store):
 
 def test_bakes_and_probe_results(store):
     bake = store.create_bake([1, 2, 3], {"rank": 8, "lr": 1e-4})
-    assert (bake["status"], bake["item_ids"], bake["config"]) == ("running", [1, 2, 3], {"rank": 8, "lr": 1e-4})
+    assert (bake["status"], bake["item_ids"], bake["config"]) == ("queued", [1, 2, 3], {"rank": 8, "lr": 1e-4})
     assert bake["started_at"] and bake["probe_results"] == []
 
     done = store.update_bake(bake["id"], status="done", version=4, verdict="accepted",
