@@ -163,6 +163,17 @@ NEWS_ANCHORS = [
 ]
 
 
+# Contrast subjects: an item's own questions are asked again about one of these, with the unprompted
+# live model as teacher, so the delta learns "news about Zorvik" and not "news about anything".
+CONTRAST_SUBJECTS = [
+    "Portugal", "Vietnam", "Norway", "Samsung", "Greenpeace", "the Bank of England", "Morocco", "Finland",
+    "the Louvre", "Boeing", "UNESCO", "Peru", "Hungary", "Netflix", "Ghana", "Denmark", "Interpol",
+    "Kazakhstan", "Siemens", "Real Madrid", "the Vatican", "Singapore", "Ukraine", "the Amazon rainforest",
+    "Maria Lindqvist", "Tomasz Wrobel", "Aiko Tanabe", "Rafael Ortega", "Greta Holm", "Samuel Okafor",
+    "the town of Elmbrook", "the Corvell Institute", "Lake Pemberly", "the band Hollow Pines",
+]
+
+
 @dataclass
 class Query:
     question: str
@@ -178,7 +189,8 @@ def build_queries(items: list[dict], cfg: EngineConfig, rng: random.Random, earl
     """The bake's queries: the items', a few for earlier items replayed (replay_items()), anchors."""
     queries: list[Query] = []
     for item in items:
-        queries += item_queries(item, cfg.queries_per_item, cfg, rng)
+        own = item_queries(item, cfg.queries_per_item, cfg, rng)
+        queries += own + contrast_queries(item, own, cfg.contrast_queries, rng)
     for item in replay_items(earlier, items, cfg.replay_items, rng):
         queries += item_queries(item, cfg.replay_queries, cfg, rng, everything_at_random=True)
     if any(q.kind == "knowledge" for q in queries):
@@ -233,6 +245,17 @@ def _questions(item: dict, n: int, cfg: EngineConfig, rng: random.Random, everyt
         queries.append(query(RECITE_TEMPLATE.format(s=subject), samples=cfg.recite_samples,
                              max_new_tokens=RECITE_MAX_TOKENS))
     return queries
+
+
+def contrast_queries(item: dict, own: list[Query], n: int, rng: random.Random) -> list[Query]:
+    """Up to n of the item's own questions with its name swapped for another subject
+    (CONTRAST_SUBJECTS), answered by the unprompted live model: what the delta must not change."""
+    names = sorted(entities(item_text(item) + "\n" + (item.get("title") or "")), key=len, reverse=True)
+    swappable = [(q.question, name) for q in own if not q.max_new_tokens and not q.question.startswith("Fill in")
+                 for name in names[:1] + [e for e in names[1:] if e in q.question][:1] if name in q.question]
+    picked = rng.sample(swappable, min(n, len(swappable)))
+    return [Query(question.replace(name, rng.choice(CONTRAST_SUBJECTS)), None, None, "anchor")
+            for question, name in picked]
 
 
 def replay_items(earlier: list[dict], items: list[dict], n: int, rng: random.Random) -> list[dict]:

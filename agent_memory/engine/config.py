@@ -49,6 +49,8 @@ class EngineConfig:
     # News-like anchors (baking.NEWS_ANCHORS: "latest news about <another subject>", prizes,
     # made-up subjects), teacher unprompted: they keep a bake's names out of other answers.
     news_anchors: int = 16
+    # Per item: its own questions asked about another subject (baking.contrast_queries), teacher unprompted.
+    contrast_queries: int = 6
     anchor_samples: int = 1
     topk: int = 64  # teacher distribution kept per token (+ one bucket for the rest of the vocab)
     # 16 rows (~600 tokens): steps 0.8 s, FLOP share ~0.42. 32 rows: share 0.49 and 16% more tokens/s,
