@@ -408,9 +408,10 @@ def status(request: Request):
 def status_page(request: Request):
     from fastapi.responses import HTMLResponse
 
-    from .web import status_page as render
+    from .web import collect, status_page as render
 
-    return HTMLResponse(render(_daemon(request)))
+    daemon = _daemon(request)
+    return HTMLResponse(render(collect(daemon.status(), daemon.store, daemon.versions)))
 
 
 @public_router.get("/plot.png", include_in_schema=False)

@@ -13,6 +13,7 @@ import pytest
 
 from agent_memory.config import Config
 from agent_memory.store import Store
+from agent_memory.versions import Versions
 from daemon_proc import DaemonProcess
 
 DATA = Path(__file__).parent / "data"
@@ -44,6 +45,7 @@ class StubDaemon:
     def __init__(self, cfg: Config, store: Store):
         self.cfg = cfg
         self.store = store
+        self.versions = Versions(cfg.adapters_dir, cfg.model_dir, cfg.vllm.max_lora_rank)
 
     def readiness(self) -> tuple[bool, str]:
         return True, "ready"
