@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
+from .feeds import display_url
 from .store import UNFINISHED_BAKE_STATES
 
 if TYPE_CHECKING:
@@ -250,7 +251,7 @@ def _feeds(feeds: list[dict]) -> str:
     rows = []
     for f in feeds:
         url = _public_url(f["url"])
-        error = (f.get("last_error") or "").replace(f["url"], url)
+        error = (f.get("last_error") or "").replace(f["url"], url).replace(display_url(f["url"]), url)
         health = (f'<td class="error">{f.get("failures") or 0} failed: {esc(error)}</td>' if f.get("last_error")
                   else '<td class="passed">ok</td>')
         rows.append(f'<tr id="feed-{f["id"]}"><td>{f["id"]}</td><td>{esc(f.get("title") or "")}</td><td>{esc(url)}</td>'
@@ -297,7 +298,8 @@ def _ids(ids: list) -> str:
 
 
 def _public_url(url: str) -> str:
-    """The URL without credentials, query or fragment (a private feed's key is often there)."""
+    """The URL without credentials, query or fragment (a private feed's key is often there): this
+    page is open to any local process, where `feeds.display_url` serves token holders."""
     try:
         parts = urlsplit(url)
     except ValueError:

@@ -132,7 +132,7 @@ def test_the_running_bake_shows_its_stage_and_the_empty_page_says_no_bakes():
 def test_feeds_show_their_errors_without_the_url_secrets_and_outside_text_is_escaped():
     feeds = [
         {"id": 1, "url": "https://user:pw@news.example/rss?key=SECRET", "title": "<b>News</b>", "interval_s": 1800,
-         "failures": 3, "last_error": "HTTP 403 from https://user:pw@news.example/rss?key=SECRET",
+         "failures": 3, "last_error": "HTTP 403 from https://user:***@news.example/rss?key=SECRET",
          "last_ok_at": at(90)},
         {"id": 2, "url": "https://ok.example/feed.xml", "title": "Fine", "interval_s": 3600, "failures": 0,
          "last_error": None, "last_ok_at": at(3)},
