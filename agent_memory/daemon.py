@@ -190,6 +190,7 @@ def run_daemon(cfg: Config) -> None:
     app.router.lifespan_context = _lifespan(daemon)
     server = uvicorn.Server(uvicorn.Config(
         app, host=cfg.api.host, port=cfg.api.port, log_level=cfg.log_level, access_log=False,
+        log_config=None,  # uvicorn's lines go through our handlers, in our format (_setup_logging)
         timeout_graceful_shutdown=10,
     ))
     daemon.on_fatal = lambda: setattr(server, "should_exit", True)
