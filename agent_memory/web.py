@@ -94,6 +94,17 @@ def plot_data(bakes: list[dict]) -> Plot:
 
 
 def plot_png(bakes: list[dict]) -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig = plot_figure(bakes)
+    out = io.BytesIO()
+    fig.savefig(out, format="png")
+    plt.close(fig)
+    return out.getvalue()
+
+
+def plot_figure(bakes: list[dict]):
+    """The plot as a matplotlib figure (close it with plt.close)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a server
@@ -110,7 +121,7 @@ def plot_png(bakes: list[dict]) -> bytes:
         ax.axvline(bake_id, color="grey", alpha=0.35, linewidth=6, linestyle=":")
     if plot.xlim:
         ax.set_xlim(*plot.xlim)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # bake ids: never 0.96-1.04
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # bake ids: 1, not 0.96-1.04
     ax.set_xlabel("bake")
     ax.set_ylabel("probe accuracy (candidate)")
     ax.set_ylim(-0.02, 1.02)
@@ -121,10 +132,7 @@ def plot_png(bakes: list[dict]) -> bytes:
     if plot.message:
         ax.text(0.5, 0.5, plot.message, ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
-    out = io.BytesIO()
-    fig.savefig(out, format="png")
-    plt.close(fig)
-    return out.getvalue()
+    return fig
 
 
 # --- the page ------------------------------------------------------------------------------

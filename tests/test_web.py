@@ -19,7 +19,7 @@ import pytest
 from agent_memory import config
 from agent_memory.store import Store
 from agent_memory.versions import Versions
-from agent_memory.web import PageData, plot_data, plot_png, status_page
+from agent_memory.web import PageData, plot_data, plot_figure, plot_png, status_page
 from daemon_proc import DaemonProcess
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
@@ -56,10 +56,18 @@ def row(text: str, element_id: str) -> str:
 # --- the plot --------------------------------------------------------------------------------
 
 
-def test_one_bake_gets_an_axis_around_it_not_a_sliver():
-    plot = plot_data([bake(1, "live", "passed", 1, {"items": 1.0})])
-    assert plot.xlim == (0.5, 1.5) and plot.message is None
-    assert plot_png([bake(1, "live", "passed", 1, {"items": 1.0})])[:8] == b"\x89PNG\r\n\x1a\n"
+@pytest.mark.parametrize("bakes", [[bake(1, "live", "passed", 1, {"items": 1.0})], [bake(1, "training")]],
+                         ids=["judged", "running"])
+def test_one_bake_gets_an_axis_around_it_with_whole_bake_numbers(bakes):
+    import matplotlib.pyplot as plt
+
+    assert plot_data(bakes).xlim == (0.5, 1.5)
+    fig = plot_figure(bakes)
+    fig.canvas.draw()
+    ticks = [t for t in fig.axes[0].get_xticks() if 0.5 <= t <= 1.5]
+    plt.close(fig)
+    assert ticks == [1.0]
+    assert plot_png(bakes)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_rejected_and_failed_bakes_are_marked_and_empty_ones_left_out():
