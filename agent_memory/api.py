@@ -420,18 +420,14 @@ def status(request: Request):
     return request.app.state.status()
 
 
-def _daemon(request: Request):
-    """The status page's source until web.py renders from data: set by run_daemon, not create_app."""
-    return request.app.state.daemon
-
-
 @public_router.get("/", include_in_schema=False)
 def status_page(request: Request):
     from fastapi.responses import HTMLResponse
 
-    from .web import status_page as render
+    from .web import collect, status_page as render
 
-    return HTMLResponse(render(_daemon(request)))
+    state = request.app.state
+    return HTMLResponse(render(collect(state.status(), state.store, state.versions)))
 
 
 @public_router.get("/plot.png", include_in_schema=False)

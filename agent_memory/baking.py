@@ -529,7 +529,8 @@ def topk_kl(student_logits: torch.Tensor, top_idx: torch.Tensor, top_logp: torch
 # 5. train
 # ----------------------------------------------------------------------------------------------
 
-def make_batches(examples: list[Example], batch_size: int, pad_id: int, share_prefix: bool = True) -> list[dict]:
+def make_batches(examples: list[Example], batch_size: int, pad_id: int, share_prefix: bool = True,
+                 anchor_weight: float = 1.0) -> list[dict]:
     """Length-sorted batches (little padding), right-padded; answer positions flattened.
 
     Every student prompt starts with the same chat-template prefix (the default system prompt:
@@ -546,7 +547,7 @@ def make_batches(examples: list[Example], batch_size: int, pad_id: int, share_pr
         width = max(map(len, seqs)) - shared
         ids = torch.full((len(group), width), pad_id)
         mask = torch.zeros((len(group), width), dtype=torch.long)
-        rows, cols = [], []
+        rows, cols, weights = [], [], []
         for b, (e, s) in enumerate(zip(group, seqs)):
             ids[b, :len(s) - shared] = torch.tensor(s[shared:])
             mask[b, :len(s) - shared] = 1
@@ -555,10 +556,12 @@ def make_batches(examples: list[Example], batch_size: int, pad_id: int, share_pr
             first = len(e.prompt_ids) - 1 - shared
             rows += [b] * len(e.answer_ids)
             cols += list(range(first, first + len(e.answer_ids)))
+            weights += [anchor_weight if e.kind == "anchor" else 1.0] * len(e.answer_ids)
         batches.append({
             "prefix": torch.tensor([group[0].prompt_ids[:shared]], dtype=torch.long),
             "input_ids": ids, "attention_mask": mask, "rows": torch.tensor(rows), "cols": torch.tensor(cols),
             "top_idx": torch.cat([e.top_idx for e in group]), "top_logp": torch.cat([e.top_logp for e in group]),
+            "weights": torch.tensor(weights),
             "tokens": int(mask.sum()) + shared, "targets": len(rows),
         })
     return batches
@@ -615,7 +618,8 @@ def train(peft_model, batches: list[dict], cfg: EngineConfig, progress=None, ite
         kl_sum, kl_n = 0.0, 0
         for i in order:
             kl = batch_kl(peft_model, batches[i], autocast)
-            loss = kl.mean()
+            weights = batches[i]["weights"].to(kl.device)
+            loss = (kl * weights).sum() / weights.sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -742,7 +746,7 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
 
     t = time.monotonic()
     peft_model = add_lora(model, cfg)
-    batches = make_batches(examples, cfg.batch_size, tokenizer.pad_token_id)
+    batches = make_batches(examples, cfg.batch_size, tokenizer.pad_token_id, anchor_weight=cfg.anchor_weight)
     report = train(peft_model, batches, cfg, progress, items=len(items))
     timings["train_s"] = time.monotonic() - t
 

@@ -583,11 +583,30 @@ def probes_run(ctx: Context, probe_set: str, model_name: str, as_json: bool) -> 
     emit({"set": probe_set, "model": model_name, "accuracy": acc, "results": results}, as_json, "\n".join(lines))
 
 
+PATH_HINTS = {
+    PermissionError: "run the command as the daemon's user (e.g. `sudo -u agent-memory`) or give that user "
+                     "the path; see deploy/README.md",
+    IsADirectoryError: "a file was expected there: check --config / AGENT_MEMORY_CONFIG and the state dir",
+    NotADirectoryError: "a directory was expected there: check state_dir / AGENT_MEMORY_STATE_DIR",
+}
+
+
+def path_error(e: OSError) -> str:
+    """A path the command cannot use (the state dir, the config, the token file), as one line."""
+    hint = next((h for kind, h in PATH_HINTS.items() if isinstance(e, kind)), None)
+    return f"{e.filename}: {(e.strerror or str(e)).lower()}" + (f": {hint}" if hint else "")
+
+
 def main() -> None:
     try:
         cli(standalone_mode=False)
     except UserError as e:
         click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except OSError as e:
+        if e.filename is None:  # not a path problem: a bug, with its traceback
+            raise
+        click.echo(f"error: {path_error(e)}", err=True)
         sys.exit(1)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

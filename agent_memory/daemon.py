@@ -190,10 +190,10 @@ def run_daemon(cfg: Config) -> None:
     ensure_token(cfg)  # api.token, or the 0600 token file made at the first start
     app = create_app(cfg, daemon.store, daemon.versions, bakery=daemon.bakery, history=daemon.history,
                      metrics=daemon.metrics, status=daemon.status, readiness=daemon.readiness)
-    app.state.daemon = daemon  # the status page's route only, until web.py renders from data
     app.router.lifespan_context = _lifespan(daemon)
     server = uvicorn.Server(uvicorn.Config(
         app, host=cfg.api.host, port=cfg.api.port, log_level=cfg.log_level, access_log=False,
+        log_config=None,  # uvicorn's lines go through our handlers, in our format (_setup_logging)
         timeout_graceful_shutdown=10,
     ))
     daemon.on_fatal = lambda: setattr(server, "should_exit", True)

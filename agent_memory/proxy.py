@@ -124,7 +124,8 @@ class ProxyServer:
     def __init__(self, cfg, routes: dict, client_key: str):
         app = create_proxy_app(routes, client_key, loopback=is_loopback(cfg.vllm.host))
         config = uvicorn.Config(app, host=cfg.vllm.host, port=cfg.vllm.port,
-                                log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+                                log_level="warning", access_log=False, log_config=None,  # our format
+                                timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="model-proxy", daemon=True)
 

@@ -41,7 +41,6 @@ def store(cfg) -> Store:
 def stub_app(cfg: Config, store: Store):
     """The real app over the real store, without a bakery, serving or a scheduler: ready, with a
     status document like the daemon's."""
-    from types import SimpleNamespace
 
     from agent_memory.api import create_app
     from agent_memory.versions import Versions
@@ -52,7 +51,6 @@ def stub_app(cfg: Config, store: Store):
 
     app = create_app(cfg, store, Versions(cfg.adapters_dir, cfg.model_dir, cfg.vllm.max_lora_rank),
                      bakery=None, history=None, metrics=None, status=status, readiness=lambda: (True, "ready"))
-    app.state.daemon = SimpleNamespace(status=status, store=store)  # the status page's (web.py) source
     return app
 
 

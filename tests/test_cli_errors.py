@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -99,3 +101,35 @@ def test_bake_progress_on_a_terminal_follows_the_stage(capsys):
     quiet.show("train 1/2")
     quiet.close()
     assert capsys.readouterr().err == ""
+
+
+def without_root_powers(command: list[str]) -> list[str]:
+    """The command as a user the file permissions apply to: root keeps its uid but loses the
+    capabilities that let it read and write any file (setpriv, util-linux)."""
+    if os.geteuid() != 0:
+        return command
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root and no setpriv (util-linux) to drop root's file powers")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", *command]
+
+
+def test_a_state_dir_the_user_cannot_create_is_one_line_not_a_traceback(tmp_path):
+    """deploy/README's first `model prepare` as the service user, before /var/lib/agent-memory
+    exists (issue 14 #4): the parent is not the user's."""
+    var_lib = tmp_path / "var-lib"
+    var_lib.mkdir(mode=0o555)
+    env = {**DaemonProcess(tmp_path / "unused").env, "AGENT_MEMORY_STATE_DIR": str(var_lib / "agent-memory"),
+           "AGENT_MEMORY_MODEL_PATH": ""}
+    for args in (["model", "prepare"], ["daemon"]):
+        result = subprocess.run(without_root_powers([sys.executable, "-m", "agent_memory.cli", *args]), env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert_one_line_error(result, f"{var_lib / 'agent-memory'}: permission denied: run the command as the "
+                                      "daemon's user")
+    var_lib.chmod(0o755)  # so pytest can clean up
+
+
+def test_a_config_path_that_is_a_directory_is_one_line(tmp_path):
+    proc = DaemonProcess(tmp_path)
+    assert_one_line_error(proc.cli("--config", str(tmp_path), "status"),
+                          f"{tmp_path}: is a directory: a file was expected there")
