@@ -548,7 +548,7 @@ def retry(ctx: Context, item_ids: tuple[int, ...], all_failed: bool, all_rejecte
 
 @cli.group()
 def probes() -> None:
-    """Knowledge QA probe sets (the Durov set is built in)."""
+    """Knowledge probes: JSON sets (the Durov set is built in) and sets made from the baked items."""
 
 
 @probes.command("list")
@@ -556,8 +556,9 @@ def probes() -> None:
 def probes_list(as_json: bool) -> None:
     from . import probes as probes_mod
 
-    sets = {name: len(probes_mod.load_set(name)) for name in probes_mod.list_sets()}
-    emit(sets, as_json, "\n".join(f"{k}: {v} questions" for k, v in sets.items()))
+    sets = {name: f"{len(probes_mod.load_set(name))} questions" for name in probes_mod.list_sets()}
+    sets |= {name: f"generated: {what}" for name, what in probes_mod.GENERATED_SETS.items()}
+    emit(sets, as_json, "\n".join(f"{k}: {v}" for k, v in sets.items()))
 
 
 @probes.command("run")
@@ -566,21 +567,44 @@ def probes_list(as_json: bool) -> None:
 @json_option
 @pass_ctx
 def probes_run(ctx: Context, probe_set: str, model_name: str, as_json: bool) -> None:
-    """Ask a probe set of the served model; print its accuracy and each answer."""
+    """Ask a probe set of the served model; print its grades and each answer.
+
+    \b
+    Examples:
+      agent-memory probes run durov
+      agent-memory probes run items          # questions about the baked items
+      agent-memory probes run neighbours     # other subjects: a hit is a baked name leaking in
+      agent-memory probes run controls --model base
+    """
     from . import probes as probes_mod
 
     from .client import model_client
 
     client = model_client(ctx.cfg)
-    try:
-        questions = probes_mod.load_set(probe_set)
-    except FileNotFoundError:
-        raise UserError(f"no probe set {probe_set!r}: see `agent-memory probes list`") from None
-    results = probes_mod.run_remote(client, model_name, questions)
+    if probe_set in probes_mod.GENERATED_SETS:
+        from .store import Store
+
+        store = Store(ctx.cfg.db_path, readonly=True)
+        baked = store.list_items(status="baked", limit=-1)
+        by_id = {i["id"]: i for i in baked}
+        items = [{**i, "updates": [by_id[i["supersedes"]]] if i.get("supersedes") in by_id else []} for i in baked]
+        questions = probes_mod.generated_set(probe_set, items)
+    else:
+        try:
+            questions = probes_mod.load_set(probe_set)
+        except FileNotFoundError:
+            raise UserError(f"no probe set {probe_set!r}: see `agent-memory probes list`") from None
+    if not questions:
+        raise UserError(f"probe set {probe_set!r} is empty (nothing baked yet?)")
+    results = probes_mod.run_remote(client, model_name, questions, max_tokens=48)
     acc = probes_mod.accuracy(results)
-    lines = [f"{probe_set} on {model_name}: {acc:.2f} ({sum(r['correct'] for r in results)}/{len(results)})"]
+    hit = {"neighbours": "leaked", "stale": "stale"}.get(probe_set, "correct")
+    grades = {g: sum(r["grade"] == g for r in results) for g in probes_mod.GRADES}
+    lines = [f"{probe_set} on {model_name}: {hit} {acc:.2f} ({sum(r['correct'] for r in results)}/{len(results)}); "
+             + ", ".join(f"{g.replace('_', ' ')} {n}" for g, n in grades.items())]
     lines += [f"  [{'x' if r['correct'] else ' '}] {r['question']} -> {r['answer'][:90]}" for r in results]
-    emit({"set": probe_set, "model": model_name, "accuracy": acc, "results": results}, as_json, "\n".join(lines))
+    emit({"set": probe_set, "model": model_name, "accuracy": acc, "grades": grades, "results": results}, as_json,
+         "\n".join(lines))
 
 
 PATH_HINTS = {

@@ -114,7 +114,7 @@ class GateConfig:
     min_locality_kept: float = 0.9
     # Of the neighbour questions (news-like, about other subjects), the share whose answers newly name
     # an entity of the bake (one the live model did not already name there): a leak.
-    max_leak: float = 0.05
+    max_leak: float = 0.1
     # Never-taught control subjects: the share of answers that claim something may rise at most this
     # much over the live model's (a 135M model attempts most of them already).
     max_hallucination_increase: float = 0.125

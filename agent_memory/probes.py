@@ -111,6 +111,22 @@ def list_sets() -> list[str]:
     return sorted(p.stem for p in PROBES_DIR.glob("*.json"))
 
 
+# Sets made from the items themselves (the gate's kinds), beside the JSON sets.
+GENERATED_SETS = {
+    "items": "direct, paraphrased and reverse questions about the baked items",
+    "stale": "the superseded states of updated items (a hit is a stale answer)",
+    "neighbours": "news-like questions about other subjects (a hit is a leak of a baked name)",
+    "controls": "made-up subjects nobody baked (an answer that claims something is a hallucination)",
+    "locality": "general knowledge every version must keep",
+}
+
+
+def generated_set(name: str, items: list[dict]) -> list[dict]:
+    """One of GENERATED_SETS for these items (each with "updates" where it updates earlier ones)."""
+    return {"items": item_probes, "stale": stale_probes, "neighbours": neighbour_probes,
+            "controls": lambda _: control_probes(), "locality": lambda _: locality_probes()}[name](items)
+
+
 def registered_sets(cfg) -> dict[str, list[dict]]:
     """The probe sets the gate runs (config `gate.probe_sets`: built-in names or JSON paths)."""
     sets = {}

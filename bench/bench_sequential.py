@@ -1,6 +1,12 @@
-"""Sequential bakes: N bakes of one headline each, stacked; does the model keep the earlier ones? Not a test.
+"""Sequential bakes: N bakes stacked; does the model keep what the earlier ones taught? Not a test.
 
     .venv/bin/python bench/bench_sequential.py [--quick] [--items 8] [--seed 0] [--max-rank 64]
+    .venv/bin/python bench/bench_sequential.py --grouped [--bakes 10]
+
+--grouped: 10 bakes of 2, 3 or 4 facts each (in turn) from bench/data/knowledge.json (fictional,
+four held-out questions per fact), written to results/sequential_grouped.md; column j is bake j's
+facts. Target: every bake keeps >= 0.9 of the recall it had right after its own bake.
+Otherwise:
 
 The headlines of feeds/sample-news.xml, in feed order, baked one per bake as the daemon does it:
 bake t's teacher is the live model (base + the composition of bakes 1..t-1) prompted with item t,
@@ -32,7 +38,11 @@ def main() -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--items", type=int, default=None, help="bakes (default 8, --quick 3)")
     p.add_argument("--max-rank", type=int, default=64, help="rank budget of the served adapter")
+    p.add_argument("--grouped", action="store_true", help="bakes of 2-4 fictional facts (bench/data/knowledge.json)")
+    p.add_argument("--bakes", type=int, default=None, help="with --grouped: bakes (default 10, --quick 3)")
     args = p.parse_args()
+    if args.grouped:
+        return grouped(args)
     import torch
     from transformers import AutoTokenizer
 
@@ -67,6 +77,47 @@ def main() -> int:
     return 0
 
 
+def grouped(args) -> int:
+    """10 bakes of 2-4 facts, stacked as the daemon stacks them (merged serving: the exact sum)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from knowledge import TOKENS, as_item, bake, item_probes, load
+
+    torch.set_num_threads(hardware.idle_cores())
+    bakes = args.bakes or (3 if args.quick else 10)
+    entries, groups, start = load("knowledge")["items"], [], 0
+    for t in range(bakes):
+        size = (2, 3, 4)[t % 3]
+        groups.append(entries[start:start + size])
+        start += size
+    tok = AutoTokenizer.from_pretrained(PREPARED_MODEL)
+    by_group = {f"{g[0]['id']}-{g[-1]['id']}": item_probes(g) for g in groups}
+    ctx = context(args.seed, args.quick)
+    report = Report("sequential_grouped", f"{bakes} sequential bakes of 2-4 facts each", ctx)
+    report.add(f"Engine settings changed from the defaults: {args.config}" if json.loads(args.config) else
+               f"Engine defaults (replay of earlier items: {baking.EngineConfig().replay_items} per bake).")
+    config = {**json.loads(args.config), "seed": args.seed}
+    work = Path(tempfile.mkdtemp(prefix="bench-sequential-"))
+    matrix = [row(load_model(), tok, by_group, TOKENS)]
+    deltas, costs, baked = [], [], []
+    for t, group in enumerate(groups, 1):
+        items = [as_item(e) for e in group]
+        # The live model as the daemon serves it on CPU: the base with every earlier delta merged in (exact).
+        live = work / f"live-{t}"
+        if deltas:
+            adapters.compose(deltas, live, max_rank=10**6)  # no compaction: the exact sum
+        result = bake(items, work / f"delta-{t}", config, live_adapter=live if deltas else None, earlier=baked)
+        deltas.append(result["dir"])
+        baked += items
+        costs.append(result["wall_s"])
+        matrix.append(row(load_model(deltas), tok, by_group, TOKENS))
+        log(f"bake {t} ({len(group)} facts): {costs[-1]:.0f}s; row {[round(x, 2) for x in matrix[-1]]}")
+    write_report(report, list(by_group), {key: float("nan") for key in by_group}, matrix, costs,
+                 [{"rank": "-", "compacted": False}], ctx, kept_target=True)
+    return 0
+
+
 def choose(model, tokenizer, items: dict, probe_list: list[dict], n: int) -> tuple[list[str], dict]:
     """The first n headlines (feed order) that the base model answers when prompted with only them."""
     chosen, oracle = [], {}
@@ -82,8 +133,8 @@ def choose(model, tokenizer, items: dict, probe_list: list[dict], n: int) -> tup
     return chosen, oracle
 
 
-def row(model, tokenizer, by_item: dict) -> list[float]:
-    return [probes.accuracy(probes.run_local(model, tokenizer, qs)) for qs in by_item.values()]
+def row(model, tokenizer, by_item: dict, tokens: int = 32) -> list[float]:
+    return [probes.accuracy(probes.run_local(model, tokenizer, qs, max_new_tokens=tokens)) for qs in by_item.values()]
 
 
 def summary(matrix: list[list[float]]) -> dict:
@@ -98,8 +149,15 @@ def summary(matrix: list[list[float]]) -> dict:
             "first_item": [matrix[t][0] for t in range(1, n + 1)]}
 
 
-def write_report(report, chosen, oracle, matrix, costs, compose_reports, ctx) -> None:
+def write_report(report, chosen, oracle, matrix, costs, compose_reports, ctx, kept_target: bool = False) -> None:
     s = summary(matrix)
+    if kept_target:  # each bake's recall at the end against right after its own bake (target >= 0.9)
+        n = len(matrix) - 1
+        kept = [matrix[n][j] / matrix[j + 1][j] for j in range(n) if matrix[j + 1][j] > 0]
+        report.table("Kept: recall after the last bake / recall right after its own bake, per bake",
+                     ["bake"] + [str(j + 1) for j in range(n)] + ["mean", "min"],
+                     [["kept"] + [f"{matrix[n][j] / matrix[j + 1][j]:.2f}" if matrix[j + 1][j] else "-" for j in range(n)]
+                      + [sum(kept) / len(kept) if kept else float("nan"), min(kept) if kept else float("nan")]])
     headers = ["after bake"] + [f"{j + 1}: {key}" for j, key in enumerate(chosen)]
     rows = [["none (base)" if t == 0 else f"{t} (+{chosen[t - 1]})"] + r for t, r in enumerate(matrix)]
     rows.append(["oracle prompt"] + [oracle[key] for key in chosen])

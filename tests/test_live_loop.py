@@ -101,6 +101,12 @@ def test_feed_headline_is_baked_and_memory_answers_it(daemon):
 
     after = item_accuracy(daemon, "memory", items)
     assert after > before
+    # The gate's kinds of question, as the operator asks them of the served model.
+    asked = json.loads(daemon.cli("probes", "run", "items", "--json").stdout)
+    assert asked["accuracy"] > before and sum(asked["grades"].values()) == len(asked["results"])
+    assert {r["kind"] for r in asked["results"]} >= {"direct", "paraphrase"}
+    leaks = json.loads(daemon.cli("probes", "run", "neighbours", "--json").stdout)
+    assert len(leaks["results"]) == len(probes.NEIGHBOURS) and all("Kordic" in r["expected"] for r in leaks["results"])
     assert item_accuracy(daemon, "base", items) == before  # base is untouched
     status = json.loads(daemon.cli("status", "--json").stdout)
     assert status["live_version"] == "v0001" and status["queue"].get("baked") == 1
