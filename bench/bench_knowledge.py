@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--singles", type=int, default=None, help="facts baked alone for N=1 (default 5; --quick 2)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                    help="engine settings over the defaults to compare, e.g. 'before={\"steps_per_item\":0}'")
+    p.add_argument("--skip-defaults", action="store_true", help="only the --variant settings")
     p.add_argument("--name", default="knowledge", help="results file name (bench/results/NAME.md)")
     args = p.parse_args(argv)
     import torch
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     data = load("knowledge")
     sizes = [int(s) for s in (args.sizes or ("1,5" if args.quick else "1,5,20,40")).split(",")]
     singles = args.singles or (2 if args.quick else 5)
-    variants = {"defaults": {}} | {k: json.loads(v) for k, _, v in (e.partition("=") for e in args.variant)}
+    variants = ({} if args.skip_defaults else {"defaults": {}}) | \
+        {k: json.loads(v) for k, _, v in (e.partition("=") for e in args.variant)}
     entries = data["items"]
     shared = entries[:singles]
     ctx = context(0, args.quick)
