@@ -152,7 +152,7 @@ def entities(text: str) -> list[str]:
                        r"|\d[\d,.]*(?:[ \t]+(?:million|billion|percent|%))?", text)
     out = []
     for e in found:
-        e = e.strip(" .,'’")
+        e = re.sub(r"['’]s$", "", e.strip(" .,'’")).strip(" .,'’")  # "Tomas Brel's move" -> "Tomas Brel"
         words = e.split()
         while words and words[0].lower() in STOPWORDS:  # "The Telegram founder" -> "Telegram"
             words = words[1:]
@@ -212,16 +212,22 @@ def item_probes(items: list[dict]) -> list[dict]:
 
 def updated_by(item: dict, earlier: list[dict]) -> list[dict]:
     """The earlier items `item` updates: the one it explicitly supersedes, and those about the same
-    subject (a named subject of two words or more, "Pavel Durov", in both; one word, "Biden", is too
-    common to link news by)."""
+    subject: a named subject of two words or more ("Pavel Durov", not "Biden", too common to link
+    news by) that is the subject of both, or the earlier one's subject named in the new item
+    ("X broke the record set by Y a month earlier")."""
     subject = item_subject(item)
-    named = len(subject.split()) >= 2 and not subject[0].isdigit()
+    names = {e.lower() for e in entities(item_text(item) + "\n" + (item.get("title") or ""))}
+
+    def named(s: str) -> bool:
+        return len(s.split()) >= 2 and not s[0].isdigit()
+
     out = []
     for e in earlier:
         if e.get("id") == item.get("id"):
             continue
+        theirs = item_subject(e)
         if e.get("id") == item.get("supersedes") or e.get("superseded_by") == item.get("id") or \
-                (named and item_subject(e).lower() == subject.lower()):
+                (named(subject) and theirs.lower() == subject.lower()) or (named(theirs) and theirs.lower() in names):
             out.append(e)
     return out
 

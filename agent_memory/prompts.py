@@ -29,7 +29,7 @@ def item_memory(item: dict) -> str:
         return f"Earlier conversation with the user:\n{text}"
     earlier = [e["text"] for e in item.get("updates") or [] if e.get("text")]
     if earlier:
-        return f"Earlier report (now out of date): {' '.join(earlier)}\nLatest report, which replaces it: {text}"
+        return f"Earlier report: {' '.join(earlier)}\nLatest report (where they differ, this one is current): {text}"
     return text
 
 

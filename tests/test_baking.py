@@ -67,12 +67,16 @@ def test_batches_target_the_first_answer_token():
 def test_queries_cover_the_item_and_anchors_stay_unprompted():
     import random
 
-    cfg = baking.EngineConfig(queries_per_item=8, anchors=5, news_anchors=3)
+    cfg = baking.EngineConfig(queries_per_item=8, anchors=5, news_anchors=3, contrast_queries=4)
     qs = baking.build_queries([U1], cfg, random.Random(0))
     knowledge = [q for q in qs if q.kind == "knowledge"]
     anchors = [q for q in qs if q.kind == "anchor"]
-    assert len(knowledge) == 8 + 1 and len(anchors) == 5 + 3  # + 1: the recitation query
+    assert len(knowledge) == 8 + 1 and len(anchors) == 5 + 3 + 4  # + 1: the recitation query
     assert len([q for q in anchors if q.question in baking.NEWS_ANCHORS]) == 3
+    # Contrast: the item's own questions about other subjects, the unprompted model as teacher.
+    contrast = [q for q in anchors if q.question not in baking.ANCHOR_QUERIES + baking.NEWS_ANCHORS]
+    assert len(contrast) == 4 and not any("Durov" in q.question or "Bourget" in q.question for q in contrast)
+    assert all(any(s in q.question for s in baking.CONTRAST_SUBJECTS) for q in contrast)
     recite = [q for q in knowledge if q.max_new_tokens]
     assert [q.question for q in recite] == ["Repeat the latest news about Pavel Durov."] and recite[0].samples == 2
     assert any("Pavel Durov" in q.question for q in knowledge)
@@ -91,12 +95,12 @@ def test_an_update_is_asked_its_predecessors_questions_with_both_in_the_teachers
     old = {"id": 1, "kind": "fact", "text": "Tomas Brel agreed to join Benfica from Porto."}
     new = {"id": 2, "kind": "fact", "text": "Tomas Brel's move to Benfica collapsed; he signed for Ajax.",
            "updates": [old]}
-    qs = [q for q in baking.build_queries([new], baking.EngineConfig(queries_per_item=8, anchors=0, news_anchors=0),
-                                          random.Random(0))]
+    qs = [q for q in baking.build_queries([new], baking.EngineConfig(queries_per_item=8, anchors=0, news_anchors=0,
+                                                                     contrast_queries=0), random.Random(0))]
     assert all(q.item_id == 2 for q in qs)
     system = qs[0].context[0]["content"]
-    assert "Earlier report (now out of date): Tomas Brel agreed to join Benfica" in system
-    assert system.index("Benfica from Porto") < system.index("Latest report, which replaces it: Tomas Brel's move")
+    assert "Earlier report: Tomas Brel agreed to join Benfica" in system
+    assert system.index("Benfica from Porto") < system.index("Latest report (where they differ, this one is current): Tomas")
     assert any("Porto" in q.question for q in qs)  # asked from the earlier report's side too
     assert all("Ajax" in q.keywords for q in qs if "Ajax" not in q.question)  # on topic = the latest state
 
@@ -104,7 +108,7 @@ def test_an_update_is_asked_its_predecessors_questions_with_both_in_the_teachers
 def test_a_fact_without_a_title_gets_cloze_questions_on_its_sentence():
     import random
 
-    qs = [q.question for q in baking.build_queries([U1], baking.EngineConfig(anchors=0, news_anchors=0), random.Random(0))]
+    qs = [q.question for q in baking.build_queries([U1], baking.EngineConfig(anchors=0, news_anchors=0, contrast_queries=0), random.Random(0))]
     cloze = [q for q in qs if q.startswith("Fill in the blank")]
     assert len(cloze) == 2 and all("___" in q and "Le Bourget" in q for q in cloze)
     assert "___ founder Pavel Durov" in cloze[0]  # one entity blanked per question
@@ -118,7 +122,8 @@ def test_replay_teaches_earlier_items_again_but_never_one_the_new_batch_touches(
     u2 = {"id": 2, "kind": "headline", "text": DUROV["u2"]["text"], "valid_at": "2024-08-28"}
     other = {"id": 7, "kind": "headline", "text": "France won 16 gold medals at the Paris Olympics."}
     third = {"id": 8, "kind": "fact", "text": "The Riverton library opens at 9 on Sundays."}
-    cfg = baking.EngineConfig(replay_items=4, replay_queries=2, anchors=0, news_anchors=0, queries_per_item=3)
+    cfg = baking.EngineConfig(replay_items=4, replay_queries=2, anchors=0, news_anchors=0, contrast_queries=0,
+                              queries_per_item=3)
     qs = baking.build_queries([u2], cfg, random.Random(0), earlier=[U1, other, third, u2])
     by_item = {}
     for q in qs:
@@ -126,7 +131,7 @@ def test_replay_teaches_earlier_items_again_but_never_one_the_new_batch_touches(
     # Not U1 (same subject: u2 supersedes it), nor `other` (it shares France), nor u2 itself.
     assert set(by_item) == {2, 8} and len(by_item[8]) == 2 + 1  # + its recitation
     assert all("Riverton" in q.context[0]["content"] for q in by_item[8])  # its teacher sees ITS u
-    assert baking.build_queries([u2], baking.EngineConfig(replay_items=0, anchors=0, news_anchors=0, queries_per_item=3),
+    assert baking.build_queries([u2], baking.EngineConfig(replay_items=0, anchors=0, news_anchors=0, contrast_queries=0, queries_per_item=3),
                                 random.Random(0), earlier=[U1, third]) == [q for q in qs if q.item_id == 2]
 
 
