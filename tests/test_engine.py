@@ -25,6 +25,25 @@ DUROV = probes.set_facts("durov")
 U1 = {"id": 1, "kind": "headline", "text": DUROV["u1"]["text"], "source": "test", "valid_at": "2024-08-24"}
 
 
+# -- the package -------------------------------------------------------------------------------
+
+def test_the_engine_package_its_config_and_its_queries_import_without_torch():
+    """The daemon reads the engine's settings and output names, and the queries are plain text:
+    none of that may pull in torch (only the trainer subprocess does)."""
+    code = ("import sys, agent_memory.engine, agent_memory.engine.config, agent_memory.engine.queries\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft')))")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_the_job_entry_point_without_a_job_file_prints_its_usage():
+    done = subprocess.run([sys.executable, "-m", "agent_memory.engine"], env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "usage: python -m agent_memory.engine JOB.json" in done.stderr
+
+
 # -- the loss ----------------------------------------------------------------------------------
 
 def test_topk_kl_with_the_whole_vocab_is_the_exact_kl():
