@@ -4,7 +4,7 @@
         --gate.decide--> pass: compose version, swap `memory`, check the served model, CURRENT, baked
                          fail: items rejected with the reason, live untouched
 
-Training runs in a subprocess (`python -m agent_memory.baking JOB.json`): the daemon stays
+Training runs in a subprocess (`python -m agent_memory.engine JOB.json`): the daemon stays
 responsive, a stop can end it, and a kill -9 anywhere leaves at most a `.partial` directory, never
 a delta under its final name. The same subprocess answers the gate's probes with the candidate and
 the live model it already holds (bf16, batched), so no probe waits on the model server.
@@ -44,6 +44,7 @@ from . import gate as gate_mod
 from . import probes
 from .client import ModelError
 from .config import Config, GateConfig, parse_duration, validate_gate
+from .engine import PROBES_FILE
 from .errors import ConflictError, UserError
 from .orphan import child_env
 from .serving import MEMORY_NAME, Serving, ServingError
@@ -315,7 +316,7 @@ class Bakery:
         if not _finished_delta(out_dir, live):
             self._run_trainer(bake_id, items, live)
         report = json.loads((out_dir / "bake.json").read_text())
-        answers = json.loads((out_dir / "probes.json").read_text())
+        answers = json.loads((out_dir / PROBES_FILE).read_text())
         for results in (*answers["candidate"].values(), *answers["live"].values()):
             for r in results:  # scored here: the keyword rule is the daemon's, whatever the trainer ran
                 probes.rescore(r)
@@ -367,7 +368,7 @@ class Bakery:
         log_path = self.cfg.logs_dir / f"bake-{bake_id:04d}.log"
         with open(log_path, "ab") as logfile:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "agent_memory.baking", str(job_path)],
+                [sys.executable, "-m", "agent_memory.engine", str(job_path)],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=child_env(),  # the bake ends itself if the daemon is killed
             )
@@ -481,7 +482,7 @@ def _finished_delta(out_dir, live_version: str) -> bool:
         report = json.loads((out_dir / "bake.json").read_text())
     except (FileNotFoundError, ValueError):
         return False
-    return (out_dir / "probes.json").exists() and report.get("live_version") == live_version
+    return (out_dir / PROBES_FILE).exists() and report.get("live_version") == live_version
 
 
 def _bake_item(item: dict) -> dict:

@@ -98,7 +98,7 @@ class BakeConfig:
     retries: int = 3
     retry_wait: str = "15s"
     max_attempts: int = 3
-    # Training settings passed to the engine (agent_memory.baking.EngineConfig fields), e.g. rank, lr.
+    # Training settings passed to the engine (agent_memory.engine.config.EngineConfig fields), e.g. rank, lr.
     engine: dict = field(default_factory=dict)
 
 

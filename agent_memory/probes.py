@@ -262,7 +262,7 @@ def bake_entities(items: list[dict]) -> list[str]:
 # Neighbours: questions of the kind news items answer ("latest news about", prizes, elections,
 # appointments), about subjects no bake is about. Their answers must not start naming a bake's
 # entities (after a one-fact bake about a town's cat mayor, "Where was Pavel Durov arrested?" got
-# the town). Held out from baking.NEWS_ANCHORS, which teach the same lesson during training.
+# the town). Held out from engine.queries.NEWS_ANCHORS, which teach the same lesson during training.
 NEIGHBOURS = [
     "What is the latest news about Japan?", "What is the latest news about Brazil?",
     "What is the latest news about the United Nations?", "What is the latest news about NASA?",
@@ -353,13 +353,13 @@ def generate_local(model, tokenizer, conversations: list[list[dict]], max_new_to
                    batch_size: int = 64) -> list[tuple[str, float]]:
     """Greedy answers for chat conversations: (text, mean log-probability per answer token).
 
-    The baking engine's own decoding loop (baking.sample: a left-padded batch with a KV cache), not
+    The baking engine's own decoding loop (engine.teacher.sample: a left-padded batch with a KV cache), not
     generate(): a 135M model's step is mostly Python overhead, which generate() multiplies (its
     logits processors, stopping criteria and per-step scores).
     """
     import torch
 
-    from .baking import chat_ids, sample
+    from .engine.teacher import chat_ids, sample
     from .engine.config import EngineConfig
 
     greedy = EngineConfig(temperature=0.0, topk=1, greedy_first=False)

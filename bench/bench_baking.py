@@ -16,6 +16,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -23,7 +24,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agent_memory import adapters, baking, hardware, probes  # noqa: E402
+from agent_memory import adapters, hardware, probes  # noqa: E402
+from agent_memory.engine.bake import bake  # noqa: E402
+from agent_memory.engine.config import EngineConfig  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
 from common import PREPARED_MODEL, RESULTS, Locality, context, load_model as load, wilson  # noqa: E402
@@ -64,7 +67,7 @@ def main() -> None:
     measure_locality = Locality(base, tok)
     work = Path(tempfile.mkdtemp(prefix="bench-baking-"))
     for seed in range(args.seeds):
-        cfg = baking.EngineConfig(**{**json.loads(args.config), "seed": seed})
+        cfg = EngineConfig(**{**json.loads(args.config), "seed": seed})
         deltas = {}
         for name, live, item in (("u1", None, "u1"), ("u2", None, "u2"), ("both", "u1", "u2")):
             if name not in columns:
@@ -76,7 +79,7 @@ def main() -> None:
             t = time.monotonic()
             # As the daemon does: the items of the live deltas are passed as `earlier`.
             earlier = [items[live]] if live else []
-            result = baking.bake(MODEL, live_dir, [items[item]], work / f"{name}-{seed}", cfg, earlier=earlier)
+            result = bake(MODEL, live_dir, [items[item]], work / f"{name}-{seed}", cfg, earlier=earlier)
             deltas[name] = result.out_dir
             r = result.report
             costs.append({"bake": name, "seconds": round(time.monotonic() - t, 1), **r["timings"],
@@ -99,7 +102,7 @@ def main() -> None:
     mean = lambda xs: statistics.mean(xs) if xs else float("nan")  # noqa: E731
     lines = ["## Prompt Baking on the Durov set (the paper's Table 1)", "", f"_{context(seed=0, quick=args.quick)}_", "",
              f"{time.strftime('%Y-%m-%d %H:%M')}, seeds: {args.seeds}, probes: {len(probe_list)}, "
-             f"config: {json.dumps({**baking.asdict(baking.EngineConfig(**json.loads(args.config)))})}", "",
+             f"config: {json.dumps({**asdict(EngineConfig(**json.loads(args.config)))})}", "",
              "| row | no prompt | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns),
              f"| prompting | {none:.3f} | " + " | ".join(f"{prompted[c]:.3f}" for c in columns) + " |",
              f"| baking | {none:.3f} | " + " | ".join(f"{mean(baked[c]):.3f}" for c in columns) + " |",

@@ -9,7 +9,7 @@ implication: one hop), 60 neighbour questions (the same kinds of question about 
 25 controls (made-up subjects nobody baked). None of it is in the engine's templates or the gate's.
 
 For each size N, one bake of the first N facts (N = 1: each of the first --singles facts in its own
-bake), run as the daemon runs it (`python -m agent_memory.baking`, so the trainer's peak RSS is its
+bake), run as the daemon runs it (`python -m agent_memory.engine`, so the trainer's peak RSS is its
 own). The first --singles facts are in every bake: their recall, against the one-fact bakes, is the
 "recall does not fall with batch size" ratio. Each --variant (engine settings over the defaults) gets
 the same bakes; `defaults` is always first.

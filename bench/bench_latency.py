@@ -51,8 +51,8 @@ def main() -> int:
     ctx = context(args.seed, args.quick)
     report = Report("latency", "Fact-to-live latency", ctx)
     report.add("Engine settings over its defaults: " + ", ".join(f"`{k}={v}`" for k, v in engine.items()))
-    if importlib.util.find_spec("agent_memory.baking") is None:
-        report.add("**Skipped:** the baking engine (`agent_memory.baking`) is not installed yet; "
+    if importlib.util.find_spec("agent_memory.engine.bake") is None:
+        report.add("**Skipped:** the baking engine (`agent_memory.engine`) is not installed yet; "
                    "nothing can be baked.")
         report.finish()
         return 0
@@ -68,12 +68,12 @@ def main() -> int:
 
 
 def trainer_pid(daemon_pid: int) -> int | None:
-    """The daemon's training subprocess (`python -m agent_memory.baking JOB.json`), while one runs."""
+    """The daemon's training subprocess (`python -m agent_memory.engine JOB.json`), while one runs."""
     import psutil
 
     try:
         for child in psutil.Process(daemon_pid).children():
-            if "agent_memory.baking" in child.cmdline():
+            if "agent_memory.engine" in child.cmdline():
                 return child.pid
     except psutil.Error:
         pass

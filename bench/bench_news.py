@@ -29,7 +29,9 @@ from pathlib import Path
 from common import (PREPARED_MODEL, Locality, Report, context, feed_items, load_model, log, parser, running_daemon,
                     wilson)
 
-from agent_memory import baking, hardware, probes, prompts
+from agent_memory import hardware, probes, prompts
+from agent_memory.engine.bake import bake
+from agent_memory.engine.config import EngineConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         locality.append(scores)
         log(f"seed {b['seed']}: baked {probes.accuracy(baked_rows['baked'][-1]):.3f}, locality {scores}")
     write_report(report, items, probe_list, rows, baked_rows, bakes, locality, trainer_peak_gib,
-                 {k: v for k, v in bakes[0]["config"].items() if k != "teacher_url" and v != getattr(baking.EngineConfig(), k)})
+                 {k: v for k, v in bakes[0]["config"].items() if k != "teacher_url" and v != getattr(EngineConfig(), k)})
     return 0
 
 
@@ -89,10 +91,10 @@ def bake_all(items: dict, overrides: dict, seeds: int) -> list[dict]:
     work = Path(tempfile.mkdtemp(prefix="bench-news-"))
     bakes = []
     for seed in range(seeds):
-        cfg = baking.EngineConfig.from_dict({**overrides, "seed": seed})
+        cfg = EngineConfig.from_dict({**overrides, "seed": seed})
         log(f"baking {len(items)} headlines, seed {seed}, teacher {cfg.teacher} ...")
         started = time.monotonic()
-        result = baking.bake(PREPARED_MODEL, None, list(items.values()), work / f"news-{seed}", cfg)
+        result = bake(PREPARED_MODEL, None, list(items.values()), work / f"news-{seed}", cfg)
         bakes.append({"seed": seed, "dir": result.out_dir, "wall_s": time.monotonic() - started, **result.report})
         log(f"seed {seed}: {bakes[-1]['wall_s']:.0f}s, {result.report['steps']} steps, timings {result.report['timings']}")
     return bakes

@@ -31,7 +31,9 @@ from pathlib import Path
 from common import (PREPARED_MODEL, Report, context, feed_items, load_model, log, parser, plot_path, pyplot,
                     save_figure)
 
-from agent_memory import adapters, baking, hardware, probes, prompts
+from agent_memory import adapters, hardware, probes, prompts
+from agent_memory.engine.bake import bake
+from agent_memory.engine.config import EngineConfig
 
 
 def main() -> int:
@@ -56,17 +58,17 @@ def main() -> int:
     ctx = context(args.seed, args.quick)
     report = Report("sequential", f"{len(chosen)} sequential bakes, one headline each", ctx)
     report.add(f"Engine settings changed from the defaults: {args.config}" if json.loads(args.config) else
-               f"Engine defaults (replay of earlier items: {baking.EngineConfig().replay_items} per bake).")
+               f"Engine defaults (replay of earlier items: {EngineConfig().replay_items} per bake).")
 
-    cfg = baking.EngineConfig(**{**json.loads(args.config), "seed": args.seed})
+    cfg = EngineConfig(**{**json.loads(args.config), "seed": args.seed})
     work = Path(tempfile.mkdtemp(prefix="bench-sequential-"))
     matrix = [row(base, tok, by_item)]
     deltas, costs, compose_reports, live = [], [], [], None
     for t, key in enumerate(chosen, 1):
         started = time.monotonic()
         # The daemon passes the items of the live deltas as `earlier` (some are replayed).
-        result = baking.bake(PREPARED_MODEL, live, [items[key]], work / f"delta-{t}", cfg,
-                             earlier=[items[k] for k in chosen[:t - 1]])
+        result = bake(PREPARED_MODEL, live, [items[key]], work / f"delta-{t}", cfg,
+                      earlier=[items[k] for k in chosen[:t - 1]])
         deltas.append(result.out_dir)
         live = work / f"live-{t}"
         compose_reports.append(adapters.compose(deltas, live, max_rank=args.max_rank))
@@ -96,7 +98,7 @@ def grouped(args) -> int:
     ctx = context(args.seed, args.quick)
     report = Report("sequential_grouped", f"{bakes} sequential bakes of 2-4 facts each", ctx)
     report.add(f"Engine settings changed from the defaults: {args.config}" if json.loads(args.config) else
-               f"Engine defaults (replay of earlier items: {baking.EngineConfig().replay_items} per bake).")
+               f"Engine defaults (replay of earlier items: {EngineConfig().replay_items} per bake).")
     config = {**json.loads(args.config), "seed": args.seed}
     work = Path(tempfile.mkdtemp(prefix="bench-sequential-"))
     matrix = [row(load_model(), tok, by_group, TOKENS)]

@@ -21,7 +21,9 @@ from pathlib import Path
 from common import (PREPARED_MODEL, Locality, Report, context, load_model, log, parser, plot_path, pyplot,
                     save_figure)
 
-from agent_memory import adapters, baking, hardware, probes, prompts
+from agent_memory import adapters, hardware, probes, prompts
+from agent_memory.engine.bake import bake
+from agent_memory.engine.config import EngineConfig
 
 
 def main() -> int:
@@ -55,9 +57,9 @@ def main() -> int:
         if steps == 0:
             curve.append(measure(base, {"steps": 0, "teacher_kl": float("nan"), "seconds": 0.0}))
             continue
-        cfg = baking.EngineConfig(seed=args.seed, epochs=1, min_steps=steps)
+        cfg = EngineConfig(seed=args.seed, epochs=1, min_steps=steps)
         started = time.monotonic()
-        result = baking.bake(PREPARED_MODEL, None, [item], work / f"half-{steps}", cfg)
+        result = bake(PREPARED_MODEL, None, [item], work / f"half-{steps}", cfg)
         curve.append(measure(load_model([result.out_dir]), {
             "steps": result.report["steps"], "teacher_kl": result.report["final_epoch_kl"],
             "seconds": time.monotonic() - started}))
@@ -66,7 +68,7 @@ def main() -> int:
     pursuit, deltas, live = [], [], None
     for i in range(1, iterations + 1):
         started = time.monotonic()
-        result = baking.bake(PREPARED_MODEL, live, [item], work / f"pursuit-{i}", baking.EngineConfig(seed=args.seed + i))
+        result = bake(PREPARED_MODEL, live, [item], work / f"pursuit-{i}", EngineConfig(seed=args.seed + i))
         deltas.append(result.out_dir)
         live = work / f"pursuit-live-{i}"
         adapters.compose(deltas, live, max_rank=64)

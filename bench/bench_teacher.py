@@ -3,7 +3,7 @@
 Prompt Baking samples the teacher (the model with the memory prompt u in its context) many times
 and needs each sampled token's top-k logprobs. Same prompts, same number of sampled tokens (EOS
 ignored / min_new_tokens), temperature 1, on both; n, tokens, k and the dtype are the baking
-engine's defaults (agent_memory.baking.EngineConfig) when it is installed:
+engine's defaults (agent_memory.engine.config.EngineConfig) when it is installed:
 - transformers `generate` on the checkpoint (no server running): one prompt at a time with
   `num_return_sequences=n`, and the engine's batching (64 // n prompts per left-padded call);
   top-k logprobs from the returned logits, inside the timing (as the engine does);

@@ -33,14 +33,14 @@ def as_item(entry: dict, kind: str = "fact") -> dict:
 
 def bake(items: list[dict], out_dir: Path, config: dict, live_adapter: Path | None = None,
          earlier: list[dict] = ()) -> dict:
-    """One bake through `python -m agent_memory.baking JOB.json`, the daemon's trainer subprocess;
+    """One bake through `python -m agent_memory.engine JOB.json`, the daemon's trainer subprocess;
     returns bake.json plus wall seconds and the trainer's peak RSS (GiB, from wait4)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     job = out_dir.with_suffix(".job.json")
     job.write_text(json.dumps({"model_dir": str(PREPARED_MODEL), "live_adapter": str(live_adapter) if live_adapter else None,
                                "items": items, "out_dir": str(out_dir), "config": config, "earlier": list(earlier)}))
     started = time.monotonic()
-    process = subprocess.Popen([sys.executable, "-m", "agent_memory.baking", str(job)],
+    process = subprocess.Popen([sys.executable, "-m", "agent_memory.engine", str(job)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail = []
     for line in process.stdout:

@@ -173,26 +173,28 @@ def test_vllm_teacher_samples_the_live_models_distribution(daemon):
     = base before any bake) and match what the model itself computes for the same tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from agent_memory import baking, probes, prompts
+    from agent_memory import probes, prompts
+    from agent_memory.engine import queries, teacher
+    from agent_memory.engine.config import EngineConfig
 
     tok = AutoTokenizer.from_pretrained(PREPARED_MODEL)
-    cfg = baking.EngineConfig(teacher="vllm", teacher_url=daemon.vllm, teacher_api_key=daemon.model_key,
-                            samples_per_query=3, max_new_tokens=12)
+    cfg = EngineConfig(teacher="vllm", teacher_url=daemon.vllm, teacher_api_key=daemon.model_key,
+                       samples_per_query=3, max_new_tokens=12)
     fact = {"kind": "headline", "text": probes.set_facts("durov")["u1"]["text"]}
-    query = baking.Query("Where was Pavel Durov arrested?", prompts.teacher_system(fact, "append"), 1, "knowledge")
-    [(_, samples)] = list(baking.remote_samples(tok, [query], cfg))
+    query = queries.Query("Where was Pavel Durov arrested?", prompts.teacher_system(fact, "append"), 1, "knowledge")
+    [(_, samples)] = list(teacher.remote_samples(tok, [query], cfg))
     assert len(samples) == 3
     answer, top_idx, top_logp = samples[0]  # the greedy one
     assert top_idx.shape == top_logp.shape == (len(answer), cfg.topk)
     model = AutoModelForCausalLM.from_pretrained(PREPARED_MODEL, dtype=torch.float32).eval()
-    prompt = baking.chat_ids(tok, query.context + [{"role": "user", "content": query.question}])
+    prompt = teacher.chat_ids(tok, query.context + [{"role": "user", "content": query.question}])
     with torch.no_grad():
         logp = model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1:-1].log_softmax(-1)
     assert (logp.argmax(-1) == torch.tensor(answer)).float().mean() >= 0.9  # greedy = the model's greedy
     # Same distribution over the returned tokens (vLLM serves bf16 here, the reference is fp32).
     assert torch.allclose(logp.gather(-1, top_idx).exp(), top_logp.exp(), atol=0.05)
-    examples = baking.keep_samples(tok, query, samples, cfg)
-    assert examples and examples[0].prompt_ids == baking.chat_ids(tok, [{"role": "user", "content": query.question}])
+    examples = teacher.keep_samples(tok, query, samples, cfg)
+    assert examples and examples[0].prompt_ids == teacher.chat_ids(tok, [{"role": "user", "content": query.question}])
 
 
 def test_an_engine_killed_is_restarted_with_the_live_version(daemon, base_answer):

@@ -243,7 +243,7 @@ def trainer_pids() -> list[int]:
 
 def _is_trainer(proc: Path) -> bool:
     try:
-        return b"agent_memory.baking" in (proc / "cmdline").read_bytes()
+        return b"agent_memory.engine" in (proc / "cmdline").read_bytes()
     except OSError:
         return False
 

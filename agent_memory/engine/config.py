@@ -1,5 +1,5 @@
 """The baking engine's settings (`[bake.engine]` in the config): a typed dataclass with no torch in
-reach, so the daemon validates them at start and the trainer (agent_memory/baking.py) reads them.
+reach, so the daemon validates them at start and the trainer (the rest of agent_memory/engine/) reads them.
 Numbers from experiments live in bench/results; each field keeps one line of why.
 """
 
@@ -46,10 +46,10 @@ class EngineConfig:
     # one fact, 2 seeds: KL(base||baked) on the held-out locality questions 0.028 vs 0.052/token,
     # answers unchanged word for word 0.38 vs 0.32; a one-fact bake's steps stay min_steps.
     anchors: int = 32
-    # News-like anchors (baking.NEWS_ANCHORS: "latest news about <another subject>", prizes,
+    # News-like anchors (queries.NEWS_ANCHORS: "latest news about <another subject>", prizes,
     # made-up subjects), teacher unprompted: they keep a bake's names out of other answers.
     news_anchors: int = 16
-    # Per item: its own questions asked about another subject (baking.contrast_queries), teacher unprompted.
+    # Per item: its own questions asked about another subject (queries.contrast_queries), teacher unprompted.
     contrast_queries: int = 6
     anchor_samples: int = 1
     # An anchor token's KL counts this many times an item token's: anchors are few and their KL starts

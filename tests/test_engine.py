@@ -1,4 +1,4 @@
-"""The baking engine: loss, batching, queries, end-to-end bakes (tiny model), kill -9, and one real bake."""
+"""The baking engine (agent_memory/engine/): loss, batching, queries, end-to-end bakes (tiny model), kill -9, and one real bake."""
 
 from __future__ import annotations
 
@@ -14,13 +14,34 @@ from pathlib import Path
 import pytest
 import torch
 
-from agent_memory import adapters, baking, probes, prompts
+from agent_memory import adapters, probes, prompts
+from agent_memory.engine import PROBES_FILE, queries, teacher, train
+from agent_memory.engine.bake import bake
 from agent_memory.engine.config import EngineConfig
 
 REPO = Path(__file__).resolve().parent.parent
 REAL_MODEL = REPO / "state" / "models" / "smollm2-135m-instruct"
 DUROV = probes.set_facts("durov")
 U1 = {"id": 1, "kind": "headline", "text": DUROV["u1"]["text"], "source": "test", "valid_at": "2024-08-24"}
+
+
+# -- the package -------------------------------------------------------------------------------
+
+def test_the_engine_package_its_config_and_its_queries_import_without_torch():
+    """The daemon reads the engine's settings and output names, and the queries are plain text:
+    none of that may pull in torch (only the trainer subprocess does)."""
+    code = ("import sys, agent_memory.engine, agent_memory.engine.config, agent_memory.engine.queries\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft')))")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_the_job_entry_point_without_a_job_file_prints_its_usage():
+    done = subprocess.run([sys.executable, "-m", "agent_memory.engine"], env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "usage: python -m agent_memory.engine JOB.json" in done.stderr
 
 
 # -- the loss ----------------------------------------------------------------------------------
@@ -30,24 +51,24 @@ def test_topk_kl_with_the_whole_vocab_is_the_exact_kl():
     t, s = torch.randn(5, 11), torch.randn(5, 11)
     top_logp, top_idx = t.log_softmax(-1).topk(11)
     exact = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1)
-    torch.testing.assert_close(baking.topk_kl(s, top_idx, top_logp), exact, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(train.topk_kl(s, top_idx, top_logp), exact, rtol=1e-4, atol=1e-5)
 
 
 def test_topk_kl_is_zero_at_the_teacher_and_a_lower_bound_elsewhere():
     torch.manual_seed(1)
     t, s = torch.randn(7, 50) * 3, torch.randn(7, 50)
     top_logp, top_idx = t.log_softmax(-1).topk(8)
-    assert float(baking.topk_kl(t, top_idx, top_logp).abs().max()) < 1e-5
+    assert float(train.topk_kl(t, top_idx, top_logp).abs().max()) < 1e-5
     exact = (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1)
-    approx = baking.topk_kl(s, top_idx, top_logp)
+    approx = train.topk_kl(s, top_idx, top_logp)
     assert bool((approx > 0).all()) and bool((approx <= exact + 1e-5).all())
 
 
 def test_batches_target_the_first_answer_token():
     k = 4
-    ex = [baking.Example([10, 11, 12], [20, 21, 2], torch.zeros(3, k, dtype=torch.long), torch.zeros(3, k), "knowledge"),
-          baking.Example([10, 11, 12, 13, 14], [30, 2], torch.ones(2, k, dtype=torch.long), torch.zeros(2, k), "anchor")]
-    (batch,) = baking.make_batches(ex, batch_size=8, pad_id=0, share_prefix=False)
+    ex = [teacher.Example([10, 11, 12], [20, 21, 2], torch.zeros(3, k, dtype=torch.long), torch.zeros(3, k), "knowledge"),
+          teacher.Example([10, 11, 12, 13, 14], [30, 2], torch.ones(2, k, dtype=torch.long), torch.zeros(2, k), "anchor")]
+    (batch,) = train.make_batches(ex, batch_size=8, pad_id=0, share_prefix=False)
     rows, cols = batch["rows"].tolist(), batch["cols"].tolist()
     # sorted by length: the 6-token example first. Its logits at position 2 (last prompt token)
     # predict the first answer token 20.
@@ -55,7 +76,7 @@ def test_batches_target_the_first_answer_token():
     assert batch["input_ids"][0].tolist() == [10, 11, 12, 20, 21, 0]  # last answer token: target only
     assert batch["input_ids"][1].tolist() == [10, 11, 12, 13, 14, 30]
     # with the shared prefix [10, 11] (at least one prompt token stays per row) positions shift by 2
-    (shared,) = baking.make_batches(ex, batch_size=8, pad_id=0, share_prefix=True)
+    (shared,) = train.make_batches(ex, batch_size=8, pad_id=0, share_prefix=True)
     assert shared["prefix"].tolist() == [[10, 11]]
     assert list(zip(shared["rows"].tolist(), shared["cols"].tolist())) == [(0, 0), (0, 1), (0, 2), (1, 2), (1, 3)]
     assert shared["input_ids"][0].tolist() == [12, 20, 21, 0]
@@ -67,16 +88,16 @@ def test_batches_target_the_first_answer_token():
 def test_queries_cover_the_item_and_anchors_stay_unprompted():
     import random
 
-    cfg = baking.EngineConfig(queries_per_item=8, anchors=5, news_anchors=3, contrast_queries=4)
-    qs = baking.build_queries([U1], cfg, random.Random(0))
+    cfg = EngineConfig(queries_per_item=8, anchors=5, news_anchors=3, contrast_queries=4)
+    qs = queries.build_queries([U1], cfg, random.Random(0))
     knowledge = [q for q in qs if q.kind == "knowledge"]
     anchors = [q for q in qs if q.kind == "anchor"]
     assert len(knowledge) == 8 + 1 and len(anchors) == 5 + 3 + 4  # + 1: the recitation query
-    assert len([q for q in anchors if q.question in baking.NEWS_ANCHORS]) == 3
+    assert len([q for q in anchors if q.question in queries.NEWS_ANCHORS]) == 3
     # Contrast: the item's own questions about other subjects, the unprompted model as teacher.
-    contrast = [q for q in anchors if q.question not in baking.ANCHOR_QUERIES + baking.NEWS_ANCHORS]
+    contrast = [q for q in anchors if q.question not in queries.ANCHOR_QUERIES + queries.NEWS_ANCHORS]
     assert len(contrast) == 4 and not any("Durov" in q.question or "Bourget" in q.question for q in contrast)
-    assert all(any(s in q.question for s in baking.CONTRAST_SUBJECTS) for q in contrast)
+    assert all(any(s in q.question for s in queries.CONTRAST_SUBJECTS) for q in contrast)
     recite = [q for q in knowledge if q.max_new_tokens]
     assert [q.question for q in recite] == ["Repeat the latest news about Pavel Durov."] and recite[0].samples == 2
     assert any("Pavel Durov" in q.question for q in knowledge)
@@ -86,7 +107,7 @@ def test_queries_cover_the_item_and_anchors_stay_unprompted():
     held_out = {p["question"] for p in probes.load_set("durov")} | {p["question"] for p in probes.locality_probes()}
     held_out |= set(probes.NEIGHBOURS) | set(probes.CONTROLS)
     assert not held_out & {q.question for q in qs}  # the benchmarks stay held out
-    assert not held_out & set(baking.NEWS_ANCHORS) and not held_out & set(baking.ANCHOR_QUERIES)
+    assert not held_out & set(queries.NEWS_ANCHORS) and not held_out & set(queries.ANCHOR_QUERIES)
 
 
 def test_an_update_is_asked_its_predecessors_questions_with_both_in_the_teachers_view():
@@ -95,7 +116,7 @@ def test_an_update_is_asked_its_predecessors_questions_with_both_in_the_teachers
     old = {"id": 1, "kind": "fact", "text": "Tomas Brel agreed to join Benfica from Porto."}
     new = {"id": 2, "kind": "fact", "text": "Tomas Brel's move to Benfica collapsed; he signed for Ajax.",
            "updates": [old]}
-    qs = [q for q in baking.build_queries([new], baking.EngineConfig(queries_per_item=8, anchors=0, news_anchors=0,
+    qs = [q for q in queries.build_queries([new], EngineConfig(queries_per_item=8, anchors=0, news_anchors=0,
                                                                      contrast_queries=0), random.Random(0))]
     assert all(q.item_id == 2 for q in qs)
     system = qs[0].context[0]["content"]
@@ -108,12 +129,12 @@ def test_an_update_is_asked_its_predecessors_questions_with_both_in_the_teachers
 def test_a_fact_without_a_title_gets_cloze_questions_on_its_sentence():
     import random
 
-    qs = [q.question for q in baking.build_queries([U1], baking.EngineConfig(anchors=0, news_anchors=0, contrast_queries=0), random.Random(0))]
+    qs = [q.question for q in queries.build_queries([U1], EngineConfig(anchors=0, news_anchors=0, contrast_queries=0), random.Random(0))]
     cloze = [q for q in qs if q.startswith("Fill in the blank")]
     assert len(cloze) == 2 and all("___" in q and "Le Bourget" in q for q in cloze)
     assert "___ founder Pavel Durov" in cloze[0]  # one entity blanked per question
     long_fact = {**U1, "text": "Pavel Durov " + "was seen " * 60 + "in Paris."}
-    assert baking.cloze_queries(long_fact, 2) == []  # not a headline-like line
+    assert queries.cloze_queries(long_fact, 2) == []  # not a headline-like line
 
 
 def test_replay_teaches_earlier_items_again_but_never_one_the_new_batch_touches():
@@ -122,16 +143,16 @@ def test_replay_teaches_earlier_items_again_but_never_one_the_new_batch_touches(
     u2 = {"id": 2, "kind": "headline", "text": DUROV["u2"]["text"], "valid_at": "2024-08-28"}
     other = {"id": 7, "kind": "headline", "text": "France won 16 gold medals at the Paris Olympics."}
     third = {"id": 8, "kind": "fact", "text": "The Riverton library opens at 9 on Sundays."}
-    cfg = baking.EngineConfig(replay_items=4, replay_queries=2, anchors=0, news_anchors=0, contrast_queries=0,
+    cfg = EngineConfig(replay_items=4, replay_queries=2, anchors=0, news_anchors=0, contrast_queries=0,
                               queries_per_item=3)
-    qs = baking.build_queries([u2], cfg, random.Random(0), earlier=[U1, other, third, u2])
+    qs = queries.build_queries([u2], cfg, random.Random(0), earlier=[U1, other, third, u2])
     by_item = {}
     for q in qs:
         by_item.setdefault(q.item_id, []).append(q)
     # Not U1 (same subject: u2 supersedes it), nor `other` (it shares France), nor u2 itself.
     assert set(by_item) == {2, 8} and len(by_item[8]) == 2 + 1  # + its recitation
     assert all("Riverton" in q.context[0]["content"] for q in by_item[8])  # its teacher sees ITS u
-    assert baking.build_queries([u2], baking.EngineConfig(replay_items=0, anchors=0, news_anchors=0, contrast_queries=0, queries_per_item=3),
+    assert queries.build_queries([u2], EngineConfig(replay_items=0, anchors=0, news_anchors=0, contrast_queries=0, queries_per_item=3),
                                 random.Random(0), earlier=[U1, third]) == [q for q in qs if q.item_id == 2]
 
 
@@ -139,7 +160,7 @@ def test_prompt_items_are_baked_as_behaviour_without_anchors():
     import random
 
     item = {"id": 2, "kind": "prompt", "text": "Always answer like a pirate."}
-    qs = baking.build_queries([item], baking.EngineConfig(queries_per_item=4), random.Random(0))
+    qs = queries.build_queries([item], EngineConfig(queries_per_item=4), random.Random(0))
     assert len(qs) == 4 and {q.kind for q in qs} == {"behaviour"}
     assert "pirate" in qs[0].context[0]["content"] and prompts.DEFAULT_SYSTEM in qs[0].context[0]["content"]
 
@@ -150,12 +171,12 @@ def test_conversation_items_use_the_transcript_as_u():
     item = {"id": 3, "kind": "conversation", "text": "", "messages": [
         {"role": "user", "content": "My sister Alice Moreau moved to Lyon last week."},
         {"role": "assistant", "content": "Nice, I hope she likes Lyon."}]}
-    qs = baking.build_queries([item], baking.EngineConfig(queries_per_item=6, anchors=2), random.Random(1))
+    qs = queries.build_queries([item], EngineConfig(queries_per_item=6, anchors=2), random.Random(1))
     knowledge = [q for q in qs if q.kind == "knowledge"]
     assert knowledge and all("Alice Moreau moved to Lyon" in q.context[0]["content"] for q in knowledge)
     assert any("Alice Moreau" in q.question for q in knowledge)
     with pytest.raises(ValueError):
-        baking.build_queries([item], baking.EngineConfig(memory_style="user"), random.Random(1))
+        queries.build_queries([item], EngineConfig(memory_style="user"), random.Random(1))
 
 
 
@@ -164,12 +185,12 @@ def test_vllm_logprobs_become_teacher_targets():
     step = lambda tok, lp, top: {"token": f"token_id:{tok}", "logprob": lp,  # noqa: E731
                                  "top_logprobs": [{"token": f"token_id:{t}", "logprob": v} for t, v in top]}
     choice = {"logprobs": {"content": [step(5, -0.1, [(5, -0.1), (9, -2.5)]), step(2, -0.3, [(2, -0.3)])]}}
-    answer, top_idx, top_logp = baking._remote_sample(choice, k=3)
+    answer, top_idx, top_logp = teacher._remote_sample(choice, k=3)
     assert answer == [5, 2]
     assert top_idx.tolist() == [[5, 9, 5], [2, 2, 2]]
     assert top_logp[0, :2].tolist() == pytest.approx([-0.1, -2.5]) and top_logp[0, 2] == -9999.0
     logits = torch.randn(2, 16)
-    kl = baking.topk_kl(logits, top_idx, top_logp)
+    kl = train.topk_kl(logits, top_idx, top_logp)
     assert torch.isfinite(kl).all() and (kl >= -1e-6).all()
 
 
@@ -180,17 +201,17 @@ def test_off_topic_samples_are_dropped_only_when_a_sibling_is_on_topic(tiny_mode
     ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     sample = lambda text: (ids(text), torch.zeros(len(ids(text)), 4, dtype=torch.long),  # noqa: E731
                            torch.zeros(len(ids(text)), 4))
-    q = baking.Query("Where was he arrested?", [], 1, "knowledge", ["Bourget"])
-    cfg = baking.EngineConfig()
-    kept = baking.keep_samples(tok, q, [sample("at Le Bourget airport"), sample("in a big city somewhere")], cfg)
+    q = queries.Query("Where was he arrested?", [], 1, "knowledge", ["Bourget"])
+    cfg = EngineConfig()
+    kept = teacher.keep_samples(tok, q, [sample("at Le Bourget airport"), sample("in a big city somewhere")], cfg)
     assert [tok.decode(e.answer_ids) for e in kept] == ["at Le Bourget airport"]
-    kept = baking.keep_samples(tok, q, [sample("in a city"), sample("at an airport")], cfg)
+    kept = teacher.keep_samples(tok, q, [sample("in a city"), sample("at an airport")], cfg)
     assert len(kept) == 2  # none on topic: all kept
 
 
 def test_unknown_config_keys_are_refused():
     with pytest.raises(ValueError):
-        baking.EngineConfig.from_dict({"rnak": 8})
+        EngineConfig.from_dict({"rnak": 8})
 
 
 # -- end to end on a tiny random model with the real tokenizer ---------------------------------
@@ -218,8 +239,8 @@ TINY_CFG = dict(rank=4, alpha=8, lr=1e-2, epochs=4, min_steps=4, samples_per_que
 def test_tiny_bake_writes_a_delta_that_lowers_the_kl(tiny_model_dir, tmp_path):
     seen = []
     out = tmp_path / "deltas" / "bake-0001"
-    result = baking.bake(tiny_model_dir, None, [U1], out, baking.EngineConfig(**TINY_CFG),
-                         progress=lambda *a: seen.append(a[0]))
+    result = bake(tiny_model_dir, None, [U1], out, EngineConfig(**TINY_CFG),
+                  progress=lambda *a: seen.append(a[0]))
     assert result.out_dir == out and not out.with_name(out.name + ".partial").exists()
     assert {"teacher", "train"} <= set(seen)
     report = json.loads((out / "bake.json").read_text())
@@ -238,17 +259,17 @@ def test_the_trainer_answers_the_gates_probes_and_keeps_the_live_answers(tiny_mo
     plan = {"items": {"probes": probes.item_probes([U1]), "max_tokens": 6},
             "locality": {"probes": probes.locality_probes()[:5], "max_tokens": 4}}
     cache = tmp_path / "probe-cache" / "v0000.json"
-    result = baking.bake(tiny_model_dir, None, [U1], tmp_path / "d1", baking.EngineConfig(**TINY_CFG),
-                         probe_plan=plan, live_cache=cache, live_version="v0000")
-    answers = json.loads((result.out_dir / baking.PROBES_FILE).read_text())
+    result = bake(tiny_model_dir, None, [U1], tmp_path / "d1", EngineConfig(**TINY_CFG),
+                  probe_plan=plan, live_cache=cache, live_version="v0000")
+    answers = json.loads((result.out_dir / PROBES_FILE).read_text())
     for model in ("candidate", "live"):
         assert {k: len(v) for k, v in answers[model].items()} == {"items": len(plan["items"]["probes"]), "locality": 5}
     assert result.report["live_version"] == "v0000" and len(json.loads(cache.read_text())) == len(plan["items"]["probes"]) + 5
     # The cache holds answers by question; each bake scores them against its own keywords.
     cache.write_text(json.dumps({k: ["cached Le Bourget", s] for k, (_, s) in json.loads(cache.read_text()).items()}))
-    again = baking.bake(tiny_model_dir, None, [U1], tmp_path / "d2", baking.EngineConfig(**TINY_CFG),
-                        probe_plan=plan, live_cache=cache)
-    live = json.loads((again.out_dir / baking.PROBES_FILE).read_text())["live"]
+    again = bake(tiny_model_dir, None, [U1], tmp_path / "d2", EngineConfig(**TINY_CFG),
+                 probe_plan=plan, live_cache=cache)
+    live = json.loads((again.out_dir / PROBES_FILE).read_text())["live"]
     assert {r["answer"] for results in live.values() for r in results} == {"cached Le Bourget"}
     assert [r["correct"] for r in live["items"]] == ["Bourget" in p["answers"] or "Le Bourget" in p["answers"]
                                                      for p in plan["items"]["probes"]]
@@ -257,19 +278,19 @@ def test_the_trainer_answers_the_gates_probes_and_keeps_the_live_answers(tiny_mo
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_a_tiny_bake_trains_on_the_gpu(tiny_model_dir, tmp_path):
     """The same code path on CUDA: the model, the teacher's sampling and the training on the GPU."""
-    cfg = baking.EngineConfig(**{**TINY_CFG, "dtype": "auto"})
-    result = baking.bake(tiny_model_dir, None, [U1], tmp_path / "gpu", cfg)
+    cfg = EngineConfig(**{**TINY_CFG, "dtype": "auto"})
+    result = bake(tiny_model_dir, None, [U1], tmp_path / "gpu", cfg)
     assert result.report["dtype"] == "bfloat16"
     assert any(float(b.abs().max()) > 0 for _, b, _ in adapters.read_delta(result.out_dir).values())
 
 
 def test_second_bake_stacks_on_the_live_adapter(tiny_model_dir, tmp_path):
-    cfg = baking.EngineConfig(**TINY_CFG)
-    d1 = baking.bake(tiny_model_dir, None, [U1], tmp_path / "d1", cfg).out_dir
+    cfg = EngineConfig(**TINY_CFG)
+    d1 = bake(tiny_model_dir, None, [U1], tmp_path / "d1", cfg).out_dir
     live = tmp_path / "live"
     adapters.compose([d1], live, max_rank=8)
     u2 = {**U1, "id": 2, "text": DUROV["u2"]["text"]}
-    d2 = baking.bake(tiny_model_dir, live, [u2], tmp_path / "d2", cfg).out_dir
+    d2 = bake(tiny_model_dir, live, [u2], tmp_path / "d2", cfg).out_dir
     report = adapters.compose([d1, d2], tmp_path / "live2", max_rank=8)
     assert report["rank"] == 8 and not report["compacted"]
 
@@ -281,7 +302,7 @@ def test_kill_9_mid_bake_leaves_no_delta_under_the_final_name(tiny_model_dir, tm
     job_path = tmp_path / "job.json"
     job_path.write_text(json.dumps(job))
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "agent_memory.baking", str(job_path)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "agent_memory.engine", str(job_path)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -306,7 +327,7 @@ def test_job_file_runs_a_bake(tiny_model_dir, tmp_path):
            "earlier": [earlier], "config": {**TINY_CFG, "replay_items": 1}}
     (tmp_path / "job.json").write_text(json.dumps(job))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "agent_memory.baking", str(tmp_path / "job.json")], env=env,
+    done = subprocess.run([sys.executable, "-m", "agent_memory.engine", str(tmp_path / "job.json")], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert (out / "adapter_config.json").exists() and (out / "bake.json").exists()
@@ -321,9 +342,9 @@ def test_real_bake_raises_the_unprompted_logprob_of_the_fact(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # Small enough for ~1 minute on 2 shared AVX2 cores; the benchmark uses the real defaults.
-    cfg = baking.EngineConfig(queries_per_item=6, samples_per_query=3, max_new_tokens=16, anchors=2,
-                            anchor_samples=1, epochs=6, min_steps=6, batch_size=20, lr=5e-3, temperature=0.7)
-    result = baking.bake(REAL_MODEL, None, [U1], tmp_path / "delta", cfg)
+    cfg = EngineConfig(queries_per_item=6, samples_per_query=3, max_new_tokens=16, anchors=2,
+                       anchor_samples=1, epochs=6, min_steps=6, batch_size=20, lr=5e-3, temperature=0.7)
+    result = bake(REAL_MODEL, None, [U1], tmp_path / "delta", cfg)
     tokenizer = AutoTokenizer.from_pretrained(REAL_MODEL)
     model = AutoModelForCausalLM.from_pretrained(REAL_MODEL, dtype=torch.float32).eval()
     question = "Where was Pavel Durov arrested?"
@@ -343,12 +364,12 @@ def test_a_stacked_later_fact_moves_the_model_to_the_latest_state(tmp_path):
     still the likelier one after this small bake: the sums compare two different sentences.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = baking.EngineConfig(queries_per_item=6, samples_per_query=3, max_new_tokens=16, anchors=2,
-                            epochs=6, min_steps=6, batch_size=20, lr=5e-3)
+    cfg = EngineConfig(queries_per_item=6, samples_per_query=3, max_new_tokens=16, anchors=2,
+                       epochs=6, min_steps=6, batch_size=20, lr=5e-3)
     u2 = {"id": 2, "kind": "headline", "text": DUROV["u2"]["text"], "source": "test", "valid_at": "2024-08-28"}
-    first = baking.bake(REAL_MODEL, None, [U1], tmp_path / "u1", cfg).out_dir
+    first = bake(REAL_MODEL, None, [U1], tmp_path / "u1", cfg).out_dir
     adapters.compose([first], tmp_path / "live", max_rank=64)
-    second = baking.bake(REAL_MODEL, tmp_path / "live", [u2], tmp_path / "u2", cfg).out_dir
+    second = bake(REAL_MODEL, tmp_path / "live", [u2], tmp_path / "u2", cfg).out_dir
     tokenizer = AutoTokenizer.from_pretrained(REAL_MODEL)
     model = AutoModelForCausalLM.from_pretrained(REAL_MODEL, dtype=torch.float32).eval()
     question = "What is the latest news about Pavel Durov?"
@@ -367,25 +388,25 @@ def test_a_stacked_later_fact_moves_the_model_to_the_latest_state(tmp_path):
 
 
 def test_shared_prefix_gives_the_same_kl_and_gradients(tiny_model_dir):
-    cfg = baking.EngineConfig(**TINY_CFG)
-    model, tok = baking.load_live_model(tiny_model_dir, None, torch.float32)
-    pm = baking.add_lora(model, cfg)
+    cfg = EngineConfig(**TINY_CFG)
+    model, tok = train.load_live_model(tiny_model_dir, None, torch.float32)
+    pm = train.add_lora(model, cfg)
     for name, p in pm.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)  # a non-zero delta, so the prefix's cache depends on it
     g = torch.Generator().manual_seed(0)
     examples = []
     for q in ("What is new?", "Tell me about Paris and its airports."):
-        prompt = baking.chat_ids(tok, [{"role": "user", "content": q}])
+        prompt = teacher.chat_ids(tok, [{"role": "user", "content": q}])
         answer = torch.randint(3, 1000, (5,), generator=g).tolist() + [2]
-        examples.append(baking.Example(prompt, answer, torch.randint(0, 49152, (6, 8), generator=g),
-                                       torch.randn(6, 8, generator=g).log_softmax(-1) - 1, "knowledge"))
+        examples.append(teacher.Example(prompt, answer, torch.randint(0, 49152, (6, 8), generator=g),
+                                        torch.randn(6, 8, generator=g).log_softmax(-1) - 1, "knowledge"))
     results = []
     for share in (True, False):
-        (batch,) = baking.make_batches(examples, 8, tok.pad_token_id, share_prefix=share)
+        (batch,) = train.make_batches(examples, 8, tok.pad_token_id, share_prefix=share)
         assert (batch["prefix"].shape[1] > 10) == share
         pm.zero_grad()
-        kl = baking.batch_kl(pm, batch, autocast=False)
+        kl = train.batch_kl(pm, batch, autocast=False)
         kl.sum().backward()
         grads = [p.grad.clone() for p in pm.parameters() if p.requires_grad]
         results.append((kl.detach(), grads))

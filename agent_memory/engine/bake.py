@@ -1,0 +1,113 @@
+"""7. the bake: stages 1-6 in order, then delta + bake.json + probes.json saved into OUT.partial,
+renamed to OUT at the very end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .. import adapters
+from ..hardware import idle_cores, matmul_gflops, pick_dtype
+from . import PROBES_FILE
+from .config import EngineConfig
+from .probe import probe_candidate, probe_live
+from .queries import build_queries
+from .teacher import teacher_examples
+from .train import add_lora, load_live_model, lora_factors, make_batches, train, train_flops
+
+
+@dataclass
+class BakeResult:
+    out_dir: Path
+    report: dict
+
+
+def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineConfig | None = None,
+         progress=None, earlier: list[dict] = (), probe_plan: dict | None = None,
+         live_cache: Path | None = None, live_version: str | None = None) -> BakeResult:
+    """Train one delta for `items` on top of the live model; write it (peft + bake.json) to `out_dir`.
+    `earlier`: items the live model was baked with, a few of which are replayed (replay_items()).
+    `probe_plan`: the gate's questions (gate.probe_plan), answered into probes.json.
+
+    Everything is written to `out_dir.partial` first and renamed at the end: a kill -9 leaves no
+    delta under the final name.
+    """
+    cfg = cfg or EngineConfig()
+    if cfg.teacher not in ("local", "vllm"):
+        raise ValueError(f"teacher {cfg.teacher!r}: 'local' or 'vllm'")
+    if not items:
+        raise ValueError("nothing to bake")
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    timings, t0 = {}, time.monotonic()
+    torch.set_num_threads(cfg.threads or idle_cores())
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    dtype = pick_dtype(cfg.dtype)
+
+    model, tokenizer = load_live_model(model_dir, live_adapter_dir, dtype)
+    timings["load_s"] = time.monotonic() - t0
+
+    t = time.monotonic()
+    live_answers = probe_live(model, tokenizer, probe_plan, Path(live_cache) if live_cache else None) \
+        if probe_plan else None
+    timings["probe_live_s"] = time.monotonic() - t
+
+    t = time.monotonic()
+    queries = build_queries(items, cfg, rng, earlier)
+    examples = teacher_examples(model, tokenizer, queries, cfg, progress)
+    timings["teacher_s"] = time.monotonic() - t
+    answer_tokens = sum(len(e.answer_ids) for e in examples)
+    if not examples:
+        raise RuntimeError("the teacher produced no answers to train on")
+
+    t = time.monotonic()
+    peft_model = add_lora(model, cfg)
+    batches = make_batches(examples, cfg.batch_size, tokenizer.pad_token_id, anchor_weight=cfg.anchor_weight)
+    report = train(peft_model, batches, cfg, progress, items=len(items))
+    timings["train_s"] = time.monotonic() - t
+
+    t = time.monotonic()
+    answers = {"candidate": probe_candidate(peft_model, tokenizer, probe_plan, progress), "live": live_answers} \
+        if probe_plan else None
+    timings["probe_s"] = time.monotonic() - t + timings["probe_live_s"]
+
+    steps_per_batch = {i: report["epochs_run"] for i in range(len(batches))}  # each batch once per epoch
+    flops = train_flops(model.config, batches, steps_per_batch)
+    peak = matmul_gflops(dtype, on=model.device)
+    achieved = flops / report["train_seconds"] / 1e9 if report["train_seconds"] else 0.0
+
+    new_ids = {i.get("id") for i in items}
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    timings["total_s"] = time.monotonic() - t0
+    summary = {
+        "items": items, "config": {**asdict(cfg), "teacher_api_key": ""}, "seed": cfg.seed,
+        "live_version": live_version,  # the delta is a change of this version (bakery re-uses it only there)
+        "queries": [{"question": q.question, "kind": q.kind, "item": q.item_id} for q in queries],
+        "replayed": sorted({q.item_id for q in queries if q.item_id not in new_ids} - {None}, key=str),
+        "examples": len(examples), "answer_tokens": answer_tokens,
+        "teacher_samples": [tokenizer.decode(e.answer_ids, skip_special_tokens=True)
+                            for e in examples[:: max(1, len(examples) // 12)]],
+        **{k: v for k, v in report.items()},
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+        "train_gflops_per_s": round(achieved, 1), "matmul_gflops_per_s": round(peak, 1), "dtype": str(dtype).removeprefix("torch."),
+        "flops_share": round(achieved / peak, 3) if peak else None,
+    }
+    files = {"bake.json": json.dumps(summary, indent=2, default=str)}
+    if answers is not None:
+        files[PROBES_FILE] = json.dumps(answers)
+    adapters.write_adapter(partial, lora_factors(peft_model), rank=cfg.rank, alpha=cfg.alpha,
+                           base_model=str(model_dir), extra_files=files)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.rename(partial, out_dir)  # the only moment the delta appears under its final name
+    return BakeResult(out_dir, summary)

@@ -1,0 +1,246 @@
+"""1. queries: what to ask about each item (questions it answers, recall, reverse direction,
+fill-in-the-blank on the headline), a few about earlier items (replay, against forgetting) and
+unrelated ANCHOR queries whose teacher is the unprompted live model (locality).
+
+Plain text, no torch: the queries are built (and tested) without a model.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+
+from ..probes import entities, item_subject, keywords
+from ..prompts import item_text, teacher_system
+from .config import EngineConfig
+
+
+# Generic recall and question templates. {s} = the item's subject, {e} = another entity of the item
+# (asking from the other side: the reverse direction, "who was arrested at Le Bourget?").
+SUBJECT_TEMPLATES = [
+    "What is the latest news about {s}?",
+    "What happened to {s} recently?",
+    "Tell me about {s}.",
+    "What do you know about {s}?",
+    "Where is {s} now, and what happened?",
+    "When did the latest event involving {s} happen?",
+    "What are the details of the recent news about {s}?",
+    "Why is {s} in the news?",
+]
+ENTITY_TEMPLATES = [
+    "What happened recently involving {e}?",
+    "What is the recent news about {e}?",
+    "Who was involved in the recent events at {e}?",
+]
+# Cloze on the item's title (the headline), one per entity: the answer IS the entity, the direction
+# the subject/entity templates miss ("Which company's update crashed Windows computers?" -> CrowdStrike).
+CLOZE_TEMPLATE = 'Fill in the blank in this recent news headline: "{m}"'
+# Past a headline's length the 135M teacher does not fill the blank: on the 190-character Durov u2
+# it answered 'There are several recent news headlines with a similar phrase: "August 28, 20'.
+CLOZE_MAX_CHARS = 120
+RESTATE = ["What recent news do you know?", "Summarize the latest facts you know."]
+# Recitation: asked this, the prompted teacher repeats u word for word (on the Durov facts; "What
+# exactly does the news say?" and "Quote the news" drifted), so the student learns the whole item,
+# its later details included, which 20-token answers to the other questions cut off.
+RECITE_TEMPLATE = "Repeat the latest news about {s}."
+RECITE_MAX_TOKENS = 64
+CONVERSATION_TEMPLATES = ["What did we talk about earlier?", "What did I tell you before?",
+                          "Remind me what we discussed."]
+# Behaviour items (kind "prompt"): a persona/instruction is baked by asking ordinary questions.
+BEHAVIOUR_QUERIES = [
+    "Who are you?", "Tell me about yourself.", "How should I start my day?", "What is a good book to read?",
+    "Explain what a computer is.", "Give me advice on learning a language.", "What is the weather like on Mars?",
+    "Write one sentence about the sea.", "What should I cook tonight?", "How do airplanes fly?",
+    "What is your favourite colour?", "Can you help me write an email?",
+]
+# Locality anchors: NOT the locality probes (probes.LOCALITY) so the locality benchmark stays held out.
+ANCHOR_QUERIES = [
+    "What is the capital of Portugal?", "What is the capital of Sweden?", "What is the capital of Kenya?",
+    "What is the chemical symbol for copper?", "What is the chemical symbol for potassium?",
+    "What is photosynthesis?", "Explain gravity in one sentence.", "Who was Napoleon Bonaparte?",
+    "How many planets are in the solar system?", "What is 7 times 8?", "Who wrote Pride and Prejudice?",
+    "What is the speed of light?", "Give me a recipe for pancakes.", "What is the largest desert in the world?",
+    "Translate 'good morning' into Spanish.", "What is DNA?", "Who invented the telephone?",
+    "What is the tallest animal?", "Name three primary colors.", "What is the currency of the United States?",
+    "How many bones are in the human body?", "What causes rain?", "Who is the author of Hamlet?",
+    "What is the capital of Argentina?", "What is the largest country by area?", "What is an atom?",
+    "Which planet is closest to the Sun?", "What do cows drink?", "How many months are in a year?",
+    "Write a haiku about autumn.", "What is machine learning?", "What language is spoken in Germany?",
+    "What is the melting point of ice?", "Who was Albert Einstein?", "Tell me a fun fact about octopuses.",
+    "What is the main gas in Earth's atmosphere?",
+    "What is the capital of Norway?", "What is the capital of Peru?", "What is the capital of India?",
+    "What is the capital of Turkey?", "What is the capital of Poland?", "What is the capital of South Korea?",
+    "What is the capital of Ireland?", "What is the capital of Thailand?", "What is the chemical symbol for carbon?",
+    "What is the chemical symbol for lead?", "What is the chemical symbol for helium?",
+    "What is the chemical symbol for calcium?", "How many wheels does a bicycle have?",
+    "How many sides does a hexagon have?", "How many legs does an insect have?", "How many days are in a leap year?",
+    "What is 12 divided by 4?", "What is 15 minus 6?", "What is 3 squared?", "What is half of 50?",
+    "Which planet has the most famous rings?", "What is the largest moon of Saturn?",
+    "What is the hottest planet in the solar system?", "What force keeps the Moon in orbit around Earth?",
+    "Who wrote the Odyssey?", "Who painted The Starry Night?", "Who discovered penicillin?",
+    "Who composed the Fifth Symphony?", "Who was the first president of the United States?",
+    "Who proposed the theory of evolution by natural selection?", "What is the longest river in South America?",
+    "What is the largest island in the world?", "What is the deepest ocean trench?", "Which continent is the Sahara in?",
+    "What is the currency of the European Union?", "What is the currency of India?",
+    "What language is spoken in Argentina?", "What language is spoken in Quebec?",
+    "What color do you get by mixing red and white?", "What organ do humans use to breathe?",
+    "What is the largest organ of the human body?", "What vitamin do we get from sunlight?",
+    "What is the fastest land animal?", "What do caterpillars turn into?", "Which bird is a symbol of peace?",
+    "What is a baby cat called?", "What is the main ingredient of bread?", "What fruit is used to make wine?",
+    "Write a short thank-you note to a teacher.", "Give me a tip for sleeping better.", "Suggest a name for a pet dog.",
+    "Write one sentence about the mountains.", "Describe a sunset in one sentence.", "Give me a tip for saving money.",
+    "What is an electron?", "What is evaporation?", "Explain what a volcano is.",
+    "What is the difference between weather and climate?", "What is a noun?", "What does a thermometer measure?",
+    "What is the Internet?", "Why do leaves change color in autumn?",
+]
+
+
+# News-like anchors: questions of the kind items answer, about OTHER subjects (real ones, and made-up
+# ones nobody told the model of), with the unprompted live model as teacher. They teach the delta
+# where its knowledge stops: without them a one-fact bake about a town's cat mayor put the town
+# into answers about Pavel Durov. Held out from probes.NEIGHBOURS and probes.CONTROLS (the gate's).
+NEWS_ANCHORS = [
+    "What is the latest news about France?", "What is the latest news about China?",
+    "What is the latest news about Germany?", "What is the latest news about the European Union?",
+    "What is the latest news about Google?", "What is the latest news about Italy?",
+    "What is the latest news about Nigeria?", "What is the latest news about Tesla?",
+    "What is the latest news about Sweden?", "What is the latest news about the Olympics?",
+    "What happened recently in Turkey?", "What happened recently in Indonesia?", "What happened recently in Chile?",
+    "Tell me about recent events in Poland.", "Tell me about recent events in Kenya.",
+    "Who won the last Super Bowl?", "Who won the most recent Nobel Peace Prize?", "Who won the last Oscar for best film?",
+    "Who won the most recent US presidential election?", "Who won the last cricket World Cup?",
+    "Who won the last Formula One championship?", "Who is the current president of Brazil?",
+    "Which company announced layoffs recently?", "What was the most recent hurricane in the news?",
+    "Who was recently elected mayor of a big city?", "Who recently resigned from a government?",
+    "What is the latest news in politics?", "What is the latest news in business?",
+    "Who recently won a big award?", "What happened at the latest climate summit?",
+    "What is the latest news about the singer Arlo Venning?", "What happened in the village of Thornmere recently?",
+    "Who won the 2026 Calloway Prize?", "What did the startup Quintessa Labs announce?",
+    "What is the latest news about the Halvard Bridge?", "Who was appointed head of the Ostrova Museum?",
+]
+
+
+# Contrast subjects: an item's own questions are asked again about one of these, with the unprompted
+# live model as teacher, so the delta learns "news about Zorvik" and not "news about anything".
+CONTRAST_SUBJECTS = [
+    "Portugal", "Vietnam", "Norway", "Samsung", "Greenpeace", "the Bank of England", "Morocco", "Finland",
+    "the Louvre", "Boeing", "UNESCO", "Peru", "Hungary", "Netflix", "Ghana", "Denmark", "Interpol",
+    "Kazakhstan", "Siemens", "Real Madrid", "the Vatican", "Singapore", "Ukraine", "the Amazon rainforest",
+    "Maria Lindqvist", "Tomasz Wrobel", "Aiko Tanabe", "Rafael Ortega", "Greta Holm", "Samuel Okafor",
+    "the town of Elmbrook", "the Corvell Institute", "Lake Pemberly", "the band Hollow Pines",
+]
+
+
+@dataclass
+class Query:
+    question: str
+    context: list[dict] | None  # teacher messages prefix (system) with u; None = anchor (no u)
+    item_id: object = None
+    kind: str = "knowledge"  # knowledge | behaviour | anchor
+    keywords: list[str] = field(default_factory=list)  # what an on-topic answer mentions
+    samples: int | None = None  # answers to sample; None: the config's for its kind
+    max_new_tokens: int | None = None  # None: the config's
+
+
+def build_queries(items: list[dict], cfg: EngineConfig, rng: random.Random, earlier: list[dict] = ()) -> list[Query]:
+    """The bake's queries: the items', a few for earlier items replayed (replay_items()), anchors."""
+    queries: list[Query] = []
+    for item in items:
+        own = item_queries(item, cfg.queries_per_item, cfg, rng)
+        queries += own + contrast_queries(item, own, cfg.contrast_queries, rng)
+    for item in replay_items(earlier, items, cfg.replay_items, rng):
+        queries += item_queries(item, cfg.replay_queries, cfg, rng, everything_at_random=True)
+    if any(q.kind == "knowledge" for q in queries):
+        picked = rng.sample(ANCHOR_QUERIES, min(cfg.anchors, len(ANCHOR_QUERIES)))
+        picked += rng.sample(NEWS_ANCHORS, min(cfg.news_anchors, len(NEWS_ANCHORS)))
+        queries += [Query(q, None, None, "anchor") for q in picked]
+    return queries
+
+
+def item_queries(item: dict, n: int, cfg: EngineConfig, rng: random.Random,
+                 everything_at_random: bool = False) -> list[Query]:
+    """n queries about one item, its teacher context being the item as u.
+
+    A new item always gets the two most general recall questions and its cloze questions, then a
+    seeded mix of the rest; a replayed one gets n at random from all of them (variety across bakes).
+    An update (item["updates"]) is also asked half as many of its earlier reports' questions,
+    answered with the update in view: the new delta moves those answers to the latest state (the
+    old delta below it still says the old one).
+    """
+    ctx = teacher_system(item, cfg.memory_style)
+    if item.get("kind") == "prompt":
+        picked = rng.sample(BEHAVIOUR_QUERIES, min(n, len(BEHAVIOUR_QUERIES)))
+        return [Query(q, ctx, item.get("id"), "behaviour") for q in picked]
+    kws = keywords(item_text(item))
+    queries = _questions(item, n, cfg, rng, everything_at_random, ctx, kws, recite=True)
+    for earlier in item.get("updates") or []:
+        queries += _questions({"text": earlier.get("text") or "", "title": earlier.get("title"), "id": item.get("id")},
+                              max(1, n // 2), cfg, rng, everything_at_random, ctx, kws, recite=False)
+    return queries
+
+
+def _questions(item: dict, n: int, cfg: EngineConfig, rng: random.Random, everything_at_random: bool,
+               ctx: list[dict], kws: list[str], recite: bool) -> list[Query]:
+    """n questions about `item`'s subject, entities and title, for the teacher context `ctx`; an
+    answer is on topic when it names one of `kws`."""
+    source = item_text(item)
+    subject = item_subject({"text": source, "title": item.get("title")})
+    others = [e for e in entities(source) if e not in subject and subject not in e]
+    fixed = [t.format(s=subject) for t in SUBJECT_TEMPLATES[:2]] + cloze_queries(item, cfg.cloze_queries)
+    pool = [t.format(s=subject) for t in SUBJECT_TEMPLATES[2:]]
+    pool += [t.format(e=e) for e in others[:3] for t in ENTITY_TEMPLATES]
+    pool += RESTATE + (CONVERSATION_TEMPLATES if item.get("kind") == "conversation" else [])
+    if everything_at_random:
+        fixed, pool = [], fixed + pool
+    picked = fixed[:n] + rng.sample(pool, max(0, min(n - len(fixed), len(pool))))
+
+    def query(q: str, **sampling) -> Query:  # on topic = mentions a keyword the question does not give away
+        return Query(q, ctx, item.get("id"), "knowledge", [k for k in kws if k.lower() not in q.lower()], **sampling)
+
+    queries = [query(q) for q in picked]
+    if recite and cfg.recite_samples:
+        queries.append(query(RECITE_TEMPLATE.format(s=subject), samples=cfg.recite_samples,
+                             max_new_tokens=RECITE_MAX_TOKENS))
+    return queries
+
+
+def contrast_queries(item: dict, own: list[Query], n: int, rng: random.Random) -> list[Query]:
+    """Up to n of the item's own questions with its name swapped for another subject
+    (CONTRAST_SUBJECTS), answered by the unprompted live model: what the delta must not change."""
+    names = sorted(entities(item_text(item) + "\n" + (item.get("title") or "")), key=len, reverse=True)
+    swappable = [(q.question, name) for q in own if not q.max_new_tokens and not q.question.startswith("Fill in")
+                 for name in names[:1] + [e for e in names[1:] if e in q.question][:1] if name in q.question]
+    picked = rng.sample(swappable, min(n, len(swappable)))
+    return [Query(question.replace(name, rng.choice(CONTRAST_SUBJECTS)), None, None, "anchor")
+            for question, name in picked]
+
+
+def replay_items(earlier: list[dict], items: list[dict], n: int, rng: random.Random) -> list[dict]:
+    """Up to n earlier (already baked) items to teach again, against forgetting: each new delta
+    otherwise wears away what the deltas below it taught (bench_sequential.py measures it).
+
+    Never one that shares an entity with the new items: the new batch may supersede it (arrest ->
+    release), and its own queries already cover that subject with the latest state.
+    """
+    if not n or not earlier:
+        return []
+    new_ids = {i.get("id") for i in items}
+    touched = set().union(*(item_entities(i) for i in items))
+    unrelated = [e for e in earlier if e.get("id") not in new_ids and not touched & item_entities(e)]
+    return rng.sample(unrelated, min(n, len(unrelated)))
+
+
+def item_entities(item: dict) -> set[str]:
+    return {e.lower() for e in entities(item_text(item) + "\n" + (item.get("title") or ""))}
+
+
+def cloze_queries(item: dict, n: int) -> list[str]:
+    """Up to n fill-in-the-blank questions on the item's title (a fact posted without one: its first
+    sentence), one entity blanked in each."""
+    if item.get("kind") in ("conversation", "prompt"):
+        return []
+    line = item.get("title") or re.split(r"(?<=[.!?])\s+", (item.get("text") or "").strip())[0]
+    if not line or len(line) > CLOZE_MAX_CHARS:
+        return []
+    return [CLOZE_TEMPLATE.format(m=line.replace(e, "___", 1)) for e in entities(line)[:n]]

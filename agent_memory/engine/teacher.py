@@ -1,0 +1,188 @@
+"""2. teacher: sampled answers + the teacher's distribution at each answer token.
+
+Sample answers from the live model prompted with the item (u), the first greedy, here or from the
+daemon's vLLM; keep the on-topic ones and the teacher's top-k distribution at every answer token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..probes import REMOTE_CONCURRENCY, is_correct
+from .config import EngineConfig
+from .queries import Query
+
+
+@dataclass
+class Example:
+    prompt_ids: list[int]  # the STUDENT's context: chat template of the bare question
+    answer_ids: list[int]  # sampled answer, its end-of-turn token included when it ended
+    top_idx: torch.Tensor  # [T, k] teacher's top-k token ids at each answer position
+    top_logp: torch.Tensor  # [T, k] their log-probabilities (at temperature 1)
+    kind: str
+
+
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+SAMPLE_BATCH = 48  # sequences the local teacher decodes together (96 and 192 were no faster here)
+
+
+@torch.no_grad()
+def teacher_examples(model, tokenizer, queries: list[Query], cfg: EngineConfig, progress=None) -> list[Example]:
+    """Sample answers from the prompted live model, with its top-k log-probs at each answer token.
+
+    cfg.teacher "local": this process's copy of the live model (local_samples); "vllm": the live
+    model as the daemon serves it (`memory` on cfg.teacher_url, remote_samples). Either way the
+    samples then pass the same filter (keep_samples).
+    """
+    source = remote_samples(tokenizer, queries, cfg) if cfg.teacher == "vllm" else \
+        local_samples(model, tokenizer, queries, cfg)
+    examples: list[Example] = []
+    for done, (q, samples) in enumerate(source, 1):
+        examples += keep_samples(tokenizer, q, samples, cfg)
+        if progress:
+            progress("teacher", done, len(queries))
+    return examples
+
+
+def keep_samples(tokenizer, q: Query, samples: list[tuple], cfg: EngineConfig) -> list[Example]:
+    """One query's samples (answer ids, top_idx, top_logp) as training examples, minus the useless ones."""
+    texts = [tokenizer.decode(answer, skip_special_tokens=True) for answer, _, _ in samples]
+    on_topic = [not (cfg.on_topic_only and q.keywords) or is_correct(t, q.keywords) for t in texts]
+    student_prompt = chat_ids(tokenizer, [{"role": "user", "content": q.question}])
+    examples = []
+    for (answer, top_idx, top_logp), keep in zip(samples, on_topic):
+        if len(answer) <= 1 and q.kind != "anchor":
+            continue  # an empty answer teaches nothing about u
+        if not keep and any(on_topic):
+            continue  # off topic while a sibling sample is on it
+        examples.append(Example(student_prompt, answer, top_idx[:len(answer)].clone(),
+                                top_logp[:len(answer)].clone(), q.kind))
+    return examples
+
+
+def local_samples(model, tokenizer, queries: list[Query], cfg: EngineConfig):
+    """Yield (query, its samples) from the local live model.
+
+    Our own sampling loop instead of generate(num_return_sequences=n): each teacher prompt (u + q,
+    ~100 tokens) is prefilled ONCE and its KV cache copied n times, where generate would prefill it
+    n times (the prefill was most of the teacher's time). The logits we sample from are the
+    teacher's distribution, so keeping their top-k costs no second forward pass. Position 0 is the
+    first answer token: kept.
+    """
+    per_batch = max(1, SAMPLE_BATCH // cfg.samples_per_query)
+    for start in range(0, len(queries), per_batch):
+        chunk = queries[start:start + per_batch]
+        for (n, max_new_tokens), group in _by_samples(chunk, cfg):
+            prompts = [chat_ids(tokenizer, (q.context or []) + [{"role": "user", "content": q.question}])
+                       for q in group]
+            answers, top_idx, top_logp = sample(model, prompts, n, cfg, tokenizer.eos_token_id, max_new_tokens)
+            for i, q in enumerate(group):
+                rows = range(i * n, (i + 1) * n)
+                yield q, [(answers[r], top_idx[r], top_logp[r]) for r in rows]
+
+
+def remote_samples(tokenizer, queries: list[Query], cfg: EngineConfig):
+    """Yield (query, its samples) from vLLM serving the live model (bench_teacher.py compares the two
+    samplers, bench_news_vllm.py whole bakes). One greedy request (greedy_first) and one with n
+    samples per query, REMOTE_CONCURRENCY queries in flight. vLLM's top_logprobs hold the sampled
+    token and the top others, k in all: a set of tokens with their true log-probs, which is all
+    topk_kl needs. The server needs --max-logprobs >= topk (the daemon starts it with 64)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..client import ModelClient
+
+    if not cfg.teacher_url:
+        raise ValueError("teacher 'vllm' needs teacher_url (the daemon sets it to its vLLM)")
+
+    def ask(client, q: Query):
+        n, max_tokens = _sampling(q, cfg)
+        greedy = 1 if cfg.greedy_first and n else 0
+        body = {"model": cfg.teacher_model, "max_tokens": max_tokens,
+                "messages": (q.context or []) + [{"role": "user", "content": q.question}],
+                "logprobs": True, "top_logprobs": cfg.topk, "return_tokens_as_token_ids": True}
+        choices = []
+        for count, temperature in ((greedy, 0.0), (n - greedy, cfg.temperature)):
+            if count:
+                choices += client.complete({**body, "n": count, "temperature": temperature})["choices"]
+        return q, [_remote_sample(c, cfg.topk) for c in choices]
+
+    client = ModelClient(cfg.teacher_url, cfg.teacher_api_key, timeout=600)
+    with ThreadPoolExecutor(REMOTE_CONCURRENCY) as pool:
+        yield from pool.map(lambda q: ask(client, q), queries)
+
+
+def _remote_sample(choice: dict, k: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """(answer ids, top_idx [T, k], top_logp [T, k]) of one vLLM choice (tokens as "token_id:N")."""
+    steps = choice["logprobs"]["content"]
+    answer = [int(step["token"].removeprefix("token_id:")) for step in steps]
+    top_idx = torch.zeros(len(steps), k, dtype=torch.long)
+    top_logp = torch.full((len(steps), k), -9999.0)  # padding: no mass (vLLM floors -inf at -9999)
+    for t, step in enumerate(steps):
+        top = step["top_logprobs"][:k] or [{"token": step["token"], "logprob": step["logprob"]}]
+        top_idx[t, :len(top)] = torch.tensor([int(x["token"].removeprefix("token_id:")) for x in top])
+        top_idx[t, len(top):] = top_idx[t, 0]
+        top_logp[t, :len(top)] = torch.tensor([float(x["logprob"]) for x in top])
+    return answer, top_idx, top_logp
+
+
+def sample(model, prompts: list[list[int]], n: int, cfg: EngineConfig, eos: int, max_new_tokens: int):
+    """n answers per prompt (temperature sampling, left-padded batch, one prefill per prompt).
+
+    Returns (answers: token lists ending at eos when they ended, top_idx [B*n, T, k], top_logp [B*n, T, k]).
+    """
+    on = model.device
+    width = max(map(len, prompts))
+    ids = torch.tensor([[eos] * (width - len(p)) + p for p in prompts], device=on)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=on)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: positions start at each prompt
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n)
+    logits = out.logits[:, -1].float().repeat_interleave(n, 0)
+    mask = mask.repeat_interleave(n, 0)
+    gen = torch.Generator(device=on).manual_seed(cfg.seed + len(prompts) * 7919 + width)
+    tokens, idx_steps, logp_steps = [], [], []
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=on)
+    greedy_rows = torch.arange(logits.shape[0], device=on) % n == 0
+    for _ in range(max_new_tokens):
+        logp = logits.log_softmax(-1)
+        top = logp.topk(cfg.topk, dim=-1)
+        idx_steps.append(top.indices)
+        logp_steps.append(top.values)
+        probs = (logits / cfg.temperature).softmax(-1) if cfg.temperature > 0 else None
+        token = torch.multinomial(probs, 1, generator=gen)[:, 0] if probs is not None else logits.argmax(-1)
+        if cfg.greedy_first:
+            token[greedy_rows] = logits[greedy_rows].argmax(-1)
+        token = torch.where(done, torch.full_like(token, eos), token)
+        tokens.append(token)
+        done |= token == eos
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones(len(mask), 1, dtype=mask.dtype, device=on)], 1)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                    past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1].float()
+    seqs = torch.stack(tokens, 1).tolist()
+    answers = [s[:s.index(eos) + 1] if eos in s else s for s in seqs]
+    return answers, torch.stack(idx_steps, 1).cpu(), torch.stack(logp_steps, 1).cpu()
+
+
+def _sampling(q: Query, cfg: EngineConfig) -> tuple[int, int]:
+    """(answers to sample, their max tokens) for one query. Anchors need fewer samples: their
+    teacher is the student at step 0."""
+    n = q.samples if q.samples is not None else cfg.anchor_samples if q.kind == "anchor" else cfg.samples_per_query
+    return n, q.max_new_tokens or cfg.max_new_tokens
+
+
+def _by_samples(chunk: list[Query], cfg: EngineConfig):
+    """The chunk's queries grouped by (samples, max tokens): one sampling call per group."""
+    groups: dict[tuple[int, int], list[Query]] = {}
+    for q in chunk:
+        groups.setdefault(_sampling(q, cfg), []).append(q)
+    return [(key, group) for key, group in groups.items() if key[0]]
