@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from . import feeds as feeds_mod
 from .auth import token_matches
@@ -81,6 +82,8 @@ def error_response(exc: Exception) -> JSONResponse:
         status, message = NotFound.status, str(exc)
     elif isinstance(exc, ServingError):
         status, message = 502, f"model server: {exc}"
+    elif isinstance(exc, ClientDisconnect):  # (nobody reads this answer; it is no server error)
+        status, message = 400, "the client closed the connection while sending its body"
     else:
         status, message = 500, f"internal error ({exc.__class__.__name__}): see the daemon's log"
     return JSONResponse({"error": message}, status_code=status, headers=getattr(exc, "headers", None))
@@ -153,7 +156,7 @@ def _install_guard(app: FastAPI, cfg: Config) -> None:
                     if len(body) > max_bytes:
                         raise TooLarge(f"request body over {max_bytes} bytes")
                 request._body = body
-        except UserError as e:
+        except (UserError, ClientDisconnect) as e:
             return error_response(e)
         try:
             return await call_next(request)
