@@ -248,7 +248,7 @@ def test_no_request_gets_a_server_error_in_process(app_and_token):
     # raise_server_exceptions: an exception that escaped every handler fails the test here.
     client = TestClient(app, base_url=API_BASE)
 
-    @fuzz_settings(300)
+    @fuzz_settings(1000)
     @given(request=requests(routes, token, 8700))
     def one(request):
         method, url, headers, content = request
@@ -277,7 +277,7 @@ def test_no_request_gets_a_server_error_or_a_dropped_connection_from_the_real_da
     with httpx.Client(base_url=proc.api, timeout=30) as client:
         routes = routes_of(served_app())
 
-        @fuzz_settings(100)
+        @fuzz_settings(300)
         @given(request=requests(routes, token, proc.api_port))
         def one(request):
             method, url, headers, content = request
@@ -312,7 +312,7 @@ def test_malformed_http_gets_an_answer_from_the_real_daemon(real_daemon):
     proc = real_daemon
     host = f"127.0.0.1:{proc.api_port}".encode()
 
-    @fuzz_settings(60)
+    @fuzz_settings(100)
     @given(method=st.one_of(st.sampled_from([b"GET", b"POST", b"DELETE"]), raw_token),
            target=st.one_of(st.sampled_from([b"/livez", b"/v1/memory/items", b"/v1/feeds/1/poll"]),
                             raw_text.map(lambda b: b"/" + b.replace(b" ", b""))),
