@@ -17,14 +17,17 @@ Errors are JSON `{"error": "..."}`. Every exception becomes a response in one pl
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal
 
+import anyio
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from . import feeds as feeds_mod
 from .auth import token_matches
@@ -56,6 +59,7 @@ def create_app(cfg: Config, store: Store, versions: Versions, *, bakery: "Bakery
     app.state.cfg, app.state.store, app.state.versions = cfg, store, versions
     app.state.bakery, app.state.history, app.state.metrics = bakery, history, metrics
     app.state.status, app.state.readiness = status, readiness
+    app.state.feed_slots = anyio.CapacityLimiter(feeds_mod.MAX_PARALLEL_FETCHES)
     for exc_class in (UserError, IngestError, LookupError, ServingError, HTTPException, RequestValidationError):
         app.add_exception_handler(exc_class, _handle_exception)  # any other exception: see _install_guard
     _install_guard(app, cfg)
@@ -81,6 +85,8 @@ def error_response(exc: Exception) -> JSONResponse:
         status, message = NotFound.status, str(exc)
     elif isinstance(exc, ServingError):
         status, message = 502, f"model server: {exc}"
+    elif isinstance(exc, ClientDisconnect):  # (nobody reads this answer; it is no server error)
+        status, message = 400, "the client closed the connection while sending its body"
     else:
         status, message = 500, f"internal error ({exc.__class__.__name__}): see the daemon's log"
     return JSONResponse({"error": message}, status_code=status, headers=getattr(exc, "headers", None))
@@ -153,7 +159,7 @@ def _install_guard(app: FastAPI, cfg: Config) -> None:
                     if len(body) > max_bytes:
                         raise TooLarge(f"request body over {max_bytes} bytes")
                 request._body = body
-        except UserError as e:
+        except (UserError, ClientDisconnect) as e:
             return error_response(e)
         try:
             return await call_next(request)
@@ -163,8 +169,9 @@ def _install_guard(app: FastAPI, cfg: Config) -> None:
 
 
 # --- memory items, conversations and feeds ------------------------------------------------
-# Routes are plain `def`s: FastAPI runs them in worker threads, so SQLite and feed fetches never
-# block the event loop. Every write returns only after its transaction has committed.
+# Routes are plain `def`s: FastAPI runs them in worker threads, so SQLite never blocks the event
+# loop; those that fetch feeds run in a few threads of their own (_in_feed_slot). Every write
+# returns only after its transaction has committed.
 
 memory_router = APIRouter(dependencies=[Depends(require_token)])
 ItemId = Annotated[int, PathParam(ge=1, le=MAX_SQLITE_INT)]
@@ -293,11 +300,17 @@ def get_feeds(request: Request):
     return {"feeds": [feeds_mod.for_display(f) for f in _store(request).list_feeds()]}
 
 
+async def _in_feed_slot(request: Request, work: Callable, *args, **kwargs):
+    """Run `work` (it fetches feeds) in a worker thread, at most feeds.MAX_PARALLEL_FETCHES at once:
+    polls that wait for a slot hold no thread, so hanging feeds never starve the other routes."""
+    return await anyio.to_thread.run_sync(partial(work, *args, **kwargs), limiter=request.app.state.feed_slots)
+
+
 @memory_router.post("/v1/feeds", status_code=201)
-def post_feed(body: FeedIn, request: Request, response: Response):
+async def post_feed(body: FeedIn, request: Request, response: Response):
     state = request.app.state
-    feed, created = feeds_mod.add_feed(state.store, state.cfg, body.url, body.interval, body.title,
-                                       check=body.check)
+    feed, created = await _in_feed_slot(request, feeds_mod.add_feed, state.store, state.cfg, body.url,
+                                        body.interval, body.title, check=body.check)
     if not created:
         response.status_code = 200
     return {"id": feed["id"], "duplicate": not created, "feed": feed}
@@ -311,19 +324,16 @@ def delete_feed(feed_id: ItemId, request: Request):
 
 
 @memory_router.post("/v1/feeds/poll")
-def poll_all_feeds(request: Request):
+async def poll_all_feeds(request: Request):
     """Poll every enabled feed now (not only the due ones)."""
     state = request.app.state
-    return feeds_mod.poll_due(state.store, state.cfg, force=True)
+    return await _in_feed_slot(request, feeds_mod.poll_due, state.store, state.cfg, force=True)
 
 
 @memory_router.post("/v1/feeds/{feed_id}/poll")
-def poll_one_feed(feed_id: ItemId, request: Request):
+async def poll_one_feed(feed_id: ItemId, request: Request):
     state = request.app.state
-    feed = state.store.get_feed(feed_id)
-    if feed is None or not feed["enabled"]:
-        raise NotFound(f"no feed {feed_id}")
-    return feeds_mod.poll_feed(state.store, feed_id, state.cfg)
+    return await _in_feed_slot(request, feeds_mod.poll_enabled_feed, state.store, feed_id, state.cfg)
 
 
 # --- bakes, history, rollback, forget ------------------------------------------------------
@@ -403,7 +413,7 @@ public_router = APIRouter()
 
 
 @public_router.get("/livez")
-def livez():
+async def livez():  # (async: answered by the event loop itself, even while every worker thread is busy)
     return {"ok": True}
 
 

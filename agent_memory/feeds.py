@@ -58,6 +58,7 @@ MAX_FEED_BYTES = 50 * 1024 * 1024  # a bigger body (raw, or any unpacked layer) 
 MAX_REDIRECTS = 5
 MAX_ENTRIES_PER_POLL = 1000  # a feed's first (newest) entries; the rest wait for a later poll
 ENTRIES_PER_COMMIT = 100  # API writes get the database between batches
+MAX_PARALLEL_FETCHES = 4  # feed fetches the API runs at once; more requests wait for a slot
 MAX_REF_CHARS = 2000
 MAX_WAIT_S = 24 * 3600  # ceiling on Retry-After and on the failure backoff
 RAW_CHARS_PER_CHAR = 20  # HTML looked at per kept character: bounds the work on huge entries
@@ -269,6 +270,15 @@ def _poll_guarded(store: Store, feed: dict, cfg: Config, now: datetime) -> dict:
         log.exception("feed %s: poll failed", feed["id"])
         return {"feed_id": feed["id"], "url": display_url(feed["url"]), "status": "error", "new": 0, "updated": 0,
                 "unchanged": 0, "skipped": 0, "error": f"unexpected error: {type(e).__name__}"}
+
+
+def poll_enabled_feed(store: Store, feed_id: int, cfg: Config) -> dict:
+    """poll_feed for a feed the user names (the API's POST /v1/feeds/{id}/poll): NotFound for a
+    removed one too."""
+    feed = store.get_feed(feed_id)
+    if feed is None or not feed["enabled"]:
+        raise NotFound(f"no feed {feed_id}")
+    return poll_feed(store, feed_id, cfg)
 
 
 def poll_feed(store: Store, feed_id: int, cfg: Config, *, now: datetime | None = None) -> dict:
@@ -515,12 +525,11 @@ def store_entries(store: Store, feed: dict, entries: list, max_chars: int) -> di
     counts = {"new": 0, "updated": 0, "unchanged": 0, "skipped": max(0, len(entries) - MAX_ENTRIES_PER_POLL)}
     entries = entries[:MAX_ENTRIES_PER_POLL]
     for start in range(0, len(entries), ENTRIES_PER_COMMIT):
+        # Text conversion outside the transaction: the database is free while the next batch is made.
+        items = [entry_to_item(entry, feed, max_chars) for entry in entries[start:start + ENTRIES_PER_COMMIT]]
+        counts["skipped"] += items.count(None)
         with store.transaction():
-            for entry in entries[start:start + ENTRIES_PER_COMMIT]:
-                item = entry_to_item(entry, feed, max_chars)
-                if item is None:
-                    counts["skipped"] += 1
-                    continue
+            for item in filter(None, items):
                 _, outcome = store.add_item("headline", update_pending=True, **item)
                 counts["unchanged" if outcome == "duplicate" else outcome] += 1
     return counts
