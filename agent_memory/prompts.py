@@ -9,25 +9,30 @@ close as possible).
 
 from __future__ import annotations
 
+import re
+
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 MEMORY_INTRO = "You know the following recent facts:"
 
 
 def item_text(item: dict) -> str:
-    """An item's content: its text, or for a conversation its transcript."""
-    if item.get("kind") == "conversation" and item.get("messages"):
-        return "\n".join(f"{m['role']}: {m['content']}" for m in item["messages"])
+    """An item's content: its text (for a conversation, the transcript made when it was stored)."""
     return item.get("text") or ""
+
+
+# The chat template's markers ("<|im_start|>system"): in an item's text they would be tokenized as
+# the special tokens themselves and open a turn of the teacher's chat; the memory never holds them.
+CHAT_MARKERS = re.compile(r"<\|[A-Za-z_]+\|>")
 
 
 def item_memory(item: dict) -> str:
     """The prompt u of one item: its text; an update carries the earlier reports it replaces
     (item["updates"]), so the teacher answers with the latest state and knows the old one as past.
     No date stamp: "(reported 2026-11-12)" came back inside answers ("won the 2026-11-12 prix")."""
-    text = item_text(item)
+    text = CHAT_MARKERS.sub("", item_text(item))
     if item.get("kind") == "conversation":
         return f"Earlier conversation with the user:\n{text}"
-    earlier = [e["text"] for e in item.get("updates") or [] if e.get("text")]
+    earlier = [CHAT_MARKERS.sub("", e["text"]) for e in item.get("updates") or [] if e.get("text")]
     if earlier:
         return f"Earlier report: {' '.join(earlier)}\nLatest report (where they differ, this one is current): {text}"
     return text
@@ -72,5 +77,5 @@ def teacher_system(item: dict, style: str) -> list[dict]:
     if style not in ("append", "system"):
         raise ValueError(f"memory_style {style!r}: baking puts u in the system message ('append' or 'system')")
     if item.get("kind") == "prompt":  # an instruction: it joins the system prompt as it is
-        return [{"role": "system", "content": f"{DEFAULT_SYSTEM}. {item['text']}"}]
+        return [{"role": "system", "content": f"{DEFAULT_SYSTEM}. {CHAT_MARKERS.sub('', item['text'])}"}]
     return messages_for("", item_memory(item), style)[:-1] or [{"role": "system", "content": DEFAULT_SYSTEM}]

@@ -190,13 +190,11 @@ def test_an_instruction_reaches_the_teacher_only_as_one_of_the_facts(api):
     assert shown["prompt"] == f"- {POISON}" and shown["item_ids"] == [posted["id"]]
 
 
-@pytest.mark.xfail(strict=True, reason="an item's text can hold the chat template's special tokens; the teacher's "
-                                       "context is tokenized with them as tokens, so the item opens a system turn")
 def test_an_item_cannot_forge_a_turn_of_the_teachers_chat(api):
     from transformers import AutoTokenizer
 
     from agent_memory import prompts
-    from agent_memory.baking import chat_ids
+    from agent_memory.engine.teacher import chat_ids
     from daemon_proc import PREPARED_MODEL
 
     if not (PREPARED_MODEL / "tokenizer.json").exists():

@@ -168,9 +168,11 @@ def test_prompt_items_are_baked_as_behaviour_without_anchors():
 def test_conversation_items_use_the_transcript_as_u():
     import random
 
-    item = {"id": 3, "kind": "conversation", "text": "", "messages": [
-        {"role": "user", "content": "My sister Alice Moreau moved to Lyon last week."},
-        {"role": "assistant", "content": "Nice, I hope she likes Lyon."}]}
+    from agent_memory.ingest import render_conversation
+
+    messages = [{"role": "user", "content": "My sister Alice Moreau moved to Lyon last week."},
+                {"role": "assistant", "content": "Nice, I hope she likes Lyon."}]
+    item = {"id": 3, "kind": "conversation", "text": render_conversation(messages), "messages": messages}  # as stored
     qs = queries.build_queries([item], EngineConfig(queries_per_item=6, anchors=2), random.Random(1))
     knowledge = [q for q in qs if q.kind == "knowledge"]
     assert knowledge and all("Alice Moreau moved to Lyon" in q.context[0]["content"] for q in knowledge)

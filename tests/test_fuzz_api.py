@@ -347,8 +347,6 @@ def served_app():
 # --- what the fuzz found, pinned ----------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="prompts.item_text renders m['content'] of the stored messages (KeyError for "
-                                       "an assistant message with only tool_calls); the item's text is the transcript")
 def test_the_memory_prompt_of_a_conversation_with_a_tool_call(api):
     messages = [{"role": "user", "content": "Book a table."},
                 {"role": "assistant", "tool_calls": [{"id": "1", "type": "function",
