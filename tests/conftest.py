@@ -3,6 +3,7 @@ real HTTP server on 127.0.0.1 whose answers each test controls."""
 
 from __future__ import annotations
 
+import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -179,3 +180,29 @@ def http_server():
     server.thread.start()
     yield server
     server.stop()
+
+
+def slow_header_server(stop: threading.Event) -> socket.socket:
+    """Answers every connection with a status line and then one header byte every 50 ms."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve(conn):
+        with conn:
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 100_000:
+                if stop.wait(0.05):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+    def accept():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import socket
 import threading
 import time
 import tracemalloc
@@ -18,7 +17,7 @@ import pytest
 from agent_memory import feeds
 from agent_memory.errors import UserError
 from agent_memory.store import NotFound
-from conftest import DATA, REPO, Reply
+from conftest import DATA, REPO, Reply, slow_header_server
 
 RSS = {"content_type": "application/rss+xml; charset=utf-8"}
 
@@ -546,21 +545,7 @@ def test_headers_sent_a_byte_at_a_time_hit_the_total_deadline(store, cfg):
     """Each byte comes well within the per-read timeout; the whole fetch still ends on time."""
     cfg.feeds.timeout_s = 0.5
     stop = threading.Event()
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def serve():
-        conn, _ = listener.accept()
-        with conn:
-            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 1000:
-                if stop.wait(0.05):
-                    return
-                try:
-                    conn.sendall(bytes([byte]))
-                except OSError:
-                    return
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    listener = slow_header_server(stop)
     try:
         started = time.monotonic()
         result = feeds.poll_feed(store, add(store, f"http://127.0.0.1:{listener.getsockname()[1]}/"), cfg)

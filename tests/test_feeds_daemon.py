@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import socket
 import threading
 import time
 import zlib
@@ -17,7 +16,7 @@ import zlib
 import httpx
 
 from agent_memory import feeds
-from conftest import Reply
+from conftest import Reply, slow_header_server
 from daemon_proc import DaemonProcess
 
 HANGING_FEEDS = 45
@@ -88,32 +87,6 @@ def vm_peak_mib(pid: int) -> float:
 def gzip_of_zeros(mebibytes: int) -> bytes:
     packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
     return b"".join(packer.compress(bytes(2**20)) for _ in range(mebibytes)) + packer.flush()
-
-
-def slow_header_server(stop: threading.Event) -> socket.socket:
-    """Answers every connection with a status line and then one header byte every 50 ms."""
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def serve(conn):
-        with conn:
-            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 100_000:
-                if stop.wait(0.05):
-                    return
-                try:
-                    conn.sendall(bytes([byte]))
-                except OSError:
-                    return
-
-    def accept():
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    return listener
 
 
 def test_bombs_trickles_and_special_files_stay_within_a_memory_and_time_bound(tmp_path, http_server):
