@@ -496,6 +496,11 @@ def show(ctx: Context, bake_id: int, as_json: bool) -> None:
     emit(b, as_json, _bake_text(b))
 
 
+# Rollback and forget answer once the model server serves the new version: about a second on a quiet
+# machine, many times that on a busy one (and a bake may hold the model for its swap first).
+SWAP_TIMEOUT_S = 600.0
+
+
 @cli.command()
 @click.argument("version", required=False)
 @json_option
@@ -504,7 +509,7 @@ def rollback(ctx: Context, version: str | None, as_json: bool) -> None:
     """Make an earlier adapter version live again (default: the previous one)."""
     from .client import DaemonClient
 
-    result = DaemonClient(ctx.cfg).post("/v1/rollback", json={"version": version})
+    result = DaemonClient(ctx.cfg, timeout=SWAP_TIMEOUT_S).post("/v1/rollback", json={"version": version})
     emit(result, as_json, f"live version: {result['from']} -> {result['to']}")
 
 
@@ -516,7 +521,7 @@ def forget(ctx: Context, item_id: int, as_json: bool) -> None:
     """Remove an item's knowledge: drop its bake's delta and recompose (bake-mates are re-queued)."""
     from .client import DaemonClient
 
-    result = DaemonClient(ctx.cfg).delete(f"/v1/memory/items/{item_id}")
+    result = DaemonClient(ctx.cfg, timeout=SWAP_TIMEOUT_S).delete(f"/v1/memory/items/{item_id}")
     emit(result, as_json, f"forgot item {item_id}; live version {result['version']}"
          + (f"; re-queued {result['requeued']}" if result["requeued"] else ""))
 
