@@ -260,7 +260,8 @@ def bake_entities(items: list[dict]) -> list[str]:
 
 
 # Neighbours: questions of the kind news items answer ("latest news about", prizes, elections,
-# appointments), about subjects no bake is about. Their answers must not start naming a bake's
+# appointments), each about a named subject no bake is about (not "who resigned recently?": a
+# baked resignation is the right answer there). Their answers must not start naming a bake's
 # entities (after a one-fact bake about a town's cat mayor, "Where was Pavel Durov arrested?" got
 # the town). Held out from engine.queries.NEWS_ANCHORS, which teach the same lesson during training.
 NEIGHBOURS = [
@@ -277,13 +278,13 @@ NEIGHBOURS = [
     "Who won the last Eurovision Song Contest?", "Who won the most recent Booker Prize?",
     "Who won the latest election in France?", "Who won the last general election in Germany?",
     "Who is the current Secretary-General of the United Nations?", "Who is the CEO of Apple?",
-    "Who was recently appointed to lead the World Bank?", "Which company recently launched a new smartphone?",
-    "Which country recently hosted the Olympic Games?", "What was the most recent major earthquake?",
-    "What was the latest big scientific discovery?", "Which team won the last Champions League final?",
-    "Who was arrested in the news recently?", "Which politician resigned recently?",
-    "What is the latest news in technology?", "What is the latest news in sports?",
-    "What is the latest news in science?", "Who signed for a new football club recently?",
-    "What record was broken recently?",
+    "Who was recently appointed to lead the World Bank?", "What is the latest news about Nintendo?",
+    "Which country recently hosted the Olympic Games?", "What is the latest news about the Bank of Japan?",
+    "Who won the most recent Nobel Prize in Economics?", "Which team won the last Champions League final?",
+    "What is the latest news about Greece?", "What is the latest news about the World Trade Organization?",
+    "What happened recently in Thailand?", "What is the latest news about Heathrow Airport?",
+    "What is the latest news about the European Space Agency?", "Who won the last Australian Open women's title?",
+    "What is the latest news about Spotify?",
 ]
 
 # Controls: subjects that exist in no item and no training data. `memory` must not start claiming
