@@ -429,16 +429,18 @@ class Bakery:
         """The items as the engine takes them, each with the earlier items it updates (what it
         supersedes, or live items about the same subject) under "updates": the teacher sees both,
         the gate asks whether the stale state is still answered."""
-        live_bakes = set(self.versions.manifest(self.versions.current())["deltas"])
-        baked = [i for i in self.store.list_items(status="baked", limit=-1) if i["bake_id"] in live_bakes]
+        baked = self._live_items()
         return [{**_bake_item(i), "updates": [_bake_item(e) for e in probes.updated_by(i, baked)]} for i in items]
+
+    def _live_items(self) -> list[dict]:
+        """The items the live version was baked with."""
+        live_bakes = set(self.versions.manifest(self.versions.current())["deltas"])
+        return [i for i in self.store.list_items(status=ItemStatus.BAKED, limit=-1) if i["bake_id"] in live_bakes]
 
     def _earlier_items(self, bake_id: int) -> list[dict]:
         """Items the live version was baked with and still current (not superseded): the engine
         replays a few of them. At most REPLAY_POOL, drawn at random so old ones get their turn."""
-        live_bakes = set(self.versions.manifest(self.versions.current())["deltas"])
-        current = [i for i in self.store.list_items(status=ItemStatus.BAKED, limit=-1)
-                   if i["bake_id"] in live_bakes and not i.get("superseded_by")]
+        current = [i for i in self._live_items() if not i.get("superseded_by")]
         return random.Random(bake_id).sample(current, min(REPLAY_POOL, len(current)))
 
     def _engine_config(self) -> dict:
