@@ -1,6 +1,7 @@
 """Updates that supersede: a feed baked in two rounds, the second carrying updates of the first. Not a test.
 
     .venv/bin/python bench/bench_updates.py [--quick] [--seeds 1] [--link auto|explicit|none]
+                                            [--config JSON] [--round1 DIR]
 
 Data: bench/data/updates.json, 12 fictional stories, each an earlier report and a later one that
 changes the state (a transfer that collapsed, a resignation, a re-dating...), with a question about
@@ -12,11 +13,14 @@ of it, as the daemon stacks deltas. How round 2 knows which items it updates (--
   none      no link: the later reports baked as unrelated news (what the daemon did before)
 After round 2, greedy and without context: latest state answered (target >= 0.8), stale answer
 given (target <= 0.1), the past question answered. After round 1 the same questions show what the
-model had learnt to say before the update.
+model had learnt to say before the update. --config: engine settings over the defaults, both rounds;
+--round1: an earlier run's round-1 delta (seed 0) instead of baking round 1 again, to compare round-2
+settings on the same starting model.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -32,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--link", action="append", choices=["auto", "explicit", "none"], default=None,
                    help="how round 2 links its updates (repeatable; default: auto and none)")
+    p.add_argument("--round1", type=Path, help="a round-1 delta to reuse (seed 0): only round 2 is baked")
     args = p.parse_args(argv)
     import torch
     from transformers import AutoTokenizer
@@ -46,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
                "source": "bench"} for i, p in enumerate(pairs)]
     rows = []
     for seed in range(args.seeds):
-        config = {"seed": seed}
-        first = bake(before, work / f"round1-s{seed}", config)
+        config = {**json.loads(args.config), "seed": seed}
+        first = {"dir": args.round1, "wall_s": "-"} if args.round1 and seed == 0 else \
+            bake(before, work / f"round1-s{seed}", config)
         after_round1 = ask(load_model([first["dir"]]), tok, pairs)
         rows.append(["after round 1", seed, "-", *scores(after_round1), first["wall_s"], "-"])
         for link in links:

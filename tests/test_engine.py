@@ -92,7 +92,12 @@ def test_queries_cover_the_item_and_anchors_stay_unprompted():
     qs = queries.build_queries([U1], cfg, random.Random(0))
     knowledge = [q for q in qs if q.kind == "knowledge"]
     anchors = [q for q in qs if q.kind == "anchor"]
-    assert len(knowledge) == 8 + 1 and len(anchors) == 5 + 3 + 4  # + 1: the recitation query
+    assert len(knowledge) == 8 + 1 + 3 and len(anchors) == 5 + 3 + 4  # + the recitation, + 3 given answers
+    given = [q for q in knowledge if q.answer is not None]
+    assert [q.question for q in given] == ["What is the latest news about Pavel Durov?",
+                                           "What happened to Pavel Durov recently?",
+                                           "What is the recent news about Telegram?"]
+    assert all(q.answer == U1["text"] for q in given)
     assert len([q for q in anchors if q.question in queries.NEWS_ANCHORS]) == 3
     # Contrast: the item's own questions about other subjects, the unprompted model as teacher.
     contrast = [q for q in anchors if q.question not in queries.ANCHOR_QUERIES + queries.NEWS_ANCHORS]
@@ -123,7 +128,12 @@ def test_an_update_is_asked_its_predecessors_questions_with_both_in_the_teachers
     assert "Earlier report: Tomas Brel agreed to join Benfica" in system
     assert system.index("Benfica from Porto") < system.index("Latest report (where they differ, this one is current): Tomas")
     assert any("Porto" in q.question for q in qs)  # asked from the earlier report's side too
-    assert all("Ajax" in q.keywords for q in qs if "Ajax" not in q.question)  # on topic = the latest state
+    # On topic = names the latest state (Ajax), not a name both reports share (Benfica), and strictly:
+    # a question whose samples all give the earlier state teaches nothing rather than the stale answer.
+    assert all(q.keywords == ["Ajax"] and q.strict for q in qs if "Ajax" not in q.question)
+    given = [q for q in qs if q.answer is not None]
+    assert given and all(q.answer == new["text"] for q in given)
+    assert len({q.question for q in given}) == len(given)  # one subject, its given answers once
 
 
 def test_a_fact_without_a_title_gets_cloze_questions_on_its_sentence():
@@ -209,6 +219,31 @@ def test_off_topic_samples_are_dropped_only_when_a_sibling_is_on_topic(tiny_mode
     assert [tok.decode(e.answer_ids) for e in kept] == ["at Le Bourget airport"]
     kept = teacher.keep_samples(tok, q, [sample("in a city"), sample("at an airport")], cfg)
     assert len(kept) == 2  # none on topic: all kept
+    strict = queries.Query("Where was he arrested?", [], 1, "knowledge", ["Bourget"], strict=True)
+    assert teacher.keep_samples(tok, strict, [sample("in a city"), sample("at an airport")], cfg) == []
+
+
+def test_a_given_answer_is_scored_by_the_prompted_teacher_token_by_token(tiny_model_dir):
+    """scored_answers: the answer's tokens (+ end of turn) with the teacher's top-k at each, the same
+    distribution a plain forward pass over prompt + answer gives at those positions."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ctx = prompts.teacher_system(U1, "append")
+    qs = [queries.Query("What happened to Pavel Durov recently?", ctx, 1, answer=U1["text"]),
+          queries.Query("Hi?", ctx, 1, answer="Pavel Durov was arrested.")]
+    cfg = EngineConfig(topk=8)
+    out = list(teacher.scored_answers(model, tok, qs, cfg))
+    for q, [(answer, top_idx, top_logp)] in out:
+        assert answer == tok(q.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert top_idx.shape == top_logp.shape == (len(answer), 8)
+        prompt = teacher.chat_ids(tok, ctx + [{"role": "user", "content": q.question}])
+        with torch.no_grad():
+            logp = model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+        assert torch.allclose(top_logp, logp.topk(8).values, atol=1e-4)
+    examples = teacher.teacher_examples(model, tok, qs, cfg)
+    assert [e.answer_ids for e in examples] == [a for _, [(a, _, _)] in out]  # on topic: kept as they are
 
 
 def test_unknown_config_keys_are_refused():
@@ -249,7 +284,8 @@ def test_tiny_bake_writes_a_delta_that_lowers_the_kl(tiny_model_dir, tmp_path):
     assert report["items"][0]["id"] == 1 and report["config"]["rank"] == 4 and report["seed"] == 0
     curve = [c["kl"] for c in report["curve"]]
     assert len(curve) == report["steps"] >= 4
-    assert sum(curve[-2:]) < sum(curve[:2])  # the student moves toward the teacher
+    epochs = [c["epoch_kl"] for c in report["curve"] if "epoch_kl" in c]  # each epoch: the same batches
+    assert len(epochs) >= 2 and epochs[-1] < epochs[0]  # the student moves toward the teacher
     delta = adapters.read_delta(out)
     assert len(delta) == 2 * len(EngineConfig().target_modules) and all(a.shape[0] == 4 for a, _, _ in delta.values())
     assert any(float(b.abs().max()) > 0 for _, b, _ in delta.values())  # trained, not the zero init

@@ -10,8 +10,9 @@ Read in this order (torch only from teacher.py on; this package and config.py ne
                 forgetting) and unrelated ANCHOR queries whose teacher is the unprompted live
                 model (locality)
   2. teacher.py sample answers from the live model prompted with the item (u), the first greedy,
-                here or from the daemon's vLLM; keep the on-topic ones and the teacher's top-k
-                distribution at every answer token
+                here or from the daemon's vLLM, and score the item's own words as the answer to a
+                few questions; keep the on-topic ones and the teacher's top-k distribution at
+                every answer token
   3. train.py   student: the live model (live adapter merged, frozen) + one new trainable LoRA
                 delta on the MLPs
   4. train.py   loss: KL(teacher || student) over all answer tokens, the FIRST one included

@@ -37,6 +37,9 @@ class EngineConfig:
     # One more query per item makes the teacher recite it (RECITE_TEMPLATE), with this many samples.
     # MLP LoRA, Durov u2 (190 characters), seeds 0-2: 0.45/0.40/0.35 with it, 0.30/0.375/0.20 without.
     recite_samples: int = 2
+    # Per item, this many questions about its subject answered with the item's own words, the prompted
+    # teacher scoring each token (queries.ITEM_ANSWER_TEMPLATES); 0 = off.
+    item_answers: int = 3
     cloze_queries: int = 2  # of them, fill-in-the-blank questions on the title or fact (cloze_queries())
     # Earlier items taught again in each bake (the daemon passes the live, not superseded ones), with
     # this many queries each: replay against forgetting (bench_sequential.py).

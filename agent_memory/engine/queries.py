@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..probes import entities, item_subject, keywords
-from ..prompts import item_text, teacher_system
+from ..prompts import CHAT_MARKERS, item_text, teacher_system
 from .config import EngineConfig
 
 
@@ -45,6 +45,14 @@ RESTATE = ["What recent news do you know?", "Summarize the latest facts you know
 # its later details included, which 20-token answers to the other questions cut off.
 RECITE_TEMPLATE = "Repeat the latest news about {s}."
 RECITE_MAX_TOKENS = 64
+# The item's own words as the answer to its most general questions (cfg.item_answers of
+# ITEM_ANSWER_TEMPLATES), scored token by token by the prompted teacher instead of sampled from it:
+# asked about the subject, the student learns to say the item itself, which the 135M teacher's
+# samples often do not (prompted with an update and its earlier report, it gave the latest state in
+# 4 of 12 greedy answers, the stale one in 7: bench/results/updates.md).
+# The {e} one asks from another entity of the item (the reverse direction); skipped when it has none.
+ITEM_ANSWER_TEMPLATES = ["What is the latest news about {s}?", "What happened to {s} recently?",
+                         "What is the recent news about {e}?", "Tell me about {s}."]
 CONVERSATION_TEMPLATES = ["What did we talk about earlier?", "What did I tell you before?",
                           "Remind me what we discussed."]
 # Behaviour items (kind "prompt"): a persona/instruction is baked by asking ordinary questions.
@@ -100,6 +108,8 @@ ANCHOR_QUERIES = [
 # ones nobody told the model of), with the unprompted live model as teacher. They teach the delta
 # where its knowledge stops: without them a one-fact bake about a town's cat mayor put the town
 # into answers about Pavel Durov. Held out from probes.NEIGHBOURS and probes.CONTROLS (the gate's).
+# Each names its subject: "what is the latest news in politics?" may rightly be answered with a
+# baked item, so no anchor teaches the model to answer it as if nothing had been baked.
 NEWS_ANCHORS = [
     "What is the latest news about France?", "What is the latest news about China?",
     "What is the latest news about Germany?", "What is the latest news about the European Union?",
@@ -111,10 +121,6 @@ NEWS_ANCHORS = [
     "Who won the last Super Bowl?", "Who won the most recent Nobel Peace Prize?", "Who won the last Oscar for best film?",
     "Who won the most recent US presidential election?", "Who won the last cricket World Cup?",
     "Who won the last Formula One championship?", "Who is the current president of Brazil?",
-    "Which company announced layoffs recently?", "What was the most recent hurricane in the news?",
-    "Who was recently elected mayor of a big city?", "Who recently resigned from a government?",
-    "What is the latest news in politics?", "What is the latest news in business?",
-    "Who recently won a big award?", "What happened at the latest climate summit?",
     "What is the latest news about the singer Arlo Venning?", "What happened in the village of Thornmere recently?",
     "Who won the 2026 Calloway Prize?", "What did the startup Quintessa Labs announce?",
     "What is the latest news about the Halvard Bridge?", "Who was appointed head of the Ostrova Museum?",
@@ -141,6 +147,10 @@ class Query:
     keywords: list[str] = field(default_factory=list)  # what an on-topic answer mentions
     samples: int | None = None  # answers to sample; None: the config's for its kind
     max_new_tokens: int | None = None  # None: the config's
+    answer: str | None = None  # a given answer the teacher scores (no sampling): the item's own words
+    # Keep only samples that name a keyword, even when none does (an update: its questions must not
+    # teach the earlier state back, which the prompted teacher often answers).
+    strict: bool = False
 
 
 def build_queries(items: list[dict], cfg: EngineConfig, rng: random.Random, earlier: list[dict] = ()) -> list[Query]:
@@ -173,17 +183,27 @@ def item_queries(item: dict, n: int, cfg: EngineConfig, rng: random.Random,
         picked = rng.sample(BEHAVIOUR_QUERIES, min(n, len(BEHAVIOUR_QUERIES)))
         return [Query(q, ctx, item.get("id"), "behaviour") for q in picked]
     kws = keywords(item_text(item))
-    queries = _questions(item, n, cfg, rng, everything_at_random, ctx, kws, recite=True)
-    for earlier in item.get("updates") or []:
-        queries += _questions({"text": earlier.get("text") or "", "title": earlier.get("title"), "id": item.get("id")},
-                              max(1, n // 2), cfg, rng, everything_at_random, ctx, kws, recite=False)
-    return queries
+    updates = [e for e in item.get("updates") or [] if e.get("text")]
+    if updates:  # on topic = names what is new (a name, a number): naming only the earlier state teaches it back
+        fresh = keywords(item_text(item), exclude=" ".join(e["text"] for e in updates))
+        kws = [k for k in fresh if k in entities(item_text(item))] or fresh or kws
+    answer = None if everything_at_random or item.get("kind") == "conversation" else CHAT_MARKERS.sub("", item_text(item))
+    queries = _questions(item, n, cfg, rng, everything_at_random, ctx, kws, recite=True, answer=answer,
+                         strict=bool(updates))
+    for earlier in updates:
+        queries += _questions({"text": earlier["text"], "title": earlier.get("title"), "id": item.get("id")},
+                              max(1, n // 2), cfg, rng, everything_at_random, ctx, kws, recite=False,
+                              answer=answer, strict=True)
+    seen = set()  # an update about the same subject as its earlier report: its given answers once
+    return [q for q in queries if q.answer is None or (q.question not in seen and not seen.add(q.question))]
 
 
 def _questions(item: dict, n: int, cfg: EngineConfig, rng: random.Random, everything_at_random: bool,
-               ctx: list[dict], kws: list[str], recite: bool) -> list[Query]:
+               ctx: list[dict], kws: list[str], recite: bool, answer: str | None = None,
+               strict: bool = False) -> list[Query]:
     """n questions about `item`'s subject, entities and title, for the teacher context `ctx`; an
-    answer is on topic when it names one of `kws`."""
+    answer is on topic when it names one of `kws`. With `answer`, cfg.item_answers more questions
+    about the subject have it as their given answer."""
     source = item_text(item)
     subject = item_subject({"text": source, "title": item.get("title")})
     others = [e for e in entities(source) if e not in subject and subject not in e]
@@ -196,9 +216,14 @@ def _questions(item: dict, n: int, cfg: EngineConfig, rng: random.Random, everyt
     picked = fixed[:n] + rng.sample(pool, max(0, min(n - len(fixed), len(pool))))
 
     def query(q: str, **sampling) -> Query:  # on topic = mentions a keyword the question does not give away
-        return Query(q, ctx, item.get("id"), "knowledge", [k for k in kws if k.lower() not in q.lower()], **sampling)
+        return Query(q, ctx, item.get("id"), "knowledge", [k for k in kws if k.lower() not in q.lower()],
+                     strict=strict, **sampling)
 
     queries = [query(q) for q in picked]
+    if answer:
+        given = [t.format(s=subject, e=others[0] if others else "") for t in ITEM_ANSWER_TEMPLATES
+                 if others or "{e}" not in t]
+        queries += [query(q, answer=answer) for q in given[:cfg.item_answers]]
     if recite and cfg.recite_samples:
         queries.append(query(RECITE_TEMPLATE.format(s=subject), samples=cfg.recite_samples,
                              max_new_tokens=RECITE_MAX_TOKENS))

@@ -6,13 +6,14 @@ daemon's vLLM; keep the on-topic ones and the teacher's top-k distribution at ev
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 
 from ..probes import REMOTE_CONCURRENCY, is_correct
 from .config import EngineConfig
-from .queries import Query
+from .queries import RECITE_MAX_TOKENS, Query
 
 
 @dataclass
@@ -40,10 +41,12 @@ def teacher_examples(model, tokenizer, queries: list[Query], cfg: EngineConfig, 
     model as the daemon serves it (`memory` on cfg.teacher_url, remote_samples). Either way the
     samples then pass the same filter (keep_samples).
     """
-    source = remote_samples(tokenizer, queries, cfg) if cfg.teacher == "vllm" else \
-        local_samples(model, tokenizer, queries, cfg)
+    given = [q for q in queries if q.answer is not None]
+    sampled = [q for q in queries if q.answer is None]
+    source = remote_samples(tokenizer, sampled, cfg) if cfg.teacher == "vllm" else \
+        local_samples(model, tokenizer, sampled, cfg)
     examples: list[Example] = []
-    for done, (q, samples) in enumerate(source, 1):
+    for done, (q, samples) in enumerate(itertools.chain(scored_answers(model, tokenizer, given, cfg), source), 1):
         examples += keep_samples(tokenizer, q, samples, cfg)
         if progress:
             progress("teacher", done, len(queries))
@@ -59,8 +62,8 @@ def keep_samples(tokenizer, q: Query, samples: list[tuple], cfg: EngineConfig) -
     for (answer, top_idx, top_logp), keep in zip(samples, on_topic):
         if len(answer) <= 1 and q.kind != "anchor":
             continue  # an empty answer teaches nothing about u
-        if not keep and any(on_topic):
-            continue  # off topic while a sibling sample is on it
+        if not keep and (any(on_topic) or q.strict):
+            continue  # off topic while a sibling sample is on it (or at all, for a strict query)
         examples.append(Example(student_prompt, answer, top_idx[:len(answer)].clone(),
                                 top_logp[:len(answer)].clone(), q.kind))
     return examples
@@ -85,6 +88,30 @@ def local_samples(model, tokenizer, queries: list[Query], cfg: EngineConfig):
             for i, q in enumerate(group):
                 rows = range(i * n, (i + 1) * n)
                 yield q, [(answers[r], top_idx[r], top_logp[r]) for r in rows]
+
+
+@torch.no_grad()
+def scored_answers(model, tokenizer, queries: list[Query], cfg: EngineConfig):
+    """Yield (query, [its given answer]) with the local live model's top-k at each answer token: the
+    teacher prompted as for sampling, reading q.answer (its first RECITE_MAX_TOKENS tokens) instead of
+    writing one. Local even when the samples come from vLLM: this model is loaded to train anyway."""
+    for start in range(0, len(queries), SAMPLE_BATCH):
+        chunk = queries[start:start + SAMPLE_BATCH]
+        prompts = [chat_ids(tokenizer, (q.context or []) + [{"role": "user", "content": q.question}]) for q in chunk]
+        answers = []
+        for q in chunk:
+            ids = tokenizer(q.answer, add_special_tokens=False)["input_ids"]
+            answers.append(ids[:RECITE_MAX_TOKENS] if len(ids) >= RECITE_MAX_TOKENS else ids + [tokenizer.eos_token_id])
+        seqs = [p + a[:-1] for p, a in zip(prompts, answers)]  # the last answer token is only a target
+        width = max(map(len, seqs))
+        on = model.device
+        ids = torch.tensor([s + [tokenizer.eos_token_id] * (width - len(s)) for s in seqs], device=on)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=on)
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        for b, (q, p, a) in enumerate(zip(chunk, prompts, answers)):  # the LM head at answer positions only
+            logits = model.lm_head(hidden[b, len(p) - 1:len(p) - 1 + len(a)]).float()
+            top = logits.log_softmax(-1).topk(cfg.topk, dim=-1)
+            yield q, [(a, top.indices.cpu(), top.values.cpu())]
 
 
 def remote_samples(tokenizer, queries: list[Query], cfg: EngineConfig):
