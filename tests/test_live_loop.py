@@ -209,9 +209,9 @@ def test_kill_9_mid_bake_loses_nothing_and_resumes(daemon):
     # that serves `memory` (SIGSTOP: it neither answers nor dies). Neither is a verdict: the training
     # is retried, the daemon restarts the engine that stopped answering, the bake goes live.
     bake_id = json.loads(daemon.cli("bake", "--now", "--gate", "min_item_accuracy=0", "--json").stdout)["bake_id"]
-    wait_for(lambda: bake_status(daemon, bake_id) == "training" and trainer_pids(), 300)
+    wait_for(lambda: bake_status(daemon, bake_id) == "training" and trainer_pids(daemon), 300)
     time.sleep(3)
-    for pid in trainer_pids():
+    for pid in trainer_pids(daemon):
         os.kill(pid, signal.SIGKILL)
     stopped = daemon.vllm_pids()["memory"]
     os.killpg(stopped, signal.SIGSTOP)
@@ -237,15 +237,18 @@ def bake_status(daemon, bake_id: int) -> str:
     return httpx.get(f"{daemon.api}/v1/bakes/{bake_id}", headers=daemon.headers).json()["status"]
 
 
-def trainer_pids() -> list[int]:
-    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_trainer(p)]
+def trainer_pids(daemon) -> list[int]:
+    """This daemon's trainers only: a benchmark's or another daemon's on the same machine are not ours to kill."""
+    jobs = {f"{d}/jobs/".encode() for d in (daemon.state_dir, daemon.state_dir.resolve())}
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _is_trainer(p, jobs)]
 
 
-def _is_trainer(proc: Path) -> bool:
+def _is_trainer(proc: Path, jobs: set[bytes]) -> bool:
     try:
-        return b"agent_memory.engine" in (proc / "cmdline").read_bytes()
+        cmdline = (proc / "cmdline").read_bytes()
     except OSError:
         return False
+    return b"agent_memory.engine" in cmdline and any(j in cmdline for j in jobs)
 
 
 def wait_for(condition, timeout: float) -> None:
