@@ -147,7 +147,7 @@ def write(report: Report, rows: list[dict], references: dict, shared: list[dict]
         kinds = by_kind(results)
         ref.append([name, *[kinds.get(k, float("nan")) for k in KINDS], kinds["all"],
                     interval(kinds["all"], len(results))])
-    facts = len(references["no context"]) // 4
+    facts = len({r["fact"] for r in references["no context"]})
     biggest = max((r["n"] for r in rows if r["n"] <= facts), default=max(r["n"] for r in rows))
     for variant in variants:
         per_seed = [by_kind(r["results"]) for r in rows if r["variant"] == variant and r["n"] == biggest]

@@ -182,20 +182,26 @@ def item_queries(item: dict, n: int, cfg: EngineConfig, rng: random.Random,
     if item.get("kind") == "prompt":
         picked = rng.sample(BEHAVIOUR_QUERIES, min(n, len(BEHAVIOUR_QUERIES)))
         return [Query(q, ctx, item.get("id"), "behaviour") for q in picked]
-    kws = keywords(item_text(item))
+    text = item_text(item)
+    kws = keywords(text)
     updates = [e for e in item.get("updates") or [] if e.get("text")]
     if updates:  # on topic = names what is new (a name, a number): naming only the earlier state teaches it back
-        fresh = keywords(item_text(item), exclude=" ".join(e["text"] for e in updates))
-        kws = [k for k in fresh if k in entities(item_text(item))] or fresh or kws
-    answer = None if everything_at_random or item.get("kind") == "conversation" else CHAT_MARKERS.sub("", item_text(item))
+        fresh = keywords(text, exclude=" ".join(e["text"] for e in updates))
+        names = set(entities(text))
+        kws = [k for k in fresh if k in names] or fresh or kws
+    answer = None if everything_at_random or item.get("kind") == "conversation" else CHAT_MARKERS.sub("", text)
     queries = _questions(item, n, cfg, rng, everything_at_random, ctx, kws, recite=True, answer=answer,
                          strict=bool(updates))
     for earlier in updates:
         queries += _questions({"text": earlier["text"], "title": earlier.get("title"), "id": item.get("id")},
                               max(1, n // 2), cfg, rng, everything_at_random, ctx, kws, recite=False,
                               answer=answer, strict=True)
-    seen = set()  # an update about the same subject as its earlier report: its given answers once
-    return [q for q in queries if q.answer is None or (q.question not in seen and not seen.add(q.question))]
+    # An update about the same subject as its earlier report asks the same given-answer questions: once.
+    first = {}
+    for q in queries:
+        if q.answer is not None:
+            first.setdefault(q.question, q)
+    return [q for q in queries if q.answer is None or first[q.question] is q]
 
 
 def _questions(item: dict, n: int, cfg: EngineConfig, rng: random.Random, everything_at_random: bool,
