@@ -88,6 +88,23 @@ def knowledge_scores(candidate: dict[str, list[dict]], live: dict[str, list[dict
     return out
 
 
+# After a swap the served `memory` is asked a few item probes (bakery._check_served). vLLM's bf16
+# kernels are not transformers', so a greedy answer may flip either way; one flip is not a verdict.
+SERVED_FLIPS = 1
+
+
+def served_problem(served: list[dict], candidate: list[dict], live: list[dict]) -> str | None:
+    """Does the served model answer like the version that was tested? A swap that did not take (the
+    old weights still served) answers like the live model. A problem only when the served model
+    does no better than the live one AND got more than SERVED_FLIPS fewer right than the candidate
+    did: a bake that taught one answer of three cannot be told from kernel noise, and is let through."""
+    hits = {k: sum(bool(r["correct"]) for r in v) for k, v in (("served", served), ("candidate", candidate), ("live", live))}
+    if hits["served"] <= hits["live"] and hits["candidate"] - hits["served"] > SERVED_FLIPS:
+        return (f"the served memory answered {hits['served']} of {len(served)} item probes, no better than the "
+                f"old version ({hits['live']}), against {hits['candidate']} tested")
+    return None
+
+
 # Probe answers are checked for keywords. General-knowledge and probe-set answers state them early;
 # a news answer takes a sentence to get to the point.
 GATE_MAX_TOKENS = 24

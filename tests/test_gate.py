@@ -84,6 +84,17 @@ def test_answering_the_superseded_state_more_than_live_is_rejected():
     assert not verdict.passed and verdict.reason == "answers the superseded state 1.00 (live 0.50)"
 
 
+def test_the_served_model_fails_the_check_only_when_it_lost_more_than_one_flip_of_what_was_tested():
+    tested, old = results(True, True, True, False), results(False, False, False, False)
+    assert gate.served_problem(results(True, True, False, False), tested, old) is None  # one flip: kernels
+    assert gate.served_problem(results(True, False, False, False), tested, old) is None  # better than the old
+    # The old weights still served: what the live model answered, not what was tested.
+    assert gate.served_problem(old, tested, old) == (
+        "the served memory answered 0 of 4 item probes, no better than the old version (0), against 3 tested")
+    # A bake that taught one answer in three cannot be told from a flipped answer: no verdict.
+    assert gate.served_problem(results(False, False, False), results(True, False, False), results(False, False, False)) is None
+
+
 def test_grades_tell_declining_from_wrong():
     from agent_memory import probes
     assert probes.grade("He was arrested in Paris.", ["arrest"]) == "correct"
