@@ -246,6 +246,47 @@ def test_a_given_answer_is_scored_by_the_prompted_teacher_token_by_token(tiny_mo
     assert [e.answer_ids for e in examples] == [a for _, [(a, _, _)] in out]  # on topic: kept as they are
 
 
+def random_live_adapter(model_dir: Path, out: Path) -> Path:
+    """A live adapter with a large random delta on every MLP projection of the model."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    mlp = {name: m for name, m in model.named_modules() if name.split(".")[-1] in ("gate_proj", "up_proj", "down_proj")}
+    factors = {name: (torch.randn(4, m.in_features), torch.randn(m.out_features, 4)) for name, m in mlp.items()}
+    return adapters.write_adapter(out, factors, rank=4, alpha=4)
+
+
+def test_an_updates_queries_are_answered_by_the_model_before_the_live_delta(tiny_model_dir, tmp_path):
+    """The live model has the superseded state baked in: with update_teacher "base" an update's
+    (strict) queries are scored by the base model, the others by the live one (first), and the live weights
+    come back exactly (they are the student's)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    live_dir = random_live_adapter(tiny_model_dir, tmp_path / "live")
+    model, _ = train.load_live_model(tiny_model_dir, live_dir, torch.float32)
+    live_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ctx = prompts.teacher_system(U1, "append")
+    qs = [queries.Query("What happened to Pavel Durov recently?", ctx, 1, answer=U1["text"], strict=True),
+          queries.Query("Where is Pavel Durov now?", ctx, 1, answer=U1["text"])]
+    cfg = EngineConfig(topk=8)
+
+    def scores(m, q):
+        [(_, [(_, _, top_logp)])] = teacher.scored_answers(m, tok, [q], cfg)
+        return top_logp
+
+    other, update = teacher.teacher_examples(model, tok, qs, cfg, unbaked=lambda: train.without_live(model, live_dir))
+    assert torch.allclose(update.top_logp, scores(base, qs[0]), atol=1e-4)
+    assert torch.allclose(other.top_logp, scores(model, qs[1]), atol=1e-4)
+    assert not torch.allclose(scores(base, qs[1]), scores(model, qs[1]), atol=1e-2)  # the delta matters
+    assert all(torch.equal(v, live_weights[k]) for k, v in model.state_dict().items())
+    live_only = teacher.teacher_examples(model, tok, qs, EngineConfig(topk=8, update_teacher="live"),
+                                         unbaked=lambda: train.without_live(model, live_dir))
+    assert torch.allclose(live_only[0].top_logp, scores(model, qs[0]), atol=1e-4)
+
+
 def test_unknown_config_keys_are_refused():
     with pytest.raises(ValueError):
         EngineConfig.from_dict({"rnak": 8})

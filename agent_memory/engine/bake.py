@@ -21,7 +21,7 @@ from .config import EngineConfig
 from .probe import probe_candidate, probe_live
 from .queries import build_queries
 from .teacher import teacher_examples
-from .train import add_lora, load_live_model, lora_factors, make_batches, train, train_flops
+from .train import add_lora, load_live_model, lora_factors, make_batches, train, train_flops, without_live
 
 
 @dataclass
@@ -43,6 +43,8 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
     cfg = cfg or EngineConfig()
     if cfg.teacher not in ("local", "vllm"):
         raise ValueError(f"teacher {cfg.teacher!r}: 'local' or 'vllm'")
+    if cfg.update_teacher not in ("base", "live"):
+        raise ValueError(f"update_teacher {cfg.update_teacher!r}: 'base' or 'live'")
     if not items:
         raise ValueError("nothing to bake")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -63,7 +65,8 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
 
     t = time.monotonic()
     queries = build_queries(items, cfg, rng, earlier)
-    examples = teacher_examples(model, tokenizer, queries, cfg, progress)
+    examples = teacher_examples(model, tokenizer, queries, cfg, progress,
+                                unbaked=lambda: without_live(model, live_adapter_dir))
     timings["teacher_s"] = time.monotonic() - t
     answer_tokens = sum(len(e.answer_ids) for e in examples)
     if not examples:

@@ -68,6 +68,10 @@ class EngineConfig:
     # vLLM's LoRA path with top-64 log-probs was 36x slower: 6.1 tok/s for 96 sequences against 220 for
     # transformers in bf16 (bench_teacher.py; vLLM without LoRA: 159, but the teacher has the live adapter).
     teacher: str = "local"
+    # Who answers an update's queries (an item that supersedes earlier ones): "base", the model
+    # before the live delta (vLLM's `base` for teacher "vllm"), or "live". The live model has the
+    # superseded state baked in and, prompted with the update, still answers it (bench/results/updates.md).
+    update_teacher: str = "base"
     teacher_url: str | None = None  # set by the daemon for teacher "vllm"
     teacher_model: str = "memory"  # the served name of the live model on teacher_url
     teacher_api_key: str = ""  # the model API key of teacher_url (set by the daemon)

@@ -7,7 +7,8 @@ daemon's vLLM; keep the on-topic ones and the teacher's top-k distribution at ev
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -34,22 +35,34 @@ SAMPLE_BATCH = 48  # sequences the local teacher decodes together (96 and 192 we
 
 
 @torch.no_grad()
-def teacher_examples(model, tokenizer, queries: list[Query], cfg: EngineConfig, progress=None) -> list[Example]:
+def teacher_examples(model, tokenizer, queries: list[Query], cfg: EngineConfig, progress=None,
+                     unbaked=None) -> list[Example]:
     """Sample answers from the prompted live model, with its top-k log-probs at each answer token.
 
     cfg.teacher "local": this process's copy of the live model (local_samples); "vllm": the live
     model as the daemon serves it (`memory` on cfg.teacher_url, remote_samples). Either way the
-    samples then pass the same filter (keep_samples).
+    samples then pass the same filter (keep_samples). An update's queries (q.strict) are answered
+    by the model before the live delta when cfg.update_teacher is "base": `unbaked()` makes `model`
+    so for a while (train.without_live), and vLLM's `base` samples them.
     """
-    given = [q for q in queries if q.answer is not None]
-    sampled = [q for q in queries if q.answer is None]
-    source = remote_samples(tokenizer, sampled, cfg) if cfg.teacher == "vllm" else \
-        local_samples(model, tokenizer, sampled, cfg)
+    updates = [q for q in queries if q.strict] if cfg.update_teacher == "base" and unbaked else []
+    passes = [([q for q in queries if not q.strict] if updates else queries, nullcontext, cfg),
+              (updates, unbaked, replace(cfg, teacher_model="base"))]
     examples: list[Example] = []
-    for done, (q, samples) in enumerate(itertools.chain(scored_answers(model, tokenizer, given, cfg), source), 1):
-        examples += keep_samples(tokenizer, q, samples, cfg)
-        if progress:
-            progress("teacher", done, len(queries))
+    done = 0
+    for group, state, pass_cfg in passes:
+        if not group:
+            continue
+        with state():
+            given = [q for q in group if q.answer is not None]
+            sampled = [q for q in group if q.answer is None]
+            source = remote_samples(tokenizer, sampled, pass_cfg) if cfg.teacher == "vllm" else \
+                local_samples(model, tokenizer, sampled, pass_cfg)
+            for q, samples in itertools.chain(scored_answers(model, tokenizer, given, pass_cfg), source):
+                examples += keep_samples(tokenizer, q, samples, pass_cfg)
+                done += 1
+                if progress:
+                    progress("teacher", done, len(queries))
     return examples
 
 

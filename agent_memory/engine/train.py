@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -38,6 +39,25 @@ def load_live_model(model_dir: Path, live_adapter: Path | None, dtype: torch.dty
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tokenizer
+
+
+@contextmanager
+def without_live(model, live_adapter: Path | None):
+    """For the time of the block, `model` (load_live_model's) as the base was: the live delta taken
+    out of the weights (in fp32), the live weights put back exactly (saved copies) at the end."""
+    if not live_adapter or not (Path(live_adapter) / adapters.CONFIG).exists():
+        yield model
+        return
+    named = dict(model.named_modules())
+    saved = {m: named[m].weight.detach().clone() for m in adapters.read_delta(Path(live_adapter))}
+    try:
+        with torch.no_grad():
+            adapters.merge_into(model, Path(live_adapter), sign=-1.0)
+        yield model
+    finally:
+        with torch.no_grad():
+            for m, w in saved.items():
+                named[m].weight.copy_(w)
 
 
 def add_lora(model, cfg: EngineConfig):
