@@ -15,7 +15,8 @@ After round 2, greedy and without context: latest state answered (target >= 0.8)
 given (target <= 0.1), the past question answered. After round 1 the same questions show what the
 model had learnt to say before the update. --config: engine settings over the defaults, both rounds;
 --round1: an earlier run's round-1 delta (seed 0) instead of baking round 1 again, to compare round-2
-settings on the same starting model.
+settings on the same starting model. --ceiling: also the teacher's ceiling, the same questions asked
+of the base and the round-1 model with the update in their context, written five ways (MEMORIES).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 from common import PREPARED_MODEL, Report, context, load_model, log, parser
 from knowledge import TOKENS, bake, interval, load
 
-from agent_memory import hardware, probes
+from agent_memory import hardware, probes, prompts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--link", action="append", choices=["auto", "explicit", "none"], default=None,
                    help="how round 2 links its updates (repeatable; default: auto and none)")
     p.add_argument("--round1", type=Path, help="a round-1 delta to reuse (seed 0): only round 2 is baked")
+    p.add_argument("--ceiling", action="store_true", help="also the teacher's ceiling (MEMORIES, base and round 1)")
     args = p.parse_args(argv)
     import torch
     from transformers import AutoTokenizer
@@ -55,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         first = {"dir": args.round1, "wall_s": "-"} if args.round1 and seed == 0 else \
             bake(before, work / f"round1-s{seed}", config)
         after_round1 = ask(load_model([first["dir"]]), tok, pairs)
+        if args.ceiling and seed == 0:
+            report.table("The teacher's ceiling: greedy answers with the update in the context",
+                         ["model", "memory (u)", "latest state", "stale answer", "past answered"],
+                         [[name, memory, *scores(ask(model, tok, pairs, memory))]
+                          for name, model in (("base", load_model([])), ("round 1", load_model([first["dir"]])))
+                          for memory in MEMORIES],
+                         note="The engine's u is prompts.item_memory (earlier report, then the latest).")
         rows.append(["after round 1", seed, "-", *scores(after_round1), first["wall_s"], "-"])
         for link in links:
             after = [{"id": 100 + i, "kind": "fact", "text": p["after"]["text"], "valid_at": p["after"]["valid_at"],
@@ -81,12 +90,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def ask(model, tok, pairs: list[dict]) -> list[dict]:
-    """Each pair's current-state and past questions, greedy, graded against the new, stale and past keywords."""
-    current = probes.run_local(model, tok, [{"question": p["question"], "answers": p["new"]} for p in pairs],
-                               max_new_tokens=TOKENS)
-    past = probes.run_local(model, tok, [{"question": p["past_question"], "answers": p["past"]} for p in pairs],
-                            max_new_tokens=TOKENS)
+# The update in the teacher's context, written five ways (x: the earlier report, y: the update).
+MEMORIES = {
+    "the engine's u": lambda x, y: prompts.item_memory({"kind": "fact", "text": y, "updates": [{"text": x}]}),
+    "update only": lambda x, y: y,
+    "latest first": lambda x, y: f"{y}\n(Out of date: an earlier report said: {x})",
+    "correction": lambda x, y: f"Correction. Earlier report, no longer true: {x}\nWhat is true now: {y}",
+    "update twice": lambda x, y: f"{y}\nEarlier report (out of date): {x}\nLatest, true now: {y}",
+}
+
+
+def ask(model, tok, pairs: list[dict], memory: str | None = None) -> list[dict]:
+    """Each pair's current-state and past questions, greedy, graded against the new, stale and past
+    keywords; with `memory` (a MEMORIES key), the pair's update written that way in the context."""
+    def run(question, answers):
+        if memory is None:
+            return probes.run_local(model, tok, [{"question": p[question], "answers": p[answers]} for p in pairs],
+                                    max_new_tokens=TOKENS)
+        return [probes.run_local(model, tok, [{"question": p[question], "answers": p[answers]}], max_new_tokens=TOKENS,
+                                 memory=MEMORIES[memory](p["before"]["text"], p["after"]["text"]))[0] for p in pairs]
+
+    current, past = run("question", "new"), run("past_question", "past")
     return [{"question": p["question"], "answer": c["answer"], "latest": c["correct"],
              "stale": probes.is_correct(c["answer"], p["stale"]) and not c["correct"], "past": q["correct"]}
             for p, c, q in zip(pairs, current, past)]
