@@ -47,7 +47,7 @@ from .config import Config, GateConfig, parse_duration, validate_gate
 from .engine import PROBES_FILE
 from .errors import ConflictError, UserError
 from .orphan import child_env
-from .serving import MEMORY_NAME, Serving, ServingError
+from .serving import BASE_NAME, MEMORY_NAME, Serving, ServingError
 from .records import BakeStatus, ItemStatus
 from .store import Store, utcnow
 from .versions import EMPTY_VERSION, Version, Versions
@@ -444,8 +444,9 @@ class Bakery:
         """[bake.engine], plus where the live model is served when vLLM is the teacher."""
         engine = dict(self.cfg.bake.engine or {})
         if engine.get("teacher") == "vllm" and not engine.get("teacher_url"):
-            engine["teacher_url"] = self.serving.url  # serves `memory` = the live model
+            engine["teacher_url"] = self.serving.url  # serves `memory` = the live model, and `base`
             engine["teacher_api_key"] = self.serving.client_key
+            engine.update(teacher_model=MEMORY_NAME, teacher_base_model=BASE_NAME)
         return engine
 
     # -- what a bake shares with history.py (rollback, forget) -----------------------------------

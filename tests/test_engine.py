@@ -17,7 +17,7 @@ import torch
 from agent_memory import adapters, probes, prompts
 from agent_memory.engine import PROBES_FILE, queries, teacher, train
 from agent_memory.engine.bake import bake
-from agent_memory.engine.config import EngineConfig
+from agent_memory.engine.config import MLP_MODULES, EngineConfig
 
 REPO = Path(__file__).resolve().parent.parent
 REAL_MODEL = REPO / "state" / "models" / "smollm2-135m-instruct"
@@ -252,7 +252,7 @@ def random_live_adapter(model_dir: Path, out: Path) -> Path:
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     torch.manual_seed(0)
-    mlp = {name: m for name, m in model.named_modules() if name.split(".")[-1] in ("gate_proj", "up_proj", "down_proj")}
+    mlp = {name: m for name, m in model.named_modules() if name.split(".")[-1] in MLP_MODULES}
     factors = {name: (torch.randn(4, m.in_features), torch.randn(m.out_features, 4)) for name, m in mlp.items()}
     return adapters.write_adapter(out, factors, rank=4, alpha=4)
 

@@ -69,11 +69,12 @@ class EngineConfig:
     # transformers in bf16 (bench_teacher.py; vLLM without LoRA: 159, but the teacher has the live adapter).
     teacher: str = "local"
     # Who answers an update's queries (an item that supersedes earlier ones): "base", the model
-    # before the live delta (vLLM's `base` for teacher "vllm"), or "live". The live model has the
+    # before the live delta (teacher_base_model for teacher "vllm"), or "live". The live model has the
     # superseded state baked in and, prompted with the update, still answers it (bench/results/updates.md).
     update_teacher: str = "base"
     teacher_url: str | None = None  # set by the daemon for teacher "vllm"
     teacher_model: str = "memory"  # the served name of the live model on teacher_url
+    teacher_base_model: str = "base"  # the served name of the base model there (update_teacher "base")
     teacher_api_key: str = ""  # the model API key of teacher_url (set by the daemon)
     memory_style: str = "append"  # how u enters the teacher's context (see probes.messages_for)
     # The MLPs only (where knowledge-editing work finds facts stored): one Durov fact, 3 seeds, against

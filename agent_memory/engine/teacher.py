@@ -43,11 +43,11 @@ def teacher_examples(model, tokenizer, queries: list[Query], cfg: EngineConfig, 
     model as the daemon serves it (`memory` on cfg.teacher_url, remote_samples). Either way the
     samples then pass the same filter (keep_samples). An update's queries (q.strict) are answered
     by the model before the live delta when cfg.update_teacher is "base": `unbaked()` makes `model`
-    so for a while (train.without_live), and vLLM's `base` samples them.
+    so for a while (train.without_live), and vLLM's cfg.teacher_base_model samples them.
     """
     updates = [q for q in queries if q.strict] if cfg.update_teacher == "base" and unbaked else []
     passes = [([q for q in queries if not q.strict] if updates else queries, nullcontext, cfg),
-              (updates, unbaked, replace(cfg, teacher_model="base"))]
+              (updates, unbaked, replace(cfg, teacher_model=cfg.teacher_base_model))]
     examples: list[Example] = []
     done = 0
     for group, state, pass_cfg in passes:
