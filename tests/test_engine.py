@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -234,7 +235,7 @@ def test_a_given_answer_is_scored_by_the_prompted_teacher_token_by_token(tiny_mo
     qs = [queries.Query("What happened to Pavel Durov recently?", ctx, 1, answer=U1["text"]),
           queries.Query("Hi?", ctx, 1, answer="Pavel Durov was arrested.")]
     cfg = EngineConfig(topk=8)
-    out = list(teacher.scored_answers(model, tok, qs, cfg))
+    out = list(teacher.scored_answers(model, tok, [(q, teacher.given_ids(tok, q.answer)) for q in qs], cfg))
     for q, [(answer, top_idx, top_logp)] in out:
         assert answer == tok(q.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         assert top_idx.shape == top_logp.shape == (len(answer), 8)
@@ -244,6 +245,38 @@ def test_a_given_answer_is_scored_by_the_prompted_teacher_token_by_token(tiny_mo
         assert torch.allclose(top_logp, logp.topk(8).values, atol=1e-4)
     examples = teacher.teacher_examples(model, tok, qs, cfg)
     assert [e.answer_ids for e in examples] == [a for _, [(a, _, _)] in out]  # on topic: kept as they are
+
+
+def test_on_policy_the_students_own_answers_are_scored_by_the_prompted_teacher(tiny_model_dir):
+    """student_samples: per item query, the student's answers to the bare question (the first its
+    greedy one), each scored by the prompted teacher, kept whatever they say; none for anchors or
+    given answers, and none at all when off or outside student_scope."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ctx = prompts.teacher_system(U1, "append")
+    question = "Where is Pavel Durov now?"
+    qs = [queries.Query(question, ctx, 1, keywords=["zzz-never-said"]),
+          queries.Query("Tell me about Pavel Durov.", ctx, 1, answer=U1["text"]),
+          queries.Query("What is the capital of Peru?", None, None, "anchor")]
+    cfg = EngineConfig(topk=8, samples_per_query=1, anchor_samples=1, student_samples=2, student_scope="all",
+                       max_new_tokens=6)
+    user = teacher.chat_ids(tok, [{"role": "user", "content": question}])
+    with torch.no_grad():
+        greedy = model.generate(torch.tensor([user]), max_new_tokens=6, do_sample=False)[0, len(user):].tolist()
+    examples = teacher.teacher_examples(model, tok, qs, cfg)
+    plain = teacher.teacher_examples(model, tok, qs, replace(cfg, student_samples=0))
+    own = examples[len(plain):]
+    assert len(own) == 2 and all(e.prompt_ids == user for e in own)  # the off-topic samples are kept
+    if tok.eos_token_id in greedy:
+        greedy = greedy[:greedy.index(tok.eos_token_id) + 1]
+    assert own[0].answer_ids == greedy
+    prompt = teacher.chat_ids(tok, ctx + [{"role": "user", "content": question}])
+    with torch.no_grad():
+        logp = model(torch.tensor([prompt + own[0].answer_ids])).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+    assert torch.allclose(own[0].top_logp, logp.topk(8).values, atol=1e-4)
+    assert len(teacher.teacher_examples(model, tok, qs, replace(cfg, student_scope="updates"))) == len(plain)
 
 
 def random_live_adapter(model_dir: Path, out: Path) -> Path:
@@ -274,7 +307,7 @@ def test_an_updates_queries_are_answered_by_the_model_before_the_live_delta(tiny
     cfg = EngineConfig(topk=8)
 
     def scores(m, q):
-        [(_, [(_, _, top_logp)])] = teacher.scored_answers(m, tok, [q], cfg)
+        [(_, [(_, _, top_logp)])] = teacher.scored_answers(m, tok, [(q, teacher.given_ids(tok, q.answer))], cfg)
         return top_logp
 
     other, update = teacher.teacher_examples(model, tok, qs, cfg, unbaked=lambda: train.without_live(model, live_dir))

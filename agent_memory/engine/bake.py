@@ -45,6 +45,8 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
         raise ValueError(f"teacher {cfg.teacher!r}: 'local' or 'vllm'")
     if cfg.update_teacher not in ("base", "live"):
         raise ValueError(f"update_teacher {cfg.update_teacher!r}: 'base' or 'live'")
+    if cfg.student_scope not in ("updates", "all"):
+        raise ValueError(f"student_scope {cfg.student_scope!r}: 'updates' or 'all'")
     if not items:
         raise ValueError("nothing to bake")
     model_dir, out_dir = Path(model_dir), Path(out_dir)

@@ -40,6 +40,13 @@ class EngineConfig:
     # Per item, this many questions about its subject answered with the item's own words, the prompted
     # teacher scoring each token (queries.ITEM_ANSWER_TEMPLATES); 0 = off.
     item_answers: int = 3
+    # On-policy distillation (SDFT, arXiv 2601.19897): per query, this many answers written by the
+    # student before training (the live model, unprompted; the first greedy), scored token by token by
+    # the prompted teacher, so the KL corrects what the student says itself (an update's stale state).
+    student_samples: int = 2
+    # Whose queries get them: "updates" (q.strict) or "all" items' (20 facts: recall 0.26 against 0.34,
+    # leak 0.10, trainer RSS 4.04 GiB: bench/results/knowledge.md).
+    student_scope: str = "updates"
     cloze_queries: int = 2  # of them, fill-in-the-blank questions on the title or fact (cloze_queries())
     # Earlier items taught again in each bake (the daemon passes the live, not superseded ones), with
     # this many queries each: replay against forgetting (bench_sequential.py).

@@ -48,13 +48,14 @@ def teacher_examples(model, tokenizer, queries: list[Query], cfg: EngineConfig, 
     updates = [q for q in queries if q.strict] if cfg.update_teacher == "base" and unbaked else []
     passes = [([q for q in queries if not q.strict] if updates else queries, nullcontext, cfg),
               (updates, unbaked, replace(cfg, teacher_model=cfg.teacher_base_model))]
+    own = student_answers(model, tokenizer, queries, cfg)  # before any pass: the student is the live model
     examples: list[Example] = []
     done = 0
     for group, state, pass_cfg in passes:
         if not group:
             continue
         with state():
-            given = [q for q in group if q.answer is not None]
+            given = [(q, given_ids(tokenizer, q.answer)) for q in group if q.answer is not None]
             sampled = [q for q in group if q.answer is None]
             source = remote_samples(tokenizer, sampled, pass_cfg) if cfg.teacher == "vllm" else \
                 local_samples(model, tokenizer, sampled, pass_cfg)
@@ -63,7 +64,33 @@ def teacher_examples(model, tokenizer, queries: list[Query], cfg: EngineConfig, 
                 done += 1
                 if progress:
                     progress("teacher", done, len(queries))
+            # The student's own answers, scored by this pass's teacher: all kept, the stale or
+            # off-topic ones most of all (they are what the KL must correct).
+            mine = [(q, a) for q in group for a in own.get(id(q), [])]
+            for q, [(a, top_idx, top_logp)] in scored_answers(model, tokenizer, mine, pass_cfg):
+                if len(a) > 1:
+                    student_prompt = chat_ids(tokenizer, [{"role": "user", "content": q.question}])
+                    examples.append(Example(student_prompt, a, top_idx, top_logp, q.kind))
     return examples
+
+
+def student_answers(model, tokenizer, queries: list[Query], cfg: EngineConfig) -> dict[int, list[list[int]]]:
+    """{id(query): cfg.student_samples answers} written by the student before training (the live
+    model, asked the bare question as users ask it; the first greedy), for on-policy distillation:
+    the item queries of cfg.student_scope, not the given-answer or recitation ones."""
+    if not cfg.student_samples:
+        return {}
+    picked = [q for q in queries if q.kind == "knowledge" and q.answer is None and not q.max_new_tokens
+              and (cfg.student_scope == "all" or q.strict)]
+    out = {}
+    per_batch = max(1, SAMPLE_BATCH // cfg.student_samples)
+    for start in range(0, len(picked), per_batch):
+        chunk = picked[start:start + per_batch]
+        prompts = [chat_ids(tokenizer, [{"role": "user", "content": q.question}]) for q in chunk]
+        answers, _, _ = sample(model, prompts, cfg.student_samples, cfg, tokenizer.eos_token_id, cfg.max_new_tokens)
+        for i, q in enumerate(chunk):
+            out[id(q)] = answers[i * cfg.student_samples:(i + 1) * cfg.student_samples]
+    return out
 
 
 def keep_samples(tokenizer, q: Query, samples: list[tuple], cfg: EngineConfig) -> list[Example]:
@@ -103,25 +130,29 @@ def local_samples(model, tokenizer, queries: list[Query], cfg: EngineConfig):
                 yield q, [(answers[r], top_idx[r], top_logp[r]) for r in rows]
 
 
+def given_ids(tokenizer, text: str) -> list[int]:
+    """A given answer's tokens: its first RECITE_MAX_TOKENS, or all of them and the end of turn."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[:RECITE_MAX_TOKENS] if len(ids) >= RECITE_MAX_TOKENS else ids + [tokenizer.eos_token_id]
+
+
 @torch.no_grad()
-def scored_answers(model, tokenizer, queries: list[Query], cfg: EngineConfig):
-    """Yield (query, [its given answer]) with the local live model's top-k at each answer token: the
-    teacher prompted as for sampling, reading q.answer (its first RECITE_MAX_TOKENS tokens) instead of
-    writing one. Local even when the samples come from vLLM: this model is loaded to train anyway."""
-    for start in range(0, len(queries), SAMPLE_BATCH):
-        chunk = queries[start:start + SAMPLE_BATCH]
-        prompts = [chat_ids(tokenizer, (q.context or []) + [{"role": "user", "content": q.question}]) for q in chunk]
-        answers = []
-        for q in chunk:
-            ids = tokenizer(q.answer, add_special_tokens=False)["input_ids"]
-            answers.append(ids[:RECITE_MAX_TOKENS] if len(ids) >= RECITE_MAX_TOKENS else ids + [tokenizer.eos_token_id])
+def scored_answers(model, tokenizer, pairs: list[tuple[Query, list[int]]], cfg: EngineConfig):
+    """Yield (query, [its answer]) for each (query, answer ids) with the local model's top-k at each
+    answer token: the teacher prompted as for sampling, reading the answer instead of writing one
+    (an item's own words, or the student's answer). Local even when the samples come from vLLM: this
+    model is loaded to train anyway."""
+    for start in range(0, len(pairs), SAMPLE_BATCH):
+        chunk = pairs[start:start + SAMPLE_BATCH]
+        prompts = [chat_ids(tokenizer, (q.context or []) + [{"role": "user", "content": q.question}]) for q, _ in chunk]
+        answers = [a for _, a in chunk]
         seqs = [p + a[:-1] for p, a in zip(prompts, answers)]  # the last answer token is only a target
         width = max(map(len, seqs))
         on = model.device
         ids = torch.tensor([s + [tokenizer.eos_token_id] * (width - len(s)) for s in seqs], device=on)
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=on)
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        for b, (q, p, a) in enumerate(zip(chunk, prompts, answers)):  # the LM head at answer positions only
+        for b, ((q, _), p, a) in enumerate(zip(chunk, prompts, answers)):  # the LM head at answer positions only
             logits = model.lm_head(hidden[b, len(p) - 1:len(p) - 1 + len(a)]).float()
             top = logits.log_softmax(-1).topk(cfg.topk, dim=-1)
             yield q, [(a, top.indices.cpu(), top.values.cpu())]
