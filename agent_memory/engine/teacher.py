@@ -44,6 +44,8 @@ def teacher_examples(model, tokenizer, queries: list[Query], cfg: EngineConfig, 
     samples then pass the same filter (keep_samples). An update's queries (q.strict) are answered
     by the model before the live delta when cfg.update_teacher is "base": `unbaked()` makes `model`
     so for a while (train.without_live), and vLLM's cfg.teacher_base_model samples them.
+    With cfg.student_samples, the student's own answers (student_answers) are scored by the same
+    teachers as their queries and kept whatever they say: on-policy distillation.
     """
     updates = [q for q in queries if q.strict] if cfg.update_teacher == "base" and unbaked else []
     passes = [([q for q in queries if not q.strict] if updates else queries, nullcontext, cfg),
