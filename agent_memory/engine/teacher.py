@@ -84,15 +84,10 @@ def student_answers(model, tokenizer, queries: list[Query], cfg: EngineConfig) -
         return {}
     picked = [q for q in queries if q.kind == "knowledge" and q.answer is None and not q.max_new_tokens
               and (cfg.student_scope == "all" or q.strict)]
-    out = {}
-    per_batch = max(1, SAMPLE_BATCH // cfg.student_samples)
-    for start in range(0, len(picked), per_batch):
-        chunk = picked[start:start + per_batch]
-        prompts = [chat_ids(tokenizer, [{"role": "user", "content": q.question}]) for q in chunk]
-        answers, _, _ = sample(model, prompts, cfg.student_samples, cfg, tokenizer.eos_token_id, cfg.max_new_tokens)
-        for i, q in enumerate(chunk):
-            out[id(q)] = answers[i * cfg.student_samples:(i + 1) * cfg.student_samples]
-    return out
+    bare = [replace(q, context=None, samples=cfg.student_samples) for q in picked]  # asked as users ask
+    original = {id(b): q for b, q in zip(bare, picked)}
+    return {id(original[id(b)]): [answer for answer, _, _ in samples]
+            for b, samples in local_samples(model, tokenizer, bare, cfg)}
 
 
 def keep_samples(tokenizer, q: Query, samples: list[tuple], cfg: EngineConfig) -> list[Example]:
