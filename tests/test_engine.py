@@ -99,6 +99,11 @@ def test_queries_cover_the_item_and_anchors_stay_unprompted():
                                            "What happened to Pavel Durov recently?",
                                            "What is the recent news about Telegram?"]
     assert all(q.answer == U1["text"] for q in given)
+    more = [q.question for q in queries.build_queries([U1], replace(cfg, item_answers=8), random.Random(0)) if q.answer]
+    assert len(more) == 8 and more[:3] == [q.question for q in given]
+    assert [q for q in more if "Durov" not in q] == ["What is the recent news about Telegram?",  # its other names in turn
+                                                     "What happened recently involving Le Bourget?",
+                                                     "Who was involved in the recent events at Paris?"]
     assert len([q for q in anchors if q.question in queries.NEWS_ANCHORS]) == 3
     # Contrast: the item's own questions about other subjects, the unprompted model as teacher.
     contrast = [q for q in anchors if q.question not in queries.ANCHOR_QUERIES + queries.NEWS_ANCHORS]
@@ -347,10 +352,11 @@ TINY_CFG = dict(rank=4, alpha=8, lr=1e-2, epochs=4, min_steps=4, samples_per_que
                 dtype="float32")
 
 
-def test_tiny_bake_writes_a_delta_that_lowers_the_kl(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("protect", [0.0, 0.9])
+def test_tiny_bake_writes_a_delta_that_lowers_the_kl(tiny_model_dir, tmp_path, protect):
     seen = []
     out = tmp_path / "deltas" / "bake-0001"
-    result = bake(tiny_model_dir, None, [U1], out, EngineConfig(**TINY_CFG),
+    result = bake(tiny_model_dir, None, [U1], out, EngineConfig(**TINY_CFG, protect=protect),
                   progress=lambda *a: seen.append(a[0]))
     assert result.out_dir == out and not out.with_name(out.name + ".partial").exists()
     assert {"teacher", "train"} <= set(seen)
@@ -363,6 +369,44 @@ def test_tiny_bake_writes_a_delta_that_lowers_the_kl(tiny_model_dir, tmp_path):
     delta = adapters.read_delta(out)
     assert len(delta) == 2 * len(EngineConfig().target_modules) and all(a.shape[0] == 4 for a, _, _ in delta.values())
     assert any(float(b.abs().max()) > 0 for _, b, _ in delta.values())  # trained, not the zero init
+
+
+def test_protect_makes_the_delta_blind_to_the_anchors_input_directions(tiny_model_dir, tmp_path):
+    from torch.nn.utils import parametrize
+
+    with pytest.raises(ValueError, match="protect"):  # all of the energy: a delta that could not move
+        bake(tiny_model_dir, None, [U1], tmp_path / "d", EngineConfig(**TINY_CFG, protect=1.0))
+
+    model, tok = train.load_live_model(tiny_model_dir, None, torch.float32)
+    cfg = EngineConfig(**TINY_CFG, protect=0.9)
+
+    def example(question, kind):
+        return teacher.Example(teacher.chat_ids(tok, [{"role": "user", "content": question}]),
+                               tok(" It is Lisbon.")["input_ids"], None, None, kind)
+
+    anchors = [example(q, "anchor") for q in queries.ANCHOR_QUERIES[:6]]
+    item = example("What is the latest news about Pavel Durov?", "knowledge")
+    bases = train.protected_bases(model, anchors + [item], cfg)
+    assert set(bases) == {f"model.layers.{i}.mlp.{m}" for i in range(2) for m in MLP_MODULES}
+    assert all(torch.equal(b, train.protected_bases(model, anchors, cfg)[n]) for n, b in bases.items())  # anchors only
+    for name, basis in bases.items():
+        k = basis.shape[1]
+        assert 0 < k < basis.shape[0] and torch.allclose(basis.T @ basis, torch.eye(k), atol=1e-4)
+
+    peft_model = train.add_lora(model, cfg)
+    protected = train.protect(peft_model, bases)
+    assert len(protected) == len(bases)
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):  # B leaves zero at the first step, A moves from the second
+        loss = peft_model(input_ids=torch.tensor([item.prompt_ids])).logits.square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    train.fold(protected)
+    assert not any(parametrize.is_parametrized(a) for a in protected)
+    for name, (a, b) in train.lora_factors(peft_model).items():
+        assert float(b.abs().max()) > 0 and float(a.abs().max()) > 0  # trained ...
+        assert float((a @ bases[name]).abs().max()) < 1e-5  # ... with nothing along the anchors' directions
 
 
 def test_the_trainer_answers_the_gates_probes_and_keeps_the_live_answers(tiny_model_dir, tmp_path):

@@ -21,7 +21,8 @@ from .config import EngineConfig
 from .probe import probe_candidate, probe_live
 from .queries import build_queries
 from .teacher import teacher_examples
-from .train import add_lora, load_live_model, lora_factors, make_batches, train, train_flops, without_live
+from .train import (add_lora, fold, load_live_model, lora_factors, make_batches, protect, protected_bases, train,
+                    train_flops, without_live)
 
 
 @dataclass
@@ -47,6 +48,8 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
         raise ValueError(f"update_teacher {cfg.update_teacher!r}: 'base' or 'live'")
     if cfg.student_scope not in ("updates", "all"):
         raise ValueError(f"student_scope {cfg.student_scope!r}: 'updates' or 'all'")
+    if not 0 <= cfg.protect < 1:
+        raise ValueError(f"protect {cfg.protect!r}: a share of the anchors' input energy, 0 (off) to below 1")
     if not items:
         raise ValueError("nothing to bake")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -75,9 +78,12 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
         raise RuntimeError("the teacher produced no answers to train on")
 
     t = time.monotonic()
+    bases = protected_bases(model, examples, cfg) if cfg.protect else {}
     peft_model = add_lora(model, cfg)
+    protected = protect(peft_model, bases)
     batches = make_batches(examples, cfg.batch_size, tokenizer.pad_token_id, anchor_weight=cfg.anchor_weight)
     report = train(peft_model, batches, cfg, progress, items=len(items))
+    fold(protected)
     timings["train_s"] = time.monotonic() - t
 
     t = time.monotonic()

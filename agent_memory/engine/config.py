@@ -38,7 +38,8 @@ class EngineConfig:
     # MLP LoRA, Durov u2 (190 characters), seeds 0-2: 0.45/0.40/0.35 with it, 0.30/0.375/0.20 without.
     recite_samples: int = 2
     # Per item, this many questions about its subject answered with the item's own words, the prompted
-    # teacher scoring each token (queries.ITEM_ANSWER_TEMPLATES); 0 = off.
+    # teacher scoring each token (queries.ITEM_ANSWER_TEMPLATES, up to 8); 0 = off. 6 leaked more than 3
+    # for no clear gain in recall (bench/results/knowledge.md).
     item_answers: int = 3
     # On-policy distillation (SDFT, arXiv 2601.19897): per query, this many answers written by the
     # student before training (the live model, unprompted; the first greedy), scored token by token by
@@ -62,6 +63,11 @@ class EngineConfig:
     # Per item: its own questions asked about another subject (queries.contrast_queries), teacher unprompted.
     contrast_queries: int = 6
     anchor_samples: int = 1
+    # Null-space projection (AlphaEdit, arXiv 2410.02355): each delta module is made blind to the input
+    # directions that carry this share of the anchor examples' input energy; 0 = off. The most local
+    # bakes measured, but less recall, and more steps or a higher lr on top brought the drift back
+    # (bench/results/knowledge.md).
+    protect: float = 0.0
     # An anchor token's KL counts this many times an item token's: anchors are few and their KL starts
     # at zero, so at weight 1 the items' pull outweighs them.
     anchor_weight: float = 1.0

@@ -7,6 +7,7 @@ Plain text, no torch: the queries are built (and tested) without a model.
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from dataclasses import dataclass, field
@@ -50,9 +51,11 @@ RECITE_MAX_TOKENS = 64
 # asked about the subject, the student learns to say the item itself, which the 135M teacher's
 # samples often do not (prompted with an update and its earlier report, it gave the latest state in
 # 4 of 12 greedy answers, the stale one in 7: bench/results/updates.md).
-# The {e} one asks from another entity of the item (the reverse direction); skipped when it has none.
+# The {e} ones ask from the item's other entities in turn (the reverse direction); skipped when it has none.
 ITEM_ANSWER_TEMPLATES = ["What is the latest news about {s}?", "What happened to {s} recently?",
-                         "What is the recent news about {e}?", "Tell me about {s}."]
+                         "What is the recent news about {e}?", "Tell me about {s}.",
+                         "What do you know about {s}?", "What happened recently involving {e}?",
+                         "Why is {s} in the news?", "Who was involved in the recent events at {e}?"]
 CONVERSATION_TEMPLATES = ["What did we talk about earlier?", "What did I tell you before?",
                           "Remind me what we discussed."]
 # Behaviour items (kind "prompt"): a persona/instruction is baked by asking ordinary questions.
@@ -227,7 +230,8 @@ def _questions(item: dict, n: int, cfg: EngineConfig, rng: random.Random, everyt
 
     queries = [query(q) for q in picked]
     if answer:
-        given = [t.format(s=subject, e=others[0] if others else "") for t in ITEM_ANSWER_TEMPLATES
+        entity = itertools.cycle(others[:3])
+        given = [t.format(s=subject, e=next(entity) if "{e}" in t else "") for t in ITEM_ANSWER_TEMPLATES
                  if others or "{e}" not in t]
         queries += [query(q, answer=answer) for q in given[:cfg.item_answers]]
     if recite and cfg.recite_samples:

@@ -69,6 +69,79 @@ def add_lora(model, cfg: EngineConfig):
     return get_peft_model(model, lora)  # peft keeps adapter weights in fp32 on a bf16 base
 
 
+# ----------------------------------------------------------------------------------------------
+# 3b. protect: the delta blind to what the anchors' tokens look like (null-space projection)
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def protected_bases(model, examples: list[Example], cfg: EngineConfig) -> dict[str, torch.Tensor]:
+    """{module: U [in, k]}: per target module, the input directions that carry cfg.protect of the
+    anchor examples' input energy (the top eigenvectors of sum x x^T over their tokens).
+
+    After AlphaEdit (arXiv 2410.02355): a delta whose A is projected off these directions barely
+    moves the outputs of inputs like the anchors (general questions, other subjects' news), so the
+    items' knowledge has to live in directions their own tokens (their names) use.
+    """
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def accumulate(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            sums[name] = sums.get(name, 0) + x.T @ x
+        return accumulate
+
+    hooks = [m.register_forward_pre_hook(hook(name)) for name, m in model.named_modules()
+             if name.rsplit(".", 1)[-1] in cfg.target_modules and isinstance(m, torch.nn.Linear)]
+    try:
+        for e in examples:  # one by one: no padding tokens in the sums
+            if e.kind == "anchor":
+                model(input_ids=torch.tensor([e.prompt_ids + e.answer_ids], device=model.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    bases = {}
+    for name in list(sums):
+        values, vectors = torch.linalg.eigh(sums.pop(name))  # ascending
+        values, vectors = values.flip(0), vectors.flip(1)
+        k = int((values.cumsum(0) / values.sum() < cfg.protect).sum()) + 1
+        bases[name] = vectors[:, :k].contiguous()
+    return bases
+
+
+class _OffBasis(torch.nn.Module):
+    """A -> A (I - U U^T): lora_A's weight with its component along U taken out."""
+
+    def __init__(self, basis: torch.Tensor):
+        super().__init__()
+        self.register_buffer("basis", basis)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(a.device.type, enabled=False):  # a parametrization must keep A's dtype
+            return a - (a @ self.basis) @ self.basis.T
+
+
+def protect(peft_model, bases: dict[str, torch.Tensor]) -> list:
+    """Constrain each lora_A named in `bases` to the complement of its basis; returns the modules,
+    for fold() to make the constraint part of the weights when training is over."""
+    from torch.nn.utils import parametrize
+
+    modules = []
+    for name, module in peft_model.named_modules():
+        key = name.removeprefix("base_model.model.")
+        if key in bases and hasattr(module, "lora_A") and "default" in module.lora_A:
+            a = module.lora_A["default"]
+            parametrize.register_parametrization(a, "weight", _OffBasis(bases[key].to(a.weight.device)))
+            modules.append(a)
+    return modules
+
+
+def fold(modules: list) -> None:
+    from torch.nn.utils import parametrize
+
+    for a in modules:
+        parametrize.remove_parametrizations(a, "weight", leave_parametrized=True)
+
+
 def lora_factors(peft_model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{module: (A, B)} of the trainable delta, in adapters.py's module naming."""
     out = {}
