@@ -1,7 +1,8 @@
 """3-5. student, loss, train: the live model (live adapter merged, frozen) + one new trainable LoRA
-delta on the MLPs, trained on KL(teacher || student) over all answer tokens, the FIRST one included,
-with AdamW, bf16 where the CPU is fast at it (hardware.py), length-sorted batches and an early stop
-at a target KL. Then the cost accounting: training FLOP/s against a matmul in the same process.
+delta on the MLPs (optionally kept off the anchors' input directions: protect), trained on
+KL(teacher || student) over all answer tokens, the FIRST one included, with AdamW, bf16 where the
+CPU is fast at it (hardware.py), length-sorted batches and an early stop at a target KL. Then the
+cost accounting: training FLOP/s against a matmul in the same process.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def protected_bases(model, examples: list[Example], cfg: EngineConfig) -> dict[s
 
     After AlphaEdit (arXiv 2410.02355): a delta whose A is projected off these directions barely
     moves the outputs of inputs like the anchors (general questions, other subjects' news), so the
-    items' knowledge has to live in directions their own tokens (their names) use.
+    items' knowledge has to live in directions their own tokens (their names) use. A bake without
+    anchors (behaviour only) gets no bases: nothing to protect.
     """
     sums: dict[str, torch.Tensor] = {}
 
@@ -136,6 +138,7 @@ def protect(peft_model, bases: dict[str, torch.Tensor]) -> list:
 
 
 def fold(modules: list) -> None:
+    """protect()'s constraint made permanent: each lora_A's weight becomes A (I - U U^T)."""
     from torch.nn.utils import parametrize
 
     for a in modules:
