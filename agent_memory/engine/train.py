@@ -128,9 +128,8 @@ def protect(peft_model, bases: dict[str, torch.Tensor]) -> list:
     from torch.nn.utils import parametrize
 
     modules = []
-    for name, module in peft_model.named_modules():
-        key = name.removeprefix("base_model.model.")
-        if key in bases and hasattr(module, "lora_A") and "default" in module.lora_A:
+    for key, module in lora_modules(peft_model):
+        if key in bases:
             a = module.lora_A["default"]
             parametrize.register_parametrization(a, "weight", _OffBasis(bases[key].to(a.weight.device)))
             modules.append(a)
@@ -145,15 +144,18 @@ def fold(modules: list) -> None:
         parametrize.remove_parametrizations(a, "weight", leave_parametrized=True)
 
 
+def lora_modules(peft_model):
+    """(module name in adapters.py's naming, its LoRA layer) for each layer of the trainable delta."""
+    for name, module in peft_model.named_modules():
+        if "default" in getattr(module, "lora_A", {}):
+            yield name.removeprefix("base_model.model."), module
+
+
 def lora_factors(peft_model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{module: (A, B)} of the trainable delta, in adapters.py's module naming."""
-    out = {}
-    for name, module in peft_model.named_modules():
-        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-            key = name.removeprefix("base_model.model.")
-            out[key] = (module.lora_A["default"].weight.detach().float().cpu().clone(),
-                        module.lora_B["default"].weight.detach().float().cpu().clone())
-    return out
+    return {key: (module.lora_A["default"].weight.detach().float().cpu().clone(),
+                  module.lora_B["default"].weight.detach().float().cpu().clone())
+            for key, module in lora_modules(peft_model)}
 
 
 # ----------------------------------------------------------------------------------------------
