@@ -571,6 +571,42 @@ def test_shared_prefix_gives_the_same_kl_and_gradients(tiny_model_dir):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()))
 
 
+def test_anchor_prompt_tokens_become_targets_the_untrained_delta_already_meets(tiny_model_dir):
+    """anchor_prompts: every anchor prompt token after the batch's shared prefix is a target, its
+    teacher the live model's distribution there. Before training the student IS the live model, so
+    the KL is zero at every target, prompt or answer: any misalignment of rows, columns or teacher
+    positions would show. An item's prompt stays no target, and weight 0 adds none."""
+    cfg = EngineConfig(**TINY_CFG)
+    model, tok = train.load_live_model(tiny_model_dir, None, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for q, kind in (("What is the capital of Peru?", "anchor"), ("Who wrote the Iliad, and when?", "anchor"),
+                    ("Tell me about Zorvik.", "knowledge")):
+        answer = torch.randint(3, 1000, (4,), generator=g).tolist() + [2]
+        [(_, [(a, top_idx, top_logp)])] = teacher.scored_answers(model, tok, [(queries.Query(q, None), answer)], cfg)
+        examples.append(teacher.Example(teacher.chat_ids(tok, [{"role": "user", "content": q}]), a, top_idx,
+                                        top_logp, kind))
+    scored = teacher.prompt_targets(model, examples, cfg)
+    assert [e.prompt_top_idx is None for e in scored] == [False, False, True]
+    assert all(e.prompt_top_idx.shape == (len(e.prompt_ids) - 1, cfg.topk) for e in scored[:2])
+    (plain,) = train.make_batches(scored, 8, tok.pad_token_id)
+    (batch,) = train.make_batches(scored, 8, tok.pad_token_id, prompt_weight=0.5)
+    shared = batch["prefix"].shape[1]
+    assert shared > 10  # the chat template's system prompt
+    prompt_targets = sum(len(e.prompt_ids) - 1 - shared for e in scored[:2])
+    assert plain["targets"] == 15 and batch["targets"] == 15 + prompt_targets > 15 + 10
+    assert batch["weights"].tolist().count(0.5) == prompt_targets
+    pm = train.add_lora(model, cfg)
+    kl = train.batch_kl(pm, batch, autocast=False).detach()
+    assert kl.shape == (batch["targets"],) and float(kl.abs().max()) < 1e-4
+    with torch.no_grad():  # a moved delta moves the prompt targets' KL too
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)
+    kl = train.batch_kl(pm, batch, autocast=False).detach()
+    assert float(kl[batch["weights"] == 0.5].mean()) > 1e-3
+
+
 # -- probes used to judge bakes ----------------------------------------------------------------
 
 def test_probe_scoring_matches_keywords_at_word_starts():

@@ -20,7 +20,7 @@ from . import PROBES_FILE
 from .config import EngineConfig
 from .probe import probe_candidate, probe_live
 from .queries import build_queries
-from .teacher import teacher_examples
+from .teacher import prompt_targets, teacher_examples
 from .train import (add_lora, fold, load_live_model, lora_factors, make_batches, protect, protected_bases, train,
                     train_flops, without_live)
 
@@ -72,6 +72,8 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
     queries = build_queries(items, cfg, rng, earlier)
     examples = teacher_examples(model, tokenizer, queries, cfg, progress,
                                 unbaked=lambda: without_live(model, live_adapter_dir))
+    if cfg.anchor_prompts:
+        examples = prompt_targets(model, examples, cfg)
     timings["teacher_s"] = time.monotonic() - t
     answer_tokens = sum(len(e.answer_ids) for e in examples)
     if not examples:
@@ -81,7 +83,8 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
     bases = protected_bases(model, examples, cfg) if cfg.protect else {}
     peft_model = add_lora(model, cfg)
     protected = protect(peft_model, bases)
-    batches = make_batches(examples, cfg.batch_size, tokenizer.pad_token_id, anchor_weight=cfg.anchor_weight)
+    batches = make_batches(examples, cfg.batch_size, tokenizer.pad_token_id, anchor_weight=cfg.anchor_weight,
+                           prompt_weight=cfg.anchor_prompts)
     report = train(peft_model, batches, cfg, progress, items=len(items))
     fold(protected)
     timings["train_s"] = time.monotonic() - t

@@ -71,6 +71,10 @@ class EngineConfig:
     # An anchor token's KL counts this many times an item token's: anchors are few and their KL starts
     # at zero, so at weight 1 the items' pull outweighs them.
     anchor_weight: float = 1.0
+    # The anchors' prompt tokens are targets too, each at this weight (0 = off; the live model's
+    # next-token distribution over the question: teacher.prompt_targets): locality on every position
+    # of an unrelated question, not only on its answer.
+    anchor_prompts: float = 0.0
     topk: int = 64  # teacher distribution kept per token (+ one bucket for the rest of the vocab)
     # 16 rows (~600 tokens): steps 0.8 s, FLOP share ~0.42. 32 rows: share 0.49 and 16% more tokens/s,
     # but a step takes 1.7 s, so a one-fact bake's min_steps would cost twice the time.

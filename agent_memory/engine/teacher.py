@@ -24,6 +24,10 @@ class Example:
     top_idx: torch.Tensor  # [T, k] teacher's top-k token ids at each answer position
     top_logp: torch.Tensor  # [T, k] their log-probabilities (at temperature 1)
     kind: str
+    # An anchor's prompt tokens as targets too (prompt_targets): the live model's top-k at prompt
+    # positions 0 .. len(prompt_ids) - 2, each predicting the next prompt token.
+    prompt_top_idx: torch.Tensor | None = None
+    prompt_top_logp: torch.Tensor | None = None
 
 
 def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -125,6 +129,25 @@ def local_samples(model, tokenizer, queries: list[Query], cfg: EngineConfig):
             for i, q in enumerate(group):
                 rows = range(i * n, (i + 1) * n)
                 yield q, [(answers[r], top_idx[r], top_logp[r]) for r in rows]
+
+
+@torch.no_grad()
+def prompt_targets(model, examples: list[Example], cfg: EngineConfig) -> list[Example]:
+    """The examples, each anchor with the live model's top-k at its prompt tokens (cfg.anchor_prompts):
+    the KL then holds the model on the whole of an unrelated question, its own words included, not
+    only on the tokens of its answer. `model` must be the live model, an anchor's teacher."""
+    anchors = [e for e in examples if e.kind == "anchor"]
+    scored = {}
+    for start in range(0, len(anchors), SAMPLE_BATCH):
+        chunk = anchors[start:start + SAMPLE_BATCH]
+        width = max(len(e.prompt_ids) for e in chunk)
+        ids = torch.tensor([e.prompt_ids + [0] * (width - len(e.prompt_ids)) for e in chunk], device=model.device)
+        mask = (torch.arange(width) < torch.tensor([[len(e.prompt_ids)] for e in chunk])).long().to(model.device)
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        for b, e in enumerate(chunk):  # the LM head at this row's prompt positions only
+            top = model.lm_head(hidden[b, :len(e.prompt_ids) - 1]).float().log_softmax(-1).topk(cfg.topk, dim=-1)
+            scored[id(e)] = replace(e, prompt_top_idx=top.indices.cpu(), prompt_top_logp=top.values.cpu())
+    return [scored.get(id(e), e) for e in examples]
 
 
 def given_ids(tokenizer, text: str) -> list[int]:

@@ -182,8 +182,9 @@ def topk_kl(student_logits: torch.Tensor, top_idx: torch.Tensor, top_logp: torch
 # ----------------------------------------------------------------------------------------------
 
 def make_batches(examples: list[Example], batch_size: int, pad_id: int, share_prefix: bool = True,
-                 anchor_weight: float = 1.0) -> list[dict]:
-    """Length-sorted batches (little padding), right-padded; answer positions flattened.
+                 anchor_weight: float = 1.0, prompt_weight: float = 0.0) -> list[dict]:
+    """Length-sorted batches (little padding), right-padded; answer positions flattened (with
+    `prompt_weight`, also the prompt positions of examples that carry prompt targets).
 
     Every student prompt starts with the same chat-template prefix (the default system prompt:
     24 of ~42 prompt tokens). With `share_prefix` it is run once per batch and its KV cache shared
@@ -200,19 +201,28 @@ def make_batches(examples: list[Example], batch_size: int, pad_id: int, share_pr
         ids = torch.full((len(group), width), pad_id)
         mask = torch.zeros((len(group), width), dtype=torch.long)
         rows, cols, weights = [], [], []
+        top_idx, top_logp = [], []
         for b, (e, s) in enumerate(zip(group, seqs)):
             ids[b, :len(s) - shared] = torch.tensor(s[shared:])
             mask[b, :len(s) - shared] = 1
             # The logits at position len(prompt)-1 predict answer token 0: the FIRST answer token
             # is a target (the paper's reference code starts one later and loses it).
             first = len(e.prompt_ids) - 1 - shared
+            if prompt_weight and e.prompt_top_idx is not None:  # and each prompt token after the shared prefix
+                rows += [b] * first
+                cols += list(range(first))
+                weights += [prompt_weight] * first
+                top_idx.append(e.prompt_top_idx[shared:])
+                top_logp.append(e.prompt_top_logp[shared:])
             rows += [b] * len(e.answer_ids)
             cols += list(range(first, first + len(e.answer_ids)))
             weights += [anchor_weight if e.kind == "anchor" else 1.0] * len(e.answer_ids)
+            top_idx.append(e.top_idx)
+            top_logp.append(e.top_logp)
         batches.append({
             "prefix": torch.tensor([group[0].prompt_ids[:shared]], dtype=torch.long),
             "input_ids": ids, "attention_mask": mask, "rows": torch.tensor(rows), "cols": torch.tensor(cols),
-            "top_idx": torch.cat([e.top_idx for e in group]), "top_logp": torch.cat([e.top_logp for e in group]),
+            "top_idx": torch.cat(top_idx), "top_logp": torch.cat(top_logp),
             "weights": torch.tensor(weights),
             "tokens": int(mask.sum()) + shared, "targets": len(rows),
         })
