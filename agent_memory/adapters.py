@@ -234,8 +234,9 @@ def check_rank(adapter_dir: Path, max_rank: int) -> int:
 # -- applying a delta to a model in memory (the baking student's frozen live weights) --------------
 
 @torch.no_grad()
-def merge_into(model: torch.nn.Module, adapter_dir: Path, sign: float = 1.0) -> int:
-    """Add an adapter's delta into a transformers model's weights in place; returns modules touched."""
+def merge_into(model: torch.nn.Module, adapter_dir: Path, weight: float = 1.0) -> int:
+    """Add an adapter's delta times `weight` into a transformers model's weights in place (-1 takes
+    it out again); returns modules touched."""
     named = dict(model.named_modules())
     count = 0
     for module, (a, b, s) in read_delta(adapter_dir).items():
@@ -243,7 +244,7 @@ def merge_into(model: torch.nn.Module, adapter_dir: Path, sign: float = 1.0) -> 
         if layer is None:
             raise ValueError(f"{adapter_dir}: module {module} not in the model")
         w = layer.weight
-        w.copy_((w.float() + sign * s * (b @ a)).to(w.dtype))
+        w.copy_((w.float() + weight * s * (b @ a)).to(w.dtype))
         count += 1
     return count
 

@@ -1,7 +1,7 @@
 """Per-item recall by batch size, leaks into neighbouring answers, hallucination on controls. Not a test.
 
     .venv/bin/python bench/bench_knowledge.py [--quick] [--seeds 1] [--sizes 1,5,20,40] [--singles 5]
-                                              [--variant NAME=JSON ...]
+                                              [--variant NAME=JSON ...] [--scales 1,1.2]
 
 Data: bench/data/knowledge.json, 40 fictional news facts (so the base model knows none) with held-out
 questions of four kinds each (direct, paraphrase, reverse: from the object back to the subject,
@@ -12,7 +12,8 @@ For each size N, one bake of the first N facts (N = 1: each of the first --singl
 bake), run as the daemon runs it (`python -m agent_memory.engine`, so the trainer's peak RSS is its
 own). The first --singles facts are in every bake: their recall, against the one-fact bakes, is the
 "recall does not fall with batch size" ratio. Each --variant (engine settings over the defaults) gets
-the same bakes; `defaults` is always first.
+the same bakes; `defaults` is always first. With --scales, each bake's delta is also measured merged at
+those multiples of its weight (no new bake: how recall and drift move with the delta's size).
 
 Measured on the baked model, greedy, no context: recall by question kind; leak = share of neighbour
 answers naming an entity of the bake (the base model's share, with the same names, beside it);
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="engine settings over the defaults to compare, e.g. 'before={\"steps_per_item\":0}'")
     p.add_argument("--skip-defaults", action="store_true", help="only the --variant settings")
     p.add_argument("--name", default="knowledge", help="results file name (bench/results/NAME.md)")
+    p.add_argument("--scales", default="1", help="each bake's delta also evaluated times these, e.g. 1,1.2,1.4 "
+                   "(rows 'VARIANT xS'): a stronger or weaker delta without another bake")
     args = p.parse_args(argv)
     import torch
     from transformers import AutoTokenizer
@@ -54,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load("knowledge")
     sizes = [int(s) for s in (args.sizes or ("1,5" if args.quick else "1,5,20,40")).split(",")]
     singles = args.singles or (2 if args.quick else 5)
+    scales = [float(s) for s in args.scales.split(",")]
     variants = ({} if args.skip_defaults else {"defaults": {}}) | \
         {k: json.loads(v) for k, _, v in (e.partition("=") for e in args.variant)}
     entries = data["items"]
@@ -72,20 +76,23 @@ def main(argv: list[str] | None = None) -> int:
             config = {**overrides, "seed": seed}
             for n in sizes:
                 groups = [[e] for e in shared] if n == 1 else [entries[:n]]
-                results, effects, costs = [], [], []
+                measured, costs = {s: ([], []) for s in scales}, []  # scale -> (results, effects)
                 for g, group in enumerate(groups):
                     out = work / f"{name}-s{seed}-n{n}-{g}"
                     costs.append(bake([as_item(e) for e in group], out, config))
-                    model = load_model([out])
-                    results += evaluate.recall(model, group)
-                    effects.append(evaluate.side_effects(model, [as_item(e) for e in group]) | locality(model))
-                    del model
-                row = {"variant": name, "seed": seed, "n": n, "results": results, "effects": effects, "costs": costs}
-                rows.append(row)
-                log(f"{name} seed {seed} N={n}: recall {by_kind(results)}, shared "
-                    f"{by_kind([r for r in results if r['fact'] in {e['id'] for e in shared}])['all']:.2f}, "
-                    + ", ".join(f"{k} {mean(e[k] for e in effects):.3f}" for k in
-                                ("leak", "base_leak", "hallucination", "base_hallucination", "kept", "kl")))
+                    for s, (results, effects) in measured.items():
+                        model = load_model([out], scale=s)
+                        results += evaluate.recall(model, group)
+                        effects.append(evaluate.side_effects(model, [as_item(e) for e in group]) | locality(model))
+                        del model
+                for s, (results, effects) in measured.items():
+                    label = name if s == 1 else f"{name} x{s:g}"
+                    rows.append({"variant": label, "seed": seed, "n": n, "results": results, "effects": effects,
+                                 "costs": costs})
+                    log(f"{label} seed {seed} N={n}: recall {by_kind(results)}, shared "
+                        f"{by_kind([r for r in results if r['fact'] in {e['id'] for e in shared}])['all']:.2f}, "
+                        + ", ".join(f"{k} {mean(e[k] for e in effects):.3f}" for k in
+                                    ("leak", "base_leak", "hallucination", "base_hallucination", "kept", "kl")))
     # All N facts in one context costs N times the prompt: past 20 facts (~800 tokens) the CPU takes
     # longer over the references than over the bakes, so they are measured on the first 20.
     references = reference_rows(evaluate, base, entries[:min(max(sizes), REFERENCE_FACTS)])
@@ -127,7 +134,8 @@ def write(report: Report, rows: list[dict], references: dict, shared: list[dict]
                  ["variant", "seed", "N", f"recall of the {len(shared)}", "vs alone", *KINDS, "all N",
                   "95% Wilson", "bake s", "teacher s", "train s", "steps", "trainer peak RSS GiB"], table,
                  note="Bake seconds: the whole trainer subprocess (load, teacher, training, save), one bake "
-                      "(N=1: the mean of the single bakes). Variants: " +
+                      "(N=1: the mean of the single bakes); a row 'VARIANT xS' is that bake's delta merged at S times its "
+                      "weight (--scales). Variants: " +
                       "; ".join(f"`{k}` = `{json.dumps(v)}`" for k, v in variants.items()))
     side = []
     for r in rows:
@@ -149,7 +157,7 @@ def write(report: Report, rows: list[dict], references: dict, shared: list[dict]
                     interval(kinds["all"], len(results))])
     facts = len({r["fact"] for r in references["no context"]})
     biggest = max((r["n"] for r in rows if r["n"] <= facts), default=max(r["n"] for r in rows))
-    for variant in variants:
+    for variant in dict.fromkeys(r["variant"] for r in rows):
         per_seed = [by_kind(r["results"]) for r in rows if r["variant"] == variant and r["n"] == biggest]
         if per_seed:
             overall = mean(k["all"] for k in per_seed)

@@ -261,8 +261,9 @@ def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
 
 
-def load_model(deltas=(), model_dir: Path = PREPARED_MODEL):
-    """The base checkpoint (fp32, eval) with the given baked deltas merged in: what `memory` serves."""
+def load_model(deltas=(), model_dir: Path = PREPARED_MODEL, scale: float = 1.0):
+    """The base checkpoint (fp32, eval) with the given baked deltas merged in: what `memory` serves
+    (`scale`: each delta at that multiple of its weight)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -270,7 +271,7 @@ def load_model(deltas=(), model_dir: Path = PREPARED_MODEL):
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     for delta in deltas:
-        adapters.merge_into(model, delta)
+        adapters.merge_into(model, delta, weight=scale)
     return model
 
 

@@ -53,7 +53,7 @@ def without_live(model, live_adapter: Path | None):
     saved = {m: named[m].weight.detach().clone() for m in adapters.read_delta(Path(live_adapter))}
     try:
         with torch.no_grad():
-            adapters.merge_into(model, Path(live_adapter), sign=-1.0)
+            adapters.merge_into(model, Path(live_adapter), weight=-1.0)
         yield model
     finally:
         with torch.no_grad():
