@@ -576,6 +576,8 @@ def test_anchor_prompt_tokens_become_targets_the_untrained_delta_already_meets(t
     teacher the live model's distribution there. Before training the student IS the live model, so
     the KL is zero at every target, prompt or answer: any misalignment of rows, columns or teacher
     positions would show. An item's prompt stays no target, and weight 0 adds none."""
+    with pytest.raises(ValueError, match="anchor_prompts"):
+        bake(tiny_model_dir, None, [U1], Path("unused"), EngineConfig(**TINY_CFG, anchor_prompts=-1.0))
     cfg = EngineConfig(**TINY_CFG)
     model, tok = train.load_live_model(tiny_model_dir, None, torch.float32)
     g = torch.Generator().manual_seed(0)
