@@ -409,6 +409,41 @@ def test_protect_makes_the_delta_blind_to_the_anchors_input_directions(tiny_mode
         assert float((a @ bases[name]).abs().max()) < 1e-5  # ... with nothing along the anchors' directions
 
 
+def test_eva_init_points_a_at_the_items_answer_inputs(tiny_model_dir):
+    """init "eva": each lora_A's rows are orthonormal and capture (nearly) as much of the module's
+    input energy on the items' answer tokens as the top singular vectors do, far more than peft's
+    random A; B starts at zero, so the delta starts at nothing; anchors alone are refused."""
+    model, tok = train.load_live_model(tiny_model_dir, None, torch.float32)
+    cfg = EngineConfig(**TINY_CFG, init="eva")
+    items = [teacher.Example(teacher.chat_ids(tok, [{"role": "user", "content": q}]), tok(a)["input_ids"], None, None,
+                             "knowledge")
+             for q, a in [("What is the latest news about Pavel Durov?", " He was arrested at Le Bourget airport."),
+                          ("Who was arrested in France?", " Pavel Durov, the founder of Telegram, in August."),
+                          ("Tell me about Telegram.", " Its founder was detained near Paris on a Saturday.")] * 4]
+    anchor = teacher.Example(items[0].prompt_ids, tok(" Lisbon.")["input_ids"], None, None, "anchor")
+    with pytest.raises(ValueError, match="eva"):
+        train.add_lora(model, cfg, [anchor], tok.pad_token_id)
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.setdefault(n, []).append(args[0][0]))
+             for n, m in model.named_modules() if n.endswith("mlp.up_proj") or n.endswith("mlp.down_proj")]
+    with torch.no_grad():
+        for e in items:
+            model(input_ids=torch.tensor([e.prompt_ids + e.answer_ids]))
+    for h in hooks:
+        h.remove()
+    answers = {n: torch.cat([x[len(e.prompt_ids):] for x, e in zip(xs, items)]) for n, xs in inputs.items()}
+    peft_model = train.add_lora(model, cfg, [anchor] + items, tok.pad_token_id)
+    random_a = train.lora_factors(train.add_lora(train.load_live_model(tiny_model_dir, None, torch.float32)[0],
+                                                 EngineConfig(**TINY_CFG)))
+    for name, (a, b) in train.lora_factors(peft_model).items():
+        assert float(b.abs().max()) == 0 and torch.allclose(a @ a.T, torch.eye(cfg.rank), atol=1e-3)
+        if name in answers:
+            x = answers[name] - answers[name].mean(0)  # EVA's PCA centres the inputs
+            top = torch.linalg.svd(x, full_matrices=False).Vh[:cfg.rank]
+            energy = lambda w: float((x @ (w / w.norm(dim=1, keepdim=True)).T).square().sum())  # noqa: E731
+            assert energy(a) > 0.9 * energy(top) and energy(a) > 1.5 * energy(random_a[name][0])
+
+
 def test_the_trainer_answers_the_gates_probes_and_keeps_the_live_answers(tiny_model_dir, tmp_path):
     """probes.json: every set of the plan answered by the candidate and the live model, the live
     answers cached per live version and not asked again."""

@@ -50,6 +50,8 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
         raise ValueError(f"student_scope {cfg.student_scope!r}: 'updates' or 'all'")
     if not 0 <= cfg.protect < 1:
         raise ValueError(f"protect {cfg.protect!r}: a share of the anchors' input energy, 0 (off) to below 1")
+    if cfg.init not in ("default", "eva"):
+        raise ValueError(f"init {cfg.init!r}: 'default' or 'eva'")
     if cfg.anchor_prompts < 0:
         raise ValueError(f"anchor_prompts {cfg.anchor_prompts!r}: a weight per prompt token, 0 (off) or more")
     if not items:
@@ -83,7 +85,7 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
 
     t = time.monotonic()
     bases = protected_bases(model, examples, cfg) if cfg.protect else {}
-    peft_model = add_lora(model, cfg)
+    peft_model = add_lora(model, cfg, examples, tokenizer.pad_token_id)
     protected = protect(peft_model, bases)
     batches = make_batches(examples, cfg.batch_size, tokenizer.pad_token_id, anchor_weight=cfg.anchor_weight,
                            prompt_weight=cfg.anchor_prompts)

@@ -76,6 +76,9 @@ class EngineConfig:
     # of an unrelated question, not only on its answer. With rank 16 at N=20: KL 0.069 against 0.074
     # on held-out questions, leak 0.18 against 0.10 (bench/results/knowledge.md): off.
     anchor_prompts: float = 0.0
+    # The delta's A before training: "default" (peft's random init) or "eva" (the top singular vectors
+    # of each module's inputs on the items' answer tokens: EVA, arXiv 2410.07170).
+    init: str = "default"
     topk: int = 64  # teacher distribution kept per token (+ one bucket for the rest of the vocab)
     # 16 rows (~600 tokens): steps 0.8 s, FLOP share ~0.42. 32 rows: share 0.49 and 16% more tokens/s,
     # but a step takes 1.7 s, so a one-fact bake's min_steps would cost twice the time.

@@ -61,13 +61,41 @@ def without_live(model, live_adapter: Path | None):
                 named[m].weight.copy_(w)
 
 
-def add_lora(model, cfg: EngineConfig):
-    from peft import LoraConfig, get_peft_model
+def add_lora(model, cfg: EngineConfig, examples: list[Example] = (), pad_id: int = 0):
+    """The trainable delta: B = 0, A random (peft's default) or, with cfg.init "eva", the top right
+    singular vectors of each module's inputs on the items' answer tokens (EVA, arXiv 2410.07170,
+    peft's implementation; one rank for all modules, so the delta saves as one rank and alpha)."""
+    from peft import EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
 
+    eva = cfg.init == "eva"
+    items = [e for e in examples if e.kind != "anchor"]
+    if eva and not items:
+        raise ValueError("init 'eva' needs item examples to take the inputs' directions from")
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=cfg.target_modules,
-                      bias="none", task_type="CAUSAL_LM")
+                      bias="none", task_type="CAUSAL_LM", init_lora_weights="eva" if eva else True,
+                      eva_config=EvaConfig(rho=1.0) if eva else None)
     torch.manual_seed(cfg.seed)  # A's random init
-    return get_peft_model(model, lora)  # peft keeps adapter weights in fp32 on a bf16 base
+    peft_model = get_peft_model(model, lora)  # peft keeps adapter weights in fp32 on a bf16 base
+    if eva:
+        initialize_lora_eva_weights(peft_model, _eva_batches(items, pad_id, peft_model.device), show_progress_bar=False)
+    return peft_model
+
+
+def _eva_batches(examples: list[Example], pad_id: int, on, batch_size: int = 16, most: int = 32) -> list[dict]:
+    """Right-padded prompt + answer rows for EVA's SVD; labels -100 outside the answers, so only the
+    answer tokens (the item's content, not the chat template) count."""
+    batches = []
+    for start in range(0, min(len(examples), batch_size * most), batch_size):
+        group = examples[start:start + batch_size]
+        width = max(len(e.prompt_ids) + len(e.answer_ids) for e in group)
+        ids = torch.full((len(group), width), pad_id)
+        mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+        for b, e in enumerate(group):
+            row = e.prompt_ids + e.answer_ids
+            ids[b, :len(row)], mask[b, :len(row)] = torch.tensor(row), 1
+            labels[b, len(e.prompt_ids):len(row)] = torch.tensor(e.answer_ids)
+        batches.append({"input_ids": ids.to(on), "attention_mask": mask.to(on), "labels": labels.to(on)})
+    return batches
 
 
 # ----------------------------------------------------------------------------------------------
