@@ -156,15 +156,19 @@ def write_report(report, chosen, oracle, matrix, costs, compose_reports, ctx, ke
     if kept_target:  # each bake's recall at the end against right after its own bake (target >= 0.9)
         n = len(matrix) - 1
         kept = [matrix[n][j] / matrix[j + 1][j] for j in range(n) if matrix[j + 1][j] > 0]
-        report.table("Kept: recall after the last bake / recall right after its own bake, per bake",
-                     ["bake"] + [str(j + 1) for j in range(n)] + ["mean", "min"],
+        report.table("Kept: recall after the last bake / recall right after its own bake, per bake (target >= 0.9)",
+                     ["bake"] + [str(j + 1) for j in range(n)] + ["bakes >= 0.9", "mean (each capped at 1)", "min"],
                      [["kept"] + [f"{matrix[n][j] / matrix[j + 1][j]:.2f}" if matrix[j + 1][j] else "-" for j in range(n)]
-                      + [sum(kept) / len(kept) if kept else float("nan"), min(kept) if kept else float("nan")]])
+                      + [f"{sum(k >= 0.9 for k in kept)} of {len(kept)}",
+                         sum(min(k, 1.0) for k in kept) / len(kept) if kept else float("nan"),
+                         min(kept) if kept else float("nan")]])
     headers = ["after bake"] + [f"{j + 1}: {key}" for j, key in enumerate(chosen)]
     rows = [["none (base)" if t == 0 else f"{t} (+{chosen[t - 1]})"] + r for t, r in enumerate(matrix)]
-    rows.append(["oracle prompt"] + [oracle[key] for key in chosen])
-    report.table("Accuracy matrix: share of item j's probes (question + paraphrase) right after bake t",
-                 headers, rows)
+    if not kept_target:
+        rows.append(["oracle prompt"] + [oracle[key] for key in chosen])
+    report.table("Accuracy matrix: share of " + ("bake j's facts' questions (4 per fact: direct, paraphrase, reverse, "
+                                                 "implication)" if kept_target else "item j's probes (question + "
+                                                 "paraphrase)") + " right after bake t", headers, rows)
     report.table("Summary", ["measure", "value"], [
         ["average accuracy after the last bake", s["average"]],
         ["average accuracy right after each item's own bake", s["average_right_after"]],
