@@ -4,7 +4,7 @@
     .venv/bin/python bench/run.py --quick         # a small smoke version of each
     .venv/bin/python bench/run.py --only serving  # one (or several: --only a --only b)
 
-Each bench/bench_*.py runs as its own subprocess, one after the other (one vLLM server at a time),
+Each bench/bench_*.py runs as its own subprocess (some twice: EXTRA_RUNS), one after the other (one vLLM server at a time),
 so a failing benchmark does not stop the rest. A benchmark prints its markdown section on stdout
 (and may write it to bench/results/<name>.md, which is preferred when it does); its progress on
 stderr is shown here and kept in bench/results/<name>.log. The exit status is non-zero when any
@@ -26,12 +26,15 @@ sys.path.insert(0, str(BENCH))
 
 from common import RESULTS, context, table  # noqa: E402
 
+# Benchmarks run once more with other arguments, each extra run under its own results name.
+EXTRA_RUNS = {"sequential": [("sequential_grouped", ["--grouped"])]}
+
 
 def main() -> int:
     args = options()
-    scripts = select(sorted(BENCH.glob("bench_*.py")), args.only)
+    scripts = select(jobs(sorted(BENCH.glob("bench_*.py"))), args.only)
     if not scripts:
-        print(f"no benchmark matches {args.only}; have: {', '.join(short(s) for s in BENCH.glob('bench_*.py'))}",
+        print(f"no benchmark matches {args.only}; have: {', '.join(j[0] for j in jobs(sorted(BENCH.glob('bench_*.py'))))}",
               file=sys.stderr)
         return 1
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -55,17 +58,24 @@ def short(script: Path) -> str:
     return script.stem.removeprefix("bench_")
 
 
-def select(scripts: list[Path], only: list[str] | None) -> list[Path]:
+def jobs(scripts: list[Path]) -> list[tuple[str, Path, list[str]]]:
+    """(results name, script, arguments): each script once, plus its EXTRA_RUNS."""
+    return [job for s in scripts for job in [(short(s), s, [])] + [(name, s, extra) for name, extra in
+                                                                   EXTRA_RUNS.get(short(s), [])]]
+
+
+def select(jobs: list[tuple], only: list[str] | None) -> list[tuple]:
+    """The jobs named in --only: by results name, or by script (all of that script's runs)."""
     if not only:
-        return scripts
+        return jobs
     wanted = {name.removeprefix("bench_").removesuffix(".py") for name in only}
-    return [s for s in scripts if short(s) in wanted]
+    return [j for j in jobs if j[0] in wanted or short(j[1]) in wanted]
 
 
-def run(script: Path, args) -> dict:
+def run(job: tuple[str, Path, list[str]], args) -> dict:
     """Run one benchmark; return its name, exit code, duration and markdown section."""
-    name = short(script)
-    command = [sys.executable, str(script)] + (["--quick"] if args.quick else [])
+    name, script, extra = job
+    command = [sys.executable, str(script)] + extra + (["--quick"] if args.quick else [])
     log_path = RESULTS / f"{name}.log"
     section_path = RESULTS / f"{name}.md"
     print(f"\n=== {name}: {' '.join(command[1:])} (log: {log_path})", file=sys.stderr, flush=True)
@@ -112,11 +122,11 @@ def wait(process: subprocess.Popen, timeout: float | None) -> None:
             process.wait()
 
 
-def earlier_sections(ran: list[Path]) -> list[dict]:
+def earlier_sections(ran: list[tuple]) -> list[dict]:
     """With --only: the other benchmarks' last sections (results/<name>.md), each with its own date."""
-    others = [s for s in sorted(BENCH.glob("bench_*.py")) if s not in ran]
-    return [{"name": short(s), "code": None, "seconds": None, "section": (RESULTS / f"{short(s)}.md").read_text()}
-            for s in others if (RESULTS / f"{short(s)}.md").exists()]
+    others = [name for name, _, _ in jobs(sorted(BENCH.glob("bench_*.py"))) if name not in {j[0] for j in ran}]
+    return [{"name": name, "code": None, "seconds": None, "section": (RESULTS / f"{name}.md").read_text()}
+            for name in others if (RESULTS / f"{name}.md").exists()]
 
 
 def failure_section(name: str, code: int, section: str, log_path: Path) -> str:
