@@ -77,7 +77,8 @@ class EngineConfig:
     # on held-out questions, leak 0.18 against 0.10 (bench/results/knowledge.md): off.
     anchor_prompts: float = 0.0
     # The delta's A before training: "default" (peft's random init) or "eva" (the top singular vectors
-    # of each module's inputs on the items' answer tokens: EVA, arXiv 2410.07170).
+    # of each module's inputs on the items' answer tokens: EVA, arXiv 2410.07170). At N=20 EVA recalled
+    # 0.41 against 0.34 but drifted more (KL 0.076 against 0.048, leak 0.13: bench/results/knowledge.md).
     init: str = "default"
     topk: int = 64  # teacher distribution kept per token (+ one bucket for the rest of the vocab)
     # 16 rows (~600 tokens): steps 0.8 s, FLOP share ~0.42. 32 rows: share 0.49 and 16% more tokens/s,
