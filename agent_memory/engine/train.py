@@ -83,9 +83,11 @@ def add_lora(model, cfg: EngineConfig, examples: list[Example] = (), pad_id: int
 
 def _eva_batches(examples: list[Example], pad_id: int, on, batch_size: int = 16, most: int = 32) -> list[dict]:
     """Right-padded prompt + answer rows for EVA's SVD; labels -100 outside the answers, so only the
-    answer tokens (the item's content, not the chat template) count."""
+    answer tokens (the item's content, not the chat template) count. At most `most` batches, taken
+    evenly across the examples (they come item by item), so every item has its say."""
+    examples = examples[::math.ceil(len(examples) / (batch_size * most))]
     batches = []
-    for start in range(0, min(len(examples), batch_size * most), batch_size):
+    for start in range(0, len(examples), batch_size):
         group = examples[start:start + batch_size]
         width = max(len(e.prompt_ids) + len(e.answer_ids) for e in group)
         ids = torch.full((len(group), width), pad_id)
