@@ -32,14 +32,13 @@ EXTRA_RUNS = {"sequential": [("sequential_grouped", ["--grouped"])]}
 
 def main() -> int:
     args = options()
-    scripts = select(jobs(sorted(BENCH.glob("bench_*.py"))), args.only)
-    if not scripts:
-        print(f"no benchmark matches {args.only}; have: {', '.join(j[0] for j in jobs(sorted(BENCH.glob('bench_*.py'))))}",
-              file=sys.stderr)
+    chosen = select(jobs(), args.only)
+    if not chosen:
+        print(f"no benchmark matches {args.only}; have: {', '.join(name for name, _, _ in jobs())}", file=sys.stderr)
         return 1
     RESULTS.mkdir(parents=True, exist_ok=True)
-    outcomes = [run(script, args) for script in scripts]
-    write_latest(outcomes + earlier_sections(scripts), args)
+    outcomes = [run(job, args) for job in chosen]
+    write_latest(outcomes + earlier_sections(chosen), args)
     print(f"\nwrote {RESULTS / 'latest.md'}", file=sys.stderr)
     return 0 if all(o["code"] == 0 for o in outcomes) else 1
 
@@ -58,9 +57,9 @@ def short(script: Path) -> str:
     return script.stem.removeprefix("bench_")
 
 
-def jobs(scripts: list[Path]) -> list[tuple[str, Path, list[str]]]:
-    """(results name, script, arguments): each script once, plus its EXTRA_RUNS."""
-    return [job for s in scripts for job in [(short(s), s, [])] + [(name, s, extra) for name, extra in
+def jobs() -> list[tuple[str, Path, list[str]]]:
+    """(results name, script, arguments): each bench/bench_*.py once, plus its EXTRA_RUNS."""
+    return [job for s in sorted(BENCH.glob("bench_*.py")) for job in [(short(s), s, [])] + [(name, s, extra) for name, extra in
                                                                    EXTRA_RUNS.get(short(s), [])]]
 
 
@@ -124,7 +123,7 @@ def wait(process: subprocess.Popen, timeout: float | None) -> None:
 
 def earlier_sections(ran: list[tuple]) -> list[dict]:
     """With --only: the other benchmarks' last sections (results/<name>.md), each with its own date."""
-    others = [name for name, _, _ in jobs(sorted(BENCH.glob("bench_*.py"))) if name not in {j[0] for j in ran}]
+    others = [name for name, _, _ in jobs() if name not in {j[0] for j in ran}]
     return [{"name": name, "code": None, "seconds": None, "section": (RESULTS / f"{name}.md").read_text()}
             for name in others if (RESULTS / f"{name}.md").exists()]
 

@@ -140,13 +140,9 @@ def prompt_targets(model, examples: list[Example], cfg: EngineConfig) -> list[Ex
     scored = {}
     for start in range(0, len(anchors), SAMPLE_BATCH):
         chunk = anchors[start:start + SAMPLE_BATCH]
-        width = max(len(e.prompt_ids) for e in chunk)
-        ids = torch.tensor([e.prompt_ids + [0] * (width - len(e.prompt_ids)) for e in chunk], device=model.device)
-        mask = (torch.arange(width) < torch.tensor([[len(e.prompt_ids)] for e in chunk])).long().to(model.device)
-        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        for b, e in enumerate(chunk):  # the LM head at this row's prompt positions only
-            top = model.lm_head(hidden[b, :len(e.prompt_ids) - 1]).float().log_softmax(-1).topk(cfg.topk, dim=-1)
-            scored[id(e)] = replace(e, prompt_top_idx=top.indices.cpu(), prompt_top_logp=top.values.cpu())
+        tops = topk_at(model, [e.prompt_ids for e in chunk], [(0, len(e.prompt_ids) - 1) for e in chunk], cfg.topk)
+        for e, (top_idx, top_logp) in zip(chunk, tops):
+            scored[id(e)] = replace(e, prompt_top_idx=top_idx, prompt_top_logp=top_logp)
     return [scored.get(id(e), e) for e in examples]
 
 
@@ -165,17 +161,26 @@ def scored_answers(model, tokenizer, pairs: list[tuple[Query, list[int]]], cfg: 
     for start in range(0, len(pairs), SAMPLE_BATCH):
         chunk = pairs[start:start + SAMPLE_BATCH]
         prompts = [chat_ids(tokenizer, (q.context or []) + [{"role": "user", "content": q.question}]) for q, _ in chunk]
-        answers = [a for _, a in chunk]
-        seqs = [p + a[:-1] for p, a in zip(prompts, answers)]  # the last answer token is only a target
-        width = max(map(len, seqs))
-        on = model.device
-        ids = torch.tensor([s + [tokenizer.eos_token_id] * (width - len(s)) for s in seqs], device=on)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=on)
-        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        for b, ((q, _), p, a) in enumerate(zip(chunk, prompts, answers)):  # the LM head at answer positions only
-            logits = model.lm_head(hidden[b, len(p) - 1:len(p) - 1 + len(a)]).float()
-            top = logits.log_softmax(-1).topk(cfg.topk, dim=-1)
-            yield q, [(a, top.indices.cpu(), top.values.cpu())]
+        seqs = [p + a[:-1] for p, (_, a) in zip(prompts, chunk)]  # the last answer token is only a target
+        spans = [(len(p) - 1, len(p) - 1 + len(a)) for p, (_, a) in zip(prompts, chunk)]
+        for (q, a), (top_idx, top_logp) in zip(chunk, topk_at(model, seqs, spans, cfg.topk)):
+            yield q, [(a, top_idx, top_logp)]
+
+
+@torch.no_grad()
+def topk_at(model, seqs: list[list[int]], spans: list[tuple[int, int]], k: int) -> list[tuple]:
+    """(top_idx, top_logp) [end - start, k] of `model`'s next-token distribution at positions
+    [start, end) of each sequence: one right-padded forward pass, the LM head at those positions only."""
+    width = max(map(len, seqs))
+    on = model.device
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=on)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=on)
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    out = []
+    for b, (start, end) in enumerate(spans):
+        top = model.lm_head(hidden[b, start:end]).float().log_softmax(-1).topk(k, dim=-1)
+        out.append((top.indices.cpu(), top.values.cpu()))
+    return out
 
 
 def remote_samples(tokenizer, queries: list[Query], cfg: EngineConfig):
