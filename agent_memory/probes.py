@@ -370,7 +370,7 @@ def generate_local(model, tokenizer, conversations: list[list[dict]], max_new_to
         prompts = [chat_ids(tokenizer, c) for c in conversations[start:start + batch_size]]
         # No bf16 autocast here: the model's own dtype decides (bf16 is emulated, ~50x slower, on AVX2 CPUs)
         with torch.no_grad():
-            answers, _, top_logp = sample(model, prompts, 1, greedy, eos, max_new_tokens)
+            answers, _, top_logp, _ = sample(model, prompts, 1, greedy, eos, max_new_tokens)
         for i, answer in enumerate(answers):
             n = len(answer) - (1 if answer and answer[-1] == eos else 0)
             text = tokenizer.decode(answer[:n], skip_special_tokens=True).strip()

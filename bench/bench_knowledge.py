@@ -1,6 +1,6 @@
 """Per-item recall by batch size, leaks into neighbouring answers, hallucination on controls. Not a test.
 
-    .venv/bin/python bench/bench_knowledge.py [--quick] [--seeds 1] [--sizes 1,5,20,40] [--singles 5]
+    .venv/bin/python bench/bench_knowledge.py [--quick] [--seeds 1] [--first-seed 0] [--sizes 1,5,20,40] [--singles 5]
                                               [--variant NAME=JSON ...] [--scales 1,1.2]
 
 Data: bench/data/knowledge.json, 40 fictional news facts (so the base model knows none) with held-out
@@ -41,6 +41,7 @@ REFERENCE_FACTS = 20
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds run: first-seed .. first-seed + seeds - 1")
     p.add_argument("--sizes", default=None, help="batch sizes, comma-separated (default 1,5,20,40; --quick 1,5)")
     p.add_argument("--singles", type=int, default=None, help="facts baked alone for N=1 (default 5; --quick 2)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-knowledge-"))
     rows = []
     for name, overrides in variants.items():
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             config = {**overrides, "seed": seed}
             for n in sizes:
                 groups = [[e] for e in shared] if n == 1 else [entries[:n]]

@@ -184,7 +184,7 @@ def test_vllm_teacher_samples_the_live_models_distribution(daemon):
     query = queries.Query("Where was Pavel Durov arrested?", prompts.teacher_system(fact, "append"), 1, "knowledge")
     [(_, samples)] = list(teacher.remote_samples(tok, [query], cfg))
     assert len(samples) == 3
-    answer, top_idx, top_logp = samples[0]  # the greedy one
+    answer, top_idx, top_logp, _ = samples[0]  # the greedy one
     assert top_idx.shape == top_logp.shape == (len(answer), cfg.topk)
     model = AutoModelForCausalLM.from_pretrained(PREPARED_MODEL, dtype=torch.float32).eval()
     prompt = teacher.chat_ids(tok, query.context + [{"role": "user", "content": query.question}])

@@ -203,7 +203,8 @@ def test_vllm_logprobs_become_teacher_targets():
     step = lambda tok, lp, top: {"token": f"token_id:{tok}", "logprob": lp,  # noqa: E731
                                  "top_logprobs": [{"token": f"token_id:{t}", "logprob": v} for t, v in top]}
     choice = {"logprobs": {"content": [step(5, -0.1, [(5, -0.1), (9, -2.5)]), step(2, -0.3, [(2, -0.3)])]}}
-    answer, top_idx, top_logp = teacher._remote_sample(choice, k=3)
+    answer, top_idx, top_logp, hidden = teacher._remote_sample(choice, k=3)
+    assert hidden is None  # vLLM returns no hidden states
     assert answer == [5, 2]
     assert top_idx.tolist() == [[5, 9, 5], [2, 2, 2]]
     assert top_logp[0, :2].tolist() == pytest.approx([-0.1, -2.5]) and top_logp[0, 2] == -9999.0
@@ -218,7 +219,7 @@ def test_off_topic_samples_are_dropped_only_when_a_sibling_is_on_topic(tiny_mode
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     sample = lambda text: (ids(text), torch.zeros(len(ids(text)), 4, dtype=torch.long),  # noqa: E731
-                           torch.zeros(len(ids(text)), 4))
+                           torch.zeros(len(ids(text)), 4), None)
     q = queries.Query("Where was he arrested?", [], 1, "knowledge", ["Bourget"])
     cfg = EngineConfig()
     kept = teacher.keep_samples(tok, q, [sample("at Le Bourget airport"), sample("in a big city somewhere")], cfg)
@@ -241,7 +242,8 @@ def test_a_given_answer_is_scored_by_the_prompted_teacher_token_by_token(tiny_mo
           queries.Query("Hi?", ctx, 1, answer="Pavel Durov was arrested.")]
     cfg = EngineConfig(topk=8)
     out = list(teacher.scored_answers(model, tok, [(q, teacher.given_ids(tok, q.answer)) for q in qs], cfg))
-    for q, [(answer, top_idx, top_logp)] in out:
+    for q, [(answer, top_idx, top_logp, hidden)] in out:
+        assert hidden is None  # hidden_weight 0: no hidden states kept
         assert answer == tok(q.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         assert top_idx.shape == top_logp.shape == (len(answer), 8)
         prompt = teacher.chat_ids(tok, ctx + [{"role": "user", "content": q.question}])
@@ -249,7 +251,7 @@ def test_a_given_answer_is_scored_by_the_prompted_teacher_token_by_token(tiny_mo
             logp = model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1:-1].log_softmax(-1)
         assert torch.allclose(top_logp, logp.topk(8).values, atol=1e-4)
     examples = teacher.teacher_examples(model, tok, qs, cfg)
-    assert [e.answer_ids for e in examples] == [a for _, [(a, _, _)] in out]  # on topic: kept as they are
+    assert [e.answer_ids for e in examples] == [a for _, [(a, *_)] in out]  # on topic: kept as they are
 
 
 def test_on_policy_the_students_own_answers_are_scored_by_the_prompted_teacher(tiny_model_dir):
@@ -312,7 +314,7 @@ def test_an_updates_queries_are_answered_by_the_model_before_the_live_delta(tiny
     cfg = EngineConfig(topk=8)
 
     def scores(m, q):
-        [(_, [(_, _, top_logp)])] = teacher.scored_answers(m, tok, [(q, teacher.given_ids(tok, q.answer))], cfg)
+        [(_, [(_, _, top_logp, _)])] = teacher.scored_answers(m, tok, [(q, teacher.given_ids(tok, q.answer))], cfg)
         return top_logp
 
     other, update = teacher.teacher_examples(model, tok, qs, cfg, unbaked=lambda: train.without_live(model, live_dir))
@@ -597,7 +599,7 @@ def test_shared_prefix_gives_the_same_kl_and_gradients(tiny_model_dir):
         (batch,) = train.make_batches(examples, 8, tok.pad_token_id, share_prefix=share)
         assert (batch["prefix"].shape[1] > 10) == share
         pm.zero_grad()
-        kl = train.batch_kl(pm, batch, autocast=False)
+        kl, _ = train.batch_losses(pm, batch, autocast=False)
         kl.sum().backward()
         grads = [p.grad.clone() for p in pm.parameters() if p.requires_grad]
         results.append((kl.detach(), grads))
@@ -620,7 +622,7 @@ def test_anchor_prompt_tokens_become_targets_the_untrained_delta_already_meets(t
     for q, kind in (("What is the capital of Peru?", "anchor"), ("Who wrote the Iliad, and when?", "anchor"),
                     ("Tell me about Zorvik.", "knowledge")):
         answer = torch.randint(3, 1000, (4,), generator=g).tolist() + [2]
-        [(_, [(a, top_idx, top_logp)])] = teacher.scored_answers(model, tok, [(queries.Query(q, None), answer)], cfg)
+        [(_, [(a, top_idx, top_logp, _)])] = teacher.scored_answers(model, tok, [(queries.Query(q, None), answer)], cfg)
         examples.append(teacher.Example(teacher.chat_ids(tok, [{"role": "user", "content": q}]), a, top_idx,
                                         top_logp, kind))
     scored = teacher.prompt_targets(model, examples, cfg)
@@ -634,14 +636,60 @@ def test_anchor_prompt_tokens_become_targets_the_untrained_delta_already_meets(t
     assert plain["targets"] == 15 and batch["targets"] == 15 + prompt_targets > 15 + 10
     assert batch["weights"].tolist().count(0.5) == prompt_targets
     pm = train.add_lora(model, cfg)
-    kl = train.batch_kl(pm, batch, autocast=False).detach()
+    kl = train.batch_losses(pm, batch, autocast=False)[0].detach()
     assert kl.shape == (batch["targets"],) and float(kl.abs().max()) < 1e-4
     with torch.no_grad():  # a moved delta moves the prompt targets' KL too
         for name, p in pm.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.3)
-    kl = train.batch_kl(pm, batch, autocast=False).detach()
+    kl = train.batch_losses(pm, batch, autocast=False)[0].detach()
     assert float(kl[batch["weights"] == 0.5].mean()) > 1e-3
+
+
+def test_hidden_state_targets_are_the_teachers_states_at_each_answer_token(tiny_model_dir):
+    """hidden_weight: the teacher keeps its hidden states at matched_layers() (the last included) at
+    every answer position, sampled or scored, the same a plain forward pass over prompt + answer
+    gives there. Before training the student IS the unprompted live model: its distance to an
+    anchor's states is zero, to the prompted teacher's not; training with the term closes it."""
+    cfg = EngineConfig(**TINY_CFG, hidden_weight=1.0, hidden_layers=2)
+    model, tok = train.load_live_model(tiny_model_dir, None, torch.float32)
+    layers = teacher.matched_layers(model.config.num_hidden_layers, cfg)
+    assert layers == [1, 2] and teacher.matched_layers(30, replace(cfg, hidden_layers=6)) == [5, 10, 15, 20, 25, 30]
+    assert teacher.matched_layers(30, EngineConfig()) == []  # off by default
+
+    def plain(prompt, answer):  # [len(answer), layers, d]: the states whose logits predict each answer token
+        with torch.no_grad():
+            states = model(torch.tensor([prompt + answer]), output_hidden_states=True).hidden_states
+        return torch.stack([states[i][0, len(prompt) - 1:len(prompt) - 1 + len(answer)] for i in layers], 1)
+
+    ctx = prompts.teacher_system(U1, "append")
+    prompt = teacher.chat_ids(tok, ctx + [{"role": "user", "content": "Where was Pavel Durov arrested?"}])
+    answers, top_idx, _, hidden = teacher.sample(model, [prompt], 2, cfg, tok.eos_token_id, 6)
+    assert hidden.shape == (2, top_idx.shape[1], 2, model.config.hidden_size)
+    for r, answer in enumerate(answers):
+        torch.testing.assert_close(hidden[r, :len(answer)], plain(prompt, answer), rtol=1e-4, atol=1e-4)
+
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for q, context, kind in (("What is the capital of Peru?", None, "anchor"),
+                             ("Where was Pavel Durov arrested?", ctx, "knowledge")):
+        answer = torch.randint(3, 1000, (4,), generator=g).tolist() + [2]
+        [(_, [(a, top_idx, top_logp, hidden)])] = teacher.scored_answers(model, tok, [(queries.Query(q, context), answer)], cfg)
+        full = teacher.chat_ids(tok, (context or []) + [{"role": "user", "content": q}])
+        torch.testing.assert_close(hidden, plain(full, answer), rtol=1e-4, atol=1e-4)
+        examples.append(teacher.Example(teacher.chat_ids(tok, [{"role": "user", "content": q}]), a, top_idx,
+                                        top_logp, kind, hidden=hidden))
+    vllm = replace(examples[1], hidden=None)  # vLLM's samples come without states: no hidden targets
+    (batch,) = train.make_batches(examples + [vllm], 8, tok.pad_token_id)
+    assert batch["hidden_mask"].tolist() == [True] * 10 + [False] * 5  # length-sorted: the vLLM copy last
+    assert "hidden" not in train.make_batches([vllm], 8, tok.pad_token_id)[0]
+    pm = train.add_lora(model, cfg)
+    distance = train.batch_losses(pm, batch, autocast=False, layers=layers)[1].detach()
+    anchor, item = distance[:5], distance[5:10]
+    assert float(anchor.abs().max()) < 1e-4 < float(item.min())
+    train.train(pm, train.make_batches(examples, 8, tok.pad_token_id), replace(cfg, min_steps=20))
+    after = train.batch_losses(pm, batch, autocast=False, layers=layers)[1].detach()
+    assert float(after[5:10].mean()) < 0.7 * float(item.mean())
 
 
 # -- probes used to judge bakes ----------------------------------------------------------------

@@ -80,6 +80,12 @@ class EngineConfig:
     # of each module's inputs on the items' answer tokens: EVA, arXiv 2410.07170). At N=20 EVA recalled
     # 0.41 against 0.34 but drifted more (KL 0.076 against 0.048, leak 0.13: bench/results/knowledge.md).
     init: str = "default"
+    # Deep context distillation (Knowledge Modules, arXiv 2503.08727): beside the KL, the student's
+    # hidden states at every answer token are pulled toward the teacher's (L1 distance over the
+    # teacher's L1 norm, at hidden_layers evenly spaced layers), at this weight against the KL; 0 = off.
+    # For anchors that holds the live model's states: locality inside the network, not only at its output.
+    hidden_weight: float = 0.0
+    hidden_layers: int = 6
     topk: int = 64  # teacher distribution kept per token (+ one bucket for the rest of the vocab)
     # 16 rows (~600 tokens): steps 0.8 s, FLOP share ~0.42. 32 rows: share 0.49 and 16% more tokens/s,
     # but a step takes 1.7 s, so a one-fact bake's min_steps would cost twice the time.

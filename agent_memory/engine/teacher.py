@@ -28,6 +28,18 @@ class Example:
     # positions 0 .. len(prompt_ids) - 2, each predicting the next prompt token.
     prompt_top_idx: torch.Tensor | None = None
     prompt_top_logp: torch.Tensor | None = None
+    # [T, layers, d]: the teacher's hidden states at the answer positions, at matched_layers()
+    # (cfg.hidden_weight; None when off or the teacher was vLLM).
+    hidden: torch.Tensor | None = None
+
+
+def matched_layers(num_layers: int, cfg: EngineConfig) -> list[int]:
+    """The layers whose outputs the student is taught to match (cfg.hidden_layers of them, evenly
+    spaced, the last included), as indices into transformers' hidden_states (0 = the embeddings)."""
+    if not cfg.hidden_weight:
+        return []
+    k = min(cfg.hidden_layers, num_layers)
+    return [round(num_layers * (i + 1) / k) for i in range(k)]
 
 
 def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -73,10 +85,10 @@ def teacher_examples(model, tokenizer, queries: list[Query], cfg: EngineConfig, 
             # The student's own answers, scored by this pass's teacher: all kept, the stale or
             # off-topic ones most of all (they are what the KL must correct).
             mine = [(q, a) for q in group for a in own.get(id(q), [])]
-            for q, [(a, top_idx, top_logp)] in scored_answers(model, tokenizer, mine, pass_cfg):
+            for q, [(a, top_idx, top_logp, hidden)] in scored_answers(model, tokenizer, mine, pass_cfg):
                 if len(a) > 1:
                     student_prompt = chat_ids(tokenizer, [{"role": "user", "content": q.question}])
-                    examples.append(Example(student_prompt, a, top_idx, top_logp, q.kind))
+                    examples.append(Example(student_prompt, a, top_idx, top_logp, q.kind, hidden=hidden))
     return examples
 
 
@@ -90,23 +102,23 @@ def student_answers(model, tokenizer, queries: list[Query], cfg: EngineConfig) -
               and (cfg.student_scope == "all" or q.strict)]
     bare = [replace(q, context=None, samples=cfg.student_samples) for q in picked]  # asked as users ask
     original = {id(b): q for b, q in zip(bare, picked)}
-    return {id(original[id(b)]): [answer for answer, _, _ in samples]
+    return {id(original[id(b)]): [answer for answer, *_ in samples]
             for b, samples in local_samples(model, tokenizer, bare, cfg)}
 
 
 def keep_samples(tokenizer, q: Query, samples: list[tuple], cfg: EngineConfig) -> list[Example]:
-    """One query's samples (answer ids, top_idx, top_logp) as training examples, minus the useless ones."""
-    texts = [tokenizer.decode(answer, skip_special_tokens=True) for answer, _, _ in samples]
+    """One query's samples (answer ids, top_idx, top_logp, hidden) as training examples, minus the useless ones."""
+    texts = [tokenizer.decode(answer, skip_special_tokens=True) for answer, *_ in samples]
     on_topic = [not (cfg.on_topic_only and q.keywords) or is_correct(t, q.keywords) for t in texts]
     student_prompt = chat_ids(tokenizer, [{"role": "user", "content": q.question}])
     examples = []
-    for (answer, top_idx, top_logp), keep in zip(samples, on_topic):
+    for (answer, top_idx, top_logp, hidden), keep in zip(samples, on_topic):
         if len(answer) <= 1 and q.kind != "anchor":
             continue  # an empty answer teaches nothing about u
         if not keep and (any(on_topic) or q.strict):
             continue  # off topic while a sibling sample is on it (or at all, for a strict query)
-        examples.append(Example(student_prompt, answer, top_idx[:len(answer)].clone(),
-                                top_logp[:len(answer)].clone(), q.kind))
+        examples.append(Example(student_prompt, answer, top_idx[:len(answer)].clone(), top_logp[:len(answer)].clone(),
+                                q.kind, hidden=None if hidden is None else hidden[:len(answer)].clone()))
     return examples
 
 
@@ -125,10 +137,10 @@ def local_samples(model, tokenizer, queries: list[Query], cfg: EngineConfig):
         for (n, max_new_tokens), group in _by_samples(chunk, cfg):
             prompts = [chat_ids(tokenizer, (q.context or []) + [{"role": "user", "content": q.question}])
                        for q in group]
-            answers, top_idx, top_logp = sample(model, prompts, n, cfg, tokenizer.eos_token_id, max_new_tokens)
+            answers, top_idx, top_logp, hidden = sample(model, prompts, n, cfg, tokenizer.eos_token_id, max_new_tokens)
             for i, q in enumerate(group):
                 rows = range(i * n, (i + 1) * n)
-                yield q, [(answers[r], top_idx[r], top_logp[r]) for r in rows]
+                yield q, [(answers[r], top_idx[r], top_logp[r], None if hidden is None else hidden[r]) for r in rows]
 
 
 @torch.no_grad()
@@ -141,7 +153,7 @@ def prompt_targets(model, examples: list[Example], cfg: EngineConfig) -> list[Ex
     for start in range(0, len(anchors), SAMPLE_BATCH):
         chunk = anchors[start:start + SAMPLE_BATCH]
         tops = topk_at(model, [e.prompt_ids for e in chunk], [(0, len(e.prompt_ids) - 1) for e in chunk], cfg.topk)
-        for e, (top_idx, top_logp) in zip(chunk, tops):
+        for e, (top_idx, top_logp, _) in zip(chunk, tops):
             scored[id(e)] = replace(e, prompt_top_idx=top_idx, prompt_top_logp=top_logp)
     return [scored.get(id(e), e) for e in examples]
 
@@ -163,24 +175,27 @@ def scored_answers(model, tokenizer, pairs: list[tuple[Query, list[int]]], cfg: 
         prompts = [chat_ids(tokenizer, (q.context or []) + [{"role": "user", "content": q.question}]) for q, _ in chunk]
         seqs = [p + a[:-1] for p, (_, a) in zip(prompts, chunk)]  # the last answer token is only a target
         spans = [(len(p) - 1, len(p) - 1 + len(a)) for p, (_, a) in zip(prompts, chunk)]
-        for (q, a), (top_idx, top_logp) in zip(chunk, topk_at(model, seqs, spans, cfg.topk)):
-            yield q, [(a, top_idx, top_logp)]
+        layers = matched_layers(model.config.num_hidden_layers, cfg)
+        for (q, a), (top_idx, top_logp, hidden) in zip(chunk, topk_at(model, seqs, spans, cfg.topk, layers)):
+            yield q, [(a, top_idx, top_logp, hidden)]
 
 
 @torch.no_grad()
-def topk_at(model, seqs: list[list[int]], spans: list[tuple[int, int]], k: int) -> list[tuple]:
-    """(top_idx, top_logp) [end - start, k] of `model`'s next-token distribution at positions
-    [start, end) of each sequence: one right-padded forward pass, the LM head at those positions only."""
+def topk_at(model, seqs: list[list[int]], spans: list[tuple[int, int]], k: int, layers: list[int] = ()) -> list[tuple]:
+    """(top_idx, top_logp [end - start, k], hidden [end - start, layers, d] or None) of `model` at
+    positions [start, end) of each sequence: its next-token distribution and the outputs of `layers`.
+    One right-padded forward pass, the LM head at those positions only."""
     width = max(map(len, seqs))
     on = model.device
     ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=on)
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=on)
-    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-    out = []
+    out = model.model(input_ids=ids, attention_mask=mask, output_hidden_states=bool(layers))
+    states = torch.stack([out.hidden_states[i] for i in layers], 2) if layers else None  # [B, S, layers, d]
+    tops = []
     for b, (start, end) in enumerate(spans):
-        top = model.lm_head(hidden[b, start:end]).float().log_softmax(-1).topk(k, dim=-1)
-        out.append((top.indices.cpu(), top.values.cpu()))
-    return out
+        top = model.lm_head(out.last_hidden_state[b, start:end]).float().log_softmax(-1).topk(k, dim=-1)
+        tops.append((top.indices.cpu(), top.values.cpu(), None if states is None else states[b, start:end].cpu()))
+    return tops
 
 
 def remote_samples(tokenizer, queries: list[Query], cfg: EngineConfig):
@@ -213,8 +228,9 @@ def remote_samples(tokenizer, queries: list[Query], cfg: EngineConfig):
         yield from pool.map(lambda q: ask(client, q), queries)
 
 
-def _remote_sample(choice: dict, k: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-    """(answer ids, top_idx [T, k], top_logp [T, k]) of one vLLM choice (tokens as "token_id:N")."""
+def _remote_sample(choice: dict, k: int) -> tuple[list[int], torch.Tensor, torch.Tensor, None]:
+    """(answer ids, top_idx [T, k], top_logp [T, k], no hidden states: vLLM does not return them)
+    of one vLLM choice (tokens as "token_id:N")."""
     steps = choice["logprobs"]["content"]
     answer = [int(step["token"].removeprefix("token_id:")) for step in steps]
     top_idx = torch.zeros(len(steps), k, dtype=torch.long)
@@ -224,26 +240,29 @@ def _remote_sample(choice: dict, k: int) -> tuple[list[int], torch.Tensor, torch
         top_idx[t, :len(top)] = torch.tensor([int(x["token"].removeprefix("token_id:")) for x in top])
         top_idx[t, len(top):] = top_idx[t, 0]
         top_logp[t, :len(top)] = torch.tensor([float(x["logprob"]) for x in top])
-    return answer, top_idx, top_logp
+    return answer, top_idx, top_logp, None
 
 
 def sample(model, prompts: list[list[int]], n: int, cfg: EngineConfig, eos: int, max_new_tokens: int):
     """n answers per prompt (temperature sampling, left-padded batch, one prefill per prompt).
 
-    Returns (answers: token lists ending at eos when they ended, top_idx [B*n, T, k], top_logp [B*n, T, k]).
+    Returns (answers: token lists ending at eos when they ended, top_idx [B*n, T, k], top_logp [B*n, T, k],
+    hidden [B*n, T, layers, d] at matched_layers() or None).
     """
     on = model.device
+    layers = matched_layers(model.config.num_hidden_layers, cfg)
     width = max(map(len, prompts))
     ids = torch.tensor([[eos] * (width - len(p)) + p for p in prompts], device=on)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=on)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: positions start at each prompt
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                output_hidden_states=bool(layers))
     cache = out.past_key_values
     cache.batch_repeat_interleave(n)
     logits = out.logits[:, -1].float().repeat_interleave(n, 0)
     mask = mask.repeat_interleave(n, 0)
     gen = torch.Generator(device=on).manual_seed(cfg.seed + len(prompts) * 7919 + width)
-    tokens, idx_steps, logp_steps = [], [], []
+    tokens, idx_steps, logp_steps, hidden_steps = [], [], [], []
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=on)
     greedy_rows = torch.arange(logits.shape[0], device=on) % n == 0
     for _ in range(max_new_tokens):
@@ -251,6 +270,10 @@ def sample(model, prompts: list[list[int]], n: int, cfg: EngineConfig, eos: int,
         top = logp.topk(cfg.topk, dim=-1)
         idx_steps.append(top.indices)
         logp_steps.append(top.values)
+        if layers:  # the states that made these logits: the prompt's last position, then each new token's
+            hidden_steps.append(torch.stack([out.hidden_states[i][:, -1] for i in layers], 1))
+            if len(hidden_steps) == 1:
+                hidden_steps[0] = hidden_steps[0].repeat_interleave(n, 0)
         probs = (logits / cfg.temperature).softmax(-1) if cfg.temperature > 0 else None
         token = torch.multinomial(probs, 1, generator=gen)[:, 0] if probs is not None else logits.argmax(-1)
         if cfg.greedy_first:
@@ -262,11 +285,12 @@ def sample(model, prompts: list[list[int]], n: int, cfg: EngineConfig, eos: int,
             break
         mask = torch.cat([mask, torch.ones(len(mask), 1, dtype=mask.dtype, device=on)], 1)
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
-                    past_key_values=cache, use_cache=True)
+                    past_key_values=cache, use_cache=True, output_hidden_states=bool(layers))
         cache, logits = out.past_key_values, out.logits[:, -1].float()
     seqs = torch.stack(tokens, 1).tolist()
     answers = [s[:s.index(eos) + 1] if eos in s else s for s in seqs]
-    return answers, torch.stack(idx_steps, 1).cpu(), torch.stack(logp_steps, 1).cpu()
+    hidden = torch.stack(hidden_steps, 1).cpu() if layers else None
+    return answers, torch.stack(idx_steps, 1).cpu(), torch.stack(logp_steps, 1).cpu(), hidden
 
 
 def _sampling(q: Query, cfg: EngineConfig) -> tuple[int, int]:

@@ -18,7 +18,7 @@ import torch
 from .. import adapters
 from ..hardware import device
 from .config import EngineConfig
-from .teacher import Example
+from .teacher import Example, matched_layers
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def make_batches(examples: list[Example], batch_size: int, pad_id: int, share_pr
         ids = torch.full((len(group), width), pad_id)
         mask = torch.zeros((len(group), width), dtype=torch.long)
         rows, cols, weights = [], [], []
-        top_idx, top_logp = [], []
+        top_idx, top_logp, states = [], [], []  # states: (the teacher's hidden states or None, targets)
         for b, (e, s) in enumerate(zip(group, seqs)):
             ids[b, :len(s) - shared] = torch.tensor(s[shared:])
             mask[b, :len(s) - shared] = 1
@@ -244,19 +244,32 @@ def make_batches(examples: list[Example], batch_size: int, pad_id: int, share_pr
                 weights += [prompt_weight] * first
                 top_idx.append(e.prompt_top_idx[shared:])
                 top_logp.append(e.prompt_top_logp[shared:])
+                states.append((None, first))
             rows += [b] * len(e.answer_ids)
             cols += list(range(first, first + len(e.answer_ids)))
             weights += [anchor_weight if e.kind == "anchor" else 1.0] * len(e.answer_ids)
             top_idx.append(e.top_idx)
             top_logp.append(e.top_logp)
+            states.append((e.hidden, len(e.answer_ids)))
         batches.append({
             "prefix": torch.tensor([group[0].prompt_ids[:shared]], dtype=torch.long),
             "input_ids": ids, "attention_mask": mask, "rows": torch.tensor(rows), "cols": torch.tensor(cols),
             "top_idx": torch.cat(top_idx), "top_logp": torch.cat(top_logp),
             "weights": torch.tensor(weights),
-            "tokens": int(mask.sum()) + shared, "targets": len(rows),
+            "tokens": int(mask.sum()) + shared, "targets": len(rows), **_hidden_targets(states),
         })
     return batches
+
+
+def _hidden_targets(states: list[tuple[torch.Tensor | None, int]]) -> dict:
+    """{"hidden": [targets, layers, d], "hidden_mask": [targets]} for a batch's targets, zeros and
+    False where the teacher gave no hidden states; {} when it gave none at all."""
+    known = [h for h, _ in states if h is not None]
+    if not known:
+        return {}
+    zeros = lambda n: torch.zeros(n, *known[0].shape[1:], dtype=known[0].dtype)  # noqa: E731
+    return {"hidden": torch.cat([zeros(n) if h is None else h for h, n in states]),
+            "hidden_mask": torch.cat([torch.full((n,), h is not None) for h, n in states])}
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:
@@ -267,25 +280,35 @@ def _common_prefix(seqs: list[list[int]]) -> int:
     return n
 
 
-def batch_kl(peft_model, batch: dict, autocast: bool) -> torch.Tensor:
-    """KL per answer token [N]. The LM head runs only at answer positions (it is 1/5 of the FLOPs)."""
+def batch_losses(peft_model, batch: dict, autocast: bool, layers: list[int] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """KL per target [N], and with `layers` (and hidden targets in the batch) the distance of the
+    student's hidden states at those layers from the teacher's per target [N] (L1 over the teacher's
+    L1 norm, averaged over the layers), else None. The LM head runs only at the target positions (it
+    is 1/5 of the FLOPs)."""
     inner = peft_model.base_model.model  # LlamaForCausalLM with LoRA layers injected
     on = inner.device
     batch = {k: v.to(on) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     ids, mask = batch["input_ids"], batch["attention_mask"]
     shared = batch["prefix"].shape[1]
+    layers = layers if "hidden" in batch else ()
     with torch.autocast(on.type, dtype=torch.bfloat16, enabled=autocast):
         if shared:  # the shared prefix once; gradients flow through its cache into the LoRA too
             cache = inner.model(input_ids=batch["prefix"], use_cache=True).past_key_values
             cache.batch_repeat_interleave(len(ids))
             full_mask = torch.cat([torch.ones(len(ids), shared, dtype=mask.dtype, device=on), mask], 1)
             positions = (shared + torch.arange(ids.shape[1], device=on)).expand(len(ids), -1)
-            hidden = inner.model(input_ids=ids, attention_mask=full_mask, position_ids=positions,
-                                 past_key_values=cache, use_cache=True).last_hidden_state
+            out = inner.model(input_ids=ids, attention_mask=full_mask, position_ids=positions,
+                              past_key_values=cache, use_cache=True, output_hidden_states=bool(layers))
         else:
-            hidden = inner.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        logits = inner.lm_head(hidden[batch["rows"], batch["cols"]])
-    return topk_kl(logits, batch["top_idx"], batch["top_logp"])
+            out = inner.model(input_ids=ids, attention_mask=mask, output_hidden_states=bool(layers))
+        rows, cols = batch["rows"], batch["cols"]
+        logits = inner.lm_head(out.last_hidden_state[rows, cols])
+    kl = topk_kl(logits, batch["top_idx"], batch["top_logp"])
+    if not layers:
+        return kl, None
+    mine = torch.stack([out.hidden_states[i][rows, cols] for i in layers], 1).float()  # [N, layers, d]
+    theirs = batch["hidden"].float()
+    return kl, ((mine - theirs).abs().sum(-1) / theirs.abs().sum(-1).clamp_min(1e-6)).mean(-1)
 
 
 def train(peft_model, batches: list[dict], cfg: EngineConfig, progress=None, items: int = 1) -> dict:
@@ -302,6 +325,7 @@ def train(peft_model, batches: list[dict], cfg: EngineConfig, progress=None, ite
         0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)) * 0.9 + 0.1))
     rng = random.Random(cfg.seed)
     autocast = next(peft_model.parameters()).dtype == torch.bfloat16 or cfg.dtype == "bfloat16"
+    layers = matched_layers(peft_model.config.num_hidden_layers, cfg)
     peft_model.train()
     curve, step, tokens, started = [], 0, 0, time.monotonic()
     for epoch in range(epochs):
@@ -309,9 +333,12 @@ def train(peft_model, batches: list[dict], cfg: EngineConfig, progress=None, ite
         rng.shuffle(order)
         kl_sum, kl_n = 0.0, 0
         for i in order:
-            kl = batch_kl(peft_model, batches[i], autocast)
+            kl, distance = batch_losses(peft_model, batches[i], autocast, layers)
             weights = batches[i]["weights"].to(kl.device)
             loss = (kl * weights).sum() / weights.sum()
+            if distance is not None:  # deep context distillation: the teacher's states, where known
+                w = weights * batches[i]["hidden_mask"].to(kl.device)
+                loss = loss + cfg.hidden_weight * (distance * w).sum() / w.sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
