@@ -363,7 +363,7 @@ def generate_local(model, tokenizer, conversations: list[list[dict]], max_new_to
     from .engine.teacher import chat_ids, sample
     from .engine.config import EngineConfig
 
-    greedy = EngineConfig(temperature=0.0, topk=1, greedy_first=False)
+    greedy = EngineConfig(temperature=0.0, topk=1, greedy_first=False, hidden_weight=0.0)  # answers, no states
     eos = tokenizer.eos_token_id
     results = []
     for start in range(0, len(conversations), batch_size):

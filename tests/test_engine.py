@@ -243,7 +243,6 @@ def test_a_given_answer_is_scored_by_the_prompted_teacher_token_by_token(tiny_mo
     cfg = EngineConfig(topk=8)
     out = list(teacher.scored_answers(model, tok, [(q, teacher.given_ids(tok, q.answer)) for q in qs], cfg))
     for q, [(answer, top_idx, top_logp, hidden)] in out:
-        assert hidden is None  # hidden_weight 0: no hidden states kept
         assert answer == tok(q.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         assert top_idx.shape == top_logp.shape == (len(answer), 8)
         prompt = teacher.chat_ids(tok, ctx + [{"role": "user", "content": q.question}])
@@ -354,11 +353,11 @@ TINY_CFG = dict(rank=4, alpha=8, lr=1e-2, epochs=4, min_steps=4, samples_per_que
                 dtype="float32")
 
 
-@pytest.mark.parametrize("protect", [0.0, 0.9])
-def test_tiny_bake_writes_a_delta_that_lowers_the_kl(tiny_model_dir, tmp_path, protect):
+@pytest.mark.parametrize("extra", [{}, {"protect": 0.9}, {"hidden_weight": 0.0}], ids=["defaults", "protect", "kl-only"])
+def test_tiny_bake_writes_a_delta_that_lowers_the_kl(tiny_model_dir, tmp_path, extra):
     seen = []
     out = tmp_path / "deltas" / "bake-0001"
-    result = bake(tiny_model_dir, None, [U1], out, EngineConfig(**TINY_CFG, protect=protect),
+    result = bake(tiny_model_dir, None, [U1], out, EngineConfig(**TINY_CFG, **extra),
                   progress=lambda *a: seen.append(a[0]))
     assert result.out_dir == out and not out.with_name(out.name + ".partial").exists()
     assert {"teacher", "train"} <= set(seen)
@@ -655,7 +654,7 @@ def test_hidden_state_targets_are_the_teachers_states_at_each_answer_token(tiny_
     model, tok = train.load_live_model(tiny_model_dir, None, torch.float32)
     layers = teacher.matched_layers(model.config.num_hidden_layers, cfg)
     assert layers == [1, 2] and teacher.matched_layers(30, replace(cfg, hidden_layers=6)) == [5, 10, 15, 20, 25, 30]
-    assert teacher.matched_layers(30, EngineConfig()) == []  # off by default
+    assert teacher.matched_layers(30, EngineConfig(hidden_weight=0.0)) == []  # off
 
     def plain(prompt, answer):  # [len(answer), layers, d]: the states whose logits predict each answer token
         with torch.no_grad():

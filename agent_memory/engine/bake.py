@@ -89,6 +89,8 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
     protected = protect(peft_model, bases)
     batches = make_batches(examples, cfg.batch_size, tokenizer.pad_token_id, anchor_weight=cfg.anchor_weight,
                            prompt_weight=cfg.anchor_prompts)
+    for e in examples:
+        e.hidden = None  # the batches hold the teacher's hidden states now: one copy in the trainer, not two
     report = train(peft_model, batches, cfg, progress, items=len(items))
     fold(protected)
     timings["train_s"] = time.monotonic() - t

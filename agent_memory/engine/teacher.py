@@ -103,7 +103,7 @@ def student_answers(model, tokenizer, queries: list[Query], cfg: EngineConfig) -
     bare = [replace(q, context=None, samples=cfg.student_samples) for q in picked]  # asked as users ask
     original = {id(b): q for b, q in zip(bare, picked)}
     return {id(original[id(b)]): [answer for answer, *_ in samples]
-            for b, samples in local_samples(model, tokenizer, bare, cfg)}
+            for b, samples in local_samples(model, tokenizer, bare, replace(cfg, hidden_weight=0.0))}  # answers only
 
 
 def keep_samples(tokenizer, q: Query, samples: list[tuple], cfg: EngineConfig) -> list[Example]:

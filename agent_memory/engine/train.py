@@ -1,8 +1,9 @@
 """3-5. student, loss, train: the live model (live adapter merged, frozen) + one new trainable LoRA
 delta on the MLPs (optionally kept off the anchors' input directions: protect), trained on
-KL(teacher || student) over all answer tokens, the FIRST one included, with AdamW, bf16 where the
-CPU is fast at it (hardware.py), length-sorted batches and an early stop at a target KL. Then the
-cost accounting: training FLOP/s against a matmul in the same process.
+KL(teacher || student) over all answer tokens, the FIRST one included (optionally beside a
+hidden-state distance: hidden_weight), with AdamW, bf16 where the CPU is fast at it (hardware.py),
+length-sorted batches and an early stop at a target KL. Then the cost accounting: training FLOP/s
+against a matmul in the same process.
 """
 
 from __future__ import annotations
