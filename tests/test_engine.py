@@ -245,6 +245,7 @@ def test_a_given_answer_is_scored_by_the_prompted_teacher_token_by_token(tiny_mo
     for q, [(answer, top_idx, top_logp, hidden)] in out:
         assert answer == tok(q.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         assert top_idx.shape == top_logp.shape == (len(answer), 8)
+        assert hidden.shape == (len(answer), 2, model.config.hidden_size)  # the tiny model's 2 layers (hidden_weight)
         prompt = teacher.chat_ids(tok, ctx + [{"role": "user", "content": q.question}])
         with torch.no_grad():
             logp = model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1:-1].log_softmax(-1)
