@@ -245,7 +245,7 @@ def test_a_given_answer_is_scored_by_the_prompted_teacher_token_by_token(tiny_mo
     for q, [(answer, top_idx, top_logp, hidden)] in out:
         assert answer == tok(q.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         assert top_idx.shape == top_logp.shape == (len(answer), 8)
-        assert hidden.shape == (len(answer), 2, model.config.hidden_size)  # the tiny model's 2 layers (hidden_weight)
+        assert hidden is None  # hidden_weight 0 (the default): no states kept
         prompt = teacher.chat_ids(tok, ctx + [{"role": "user", "content": q.question}])
         with torch.no_grad():
             logp = model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1:-1].log_softmax(-1)
@@ -354,7 +354,7 @@ TINY_CFG = dict(rank=4, alpha=8, lr=1e-2, epochs=4, min_steps=4, samples_per_que
                 dtype="float32")
 
 
-@pytest.mark.parametrize("extra", [{}, {"protect": 0.9}, {"hidden_weight": 0.0}], ids=["defaults", "protect", "kl-only"])
+@pytest.mark.parametrize("extra", [{}, {"protect": 0.9}, {"hidden_weight": 1.0}], ids=["defaults", "protect", "hidden"])
 def test_tiny_bake_writes_a_delta_that_lowers_the_kl(tiny_model_dir, tmp_path, extra):
     seen = []
     out = tmp_path / "deltas" / "bake-0001"
@@ -655,7 +655,7 @@ def test_hidden_state_targets_are_the_teachers_states_at_each_answer_token(tiny_
     model, tok = train.load_live_model(tiny_model_dir, None, torch.float32)
     layers = teacher.matched_layers(model.config.num_hidden_layers, cfg)
     assert layers == [1, 2] and teacher.matched_layers(30, replace(cfg, hidden_layers=6)) == [5, 10, 15, 20, 25, 30]
-    assert teacher.matched_layers(30, EngineConfig(hidden_weight=0.0)) == []  # off
+    assert teacher.matched_layers(30, EngineConfig()) == []  # off by default
 
     def plain(prompt, answer):  # [len(answer), layers, d]: the states whose logits predict each answer token
         with torch.no_grad():
