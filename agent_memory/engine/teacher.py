@@ -170,12 +170,12 @@ def scored_answers(model, tokenizer, pairs: list[tuple[Query, list[int]]], cfg: 
     answer token: the teacher prompted as for sampling, reading the answer instead of writing one
     (an item's own words, or the student's answer). Local even when the samples come from vLLM: this
     model is loaded to train anyway."""
+    layers = matched_layers(model.config.num_hidden_layers, cfg)
     for start in range(0, len(pairs), SAMPLE_BATCH):
         chunk = pairs[start:start + SAMPLE_BATCH]
         prompts = [chat_ids(tokenizer, (q.context or []) + [{"role": "user", "content": q.question}]) for q, _ in chunk]
         seqs = [p + a[:-1] for p, (_, a) in zip(prompts, chunk)]  # the last answer token is only a target
         spans = [(len(p) - 1, len(p) - 1 + len(a)) for p, (_, a) in zip(prompts, chunk)]
-        layers = matched_layers(model.config.num_hidden_layers, cfg)
         for (q, a), (top_idx, top_logp, hidden) in zip(chunk, topk_at(model, seqs, spans, cfg.topk, layers)):
             yield q, [(a, top_idx, top_logp, hidden)]
 
