@@ -140,6 +140,10 @@ def test_an_update_is_asked_its_predecessors_questions_with_both_in_the_teachers
     given = [q for q in qs if q.answer is not None]
     assert given and all(q.answer == new["text"] for q in given)
     assert len({q.question for q in given}) == len(given)  # one subject, its given answers once
+    assert all(q.stale == old["text"] for q in given)  # the rival a preference pair pushes down
+    assert not any(q.stale for q in qs if q.answer is None)
+    plain = queries.build_queries([old], EngineConfig(anchors=0, news_anchors=0), random.Random(0))
+    assert not any(q.stale for q in plain)  # not an update: nothing superseded
 
 
 def test_a_fact_without_a_title_gets_cloze_questions_on_its_sentence():
@@ -325,6 +329,65 @@ def test_an_updates_queries_are_answered_by_the_model_before_the_live_delta(tiny
     live_only = teacher.teacher_examples(model, tok, qs, EngineConfig(topk=8, update_teacher="live"),
                                          unbaked=lambda: train.without_live(model, live_dir))
     assert torch.allclose(live_only[0].top_logp, scores(model, qs[0]), atol=1e-4)
+
+
+OLD_MOVE = {"id": 1, "kind": "fact", "text": "Tomas Brelvik agreed to join Castellan FC from Wexmoor United."}
+NEW_MOVE = {"id": 2, "kind": "fact", "text": "Tomas Brelvik signed for Redmarsh City after his Castellan medical "
+            "found a knee problem.", "updates": [OLD_MOVE]}
+
+
+def test_preference_pairs_hold_the_live_models_margin_of_the_update_over_its_earlier_report(tiny_model_dir):
+    """unlearn_weight: one pair per given-answer question of an update, asked bare, the update's own
+    words chosen over the earlier report's, the reference margin the live model's; none when off."""
+    import random
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    cfg = EngineConfig(anchors=0, news_anchors=0, contrast_queries=0, unlearn_weight=1.0)
+    qs = queries.build_queries([NEW_MOVE], cfg, random.Random(0))
+    pairs = teacher.preference_pairs(model, tok, qs, cfg)
+    given = [q for q in qs if q.answer is not None]
+    assert len(pairs) == len(given) >= 3
+    for pair, q in zip(pairs, given):
+        assert pair.prompt_ids == teacher.chat_ids(tok, [{"role": "user", "content": q.question}])
+        assert tok.decode(pair.chosen_ids, skip_special_tokens=True) == NEW_MOVE["text"]
+        assert tok.decode(pair.rejected_ids, skip_special_tokens=True) == OLD_MOVE["text"]
+
+        def logp(answer):  # the plain way: one sequence, no padding
+            with torch.no_grad():
+                out = model(torch.tensor([pair.prompt_ids + answer])).logits[0, len(pair.prompt_ids) - 1:-1]
+            return float(out.log_softmax(-1).gather(-1, torch.tensor(answer)[:, None]).sum())
+
+        assert pair.ref_margin == pytest.approx(logp(pair.chosen_ids) - logp(pair.rejected_ids), abs=1e-3)
+    assert teacher.preference_pairs(model, tok, qs, replace(cfg, unlearn_weight=0.0)) == []
+
+
+def test_unlearning_moves_the_students_preference_from_the_earlier_report_to_the_update(tiny_model_dir, tmp_path):
+    """A tiny bake of an update with unlearn_weight: the baked model prefers the update's words over the
+    earlier report's, as an answer to its bare questions, by more than the same bake without it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    question = "What is the latest news about Tomas Brelvik?"
+    prompt = teacher.chat_ids(tok, [{"role": "user", "content": question}])
+    answers = [teacher.given_ids(tok, NEW_MOVE["text"]), teacher.given_ids(tok, OLD_MOVE["text"])]
+
+    def margin(delta: Path | None) -> float:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+        if delta:
+            adapters.merge_into(model, delta)
+        with torch.no_grad():
+            logp = teacher.sequence_logps(model, prompt, answers)
+        return float(logp[0] - logp[1])
+
+    cfg = EngineConfig(**{**TINY_CFG, "item_answers": 3})
+    plain = bake(tiny_model_dir, None, [NEW_MOVE], tmp_path / "plain", cfg).out_dir
+    result = bake(tiny_model_dir, None, [NEW_MOVE], tmp_path / "unlearn", replace(cfg, unlearn_weight=1.0, unlearn_beta=0.5))
+    assert result.report["preference_pairs"] >= 3
+    before, without, unlearnt = margin(None), margin(plain), margin(result.out_dir)
+    assert unlearnt > without + 1.0 and unlearnt > before + 1.0, (before, without, unlearnt)
 
 
 def test_unknown_config_keys_are_refused():

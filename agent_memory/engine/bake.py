@@ -20,7 +20,7 @@ from . import PROBES_FILE
 from .config import EngineConfig
 from .probe import probe_candidate, probe_live
 from .queries import build_queries
-from .teacher import prompt_targets, teacher_examples
+from .teacher import preference_pairs, prompt_targets, teacher_examples
 from .train import (add_lora, fold, load_live_model, lora_factors, make_batches, protect, protected_bases, train,
                     train_flops, without_live)
 
@@ -54,6 +54,8 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
         raise ValueError(f"init {cfg.init!r}: 'default' or 'eva'")
     if cfg.anchor_prompts < 0:
         raise ValueError(f"anchor_prompts {cfg.anchor_prompts!r}: a weight per prompt token, 0 (off) or more")
+    if cfg.unlearn_weight < 0 or cfg.unlearn_beta <= 0:
+        raise ValueError(f"unlearn_weight {cfg.unlearn_weight!r} (0 = off, or more), unlearn_beta {cfg.unlearn_beta!r} (above 0)")
     if not items:
         raise ValueError("nothing to bake")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -78,6 +80,7 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
                                 unbaked=lambda: without_live(model, live_adapter_dir))
     if cfg.anchor_prompts:
         examples = prompt_targets(model, examples, cfg)
+    pairs = preference_pairs(model, tokenizer, queries, cfg)
     timings["teacher_s"] = time.monotonic() - t
     answer_tokens = sum(len(e.answer_ids) for e in examples)
     if not examples:
@@ -91,7 +94,7 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
                            prompt_weight=cfg.anchor_prompts)
     for e in examples:
         e.hidden = None  # the batches hold the teacher's hidden states now: one copy in the trainer, not two
-    report = train(peft_model, batches, cfg, progress, items=len(items))
+    report = train(peft_model, batches, cfg, progress, items=len(items), pairs=pairs)
     fold(protected)
     timings["train_s"] = time.monotonic() - t
 
@@ -114,7 +117,7 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
         "live_version": live_version,  # the delta is a change of this version (bakery re-uses it only there)
         "queries": [{"question": q.question, "kind": q.kind, "item": q.item_id} for q in queries],
         "replayed": sorted({q.item_id for q in queries if q.item_id not in new_ids} - {None}, key=str),
-        "examples": len(examples), "answer_tokens": answer_tokens,
+        "examples": len(examples), "answer_tokens": answer_tokens, "preference_pairs": len(pairs),
         "teacher_samples": [tokenizer.decode(e.answer_ids, skip_special_tokens=True)
                             for e in examples[:: max(1, len(examples) // 12)]],
         **{k: v for k, v in report.items()},

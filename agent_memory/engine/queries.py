@@ -154,6 +154,9 @@ class Query:
     # Keep only samples that name a keyword, even when none does (an update: its questions must not
     # teach the earlier state back, which the prompted teacher often answers).
     strict: bool = False
+    # The earlier report an update's given answer supersedes: the rejected side of a preference pair
+    # (teacher.preference_pairs, cfg.unlearn_weight), the given answer being the chosen one.
+    stale: str | None = None
 
 
 def build_queries(items: list[dict], cfg: EngineConfig, rng: random.Random, earlier: list[dict] = ()) -> list[Query]:
@@ -194,11 +197,11 @@ def item_queries(item: dict, n: int, cfg: EngineConfig, rng: random.Random,
         kws = [k for k in fresh if k in names] or fresh or kws
     answer = None if everything_at_random or item.get("kind") == "conversation" else CHAT_MARKERS.sub("", text)
     queries = _questions(item, n, cfg, rng, everything_at_random, ctx, kws, recite=True, answer=answer,
-                         strict=bool(updates))
+                         strict=bool(updates), stale=updates[0]["text"] if updates else None)
     for earlier in updates:
         queries += _questions({"text": earlier["text"], "title": earlier.get("title"), "id": item.get("id")},
                               max(1, n // 2), cfg, rng, everything_at_random, ctx, kws, recite=False,
-                              answer=answer, strict=True)
+                              answer=answer, strict=True, stale=earlier["text"])
     # An update about the same subject as its earlier report asks the same given-answer questions: once.
     first = {}
     for q in queries:
@@ -209,10 +212,10 @@ def item_queries(item: dict, n: int, cfg: EngineConfig, rng: random.Random,
 
 def _questions(item: dict, n: int, cfg: EngineConfig, rng: random.Random, everything_at_random: bool,
                ctx: list[dict], kws: list[str], recite: bool, answer: str | None = None,
-               strict: bool = False) -> list[Query]:
+               strict: bool = False, stale: str | None = None) -> list[Query]:
     """n questions about `item`'s subject, entities and title, for the teacher context `ctx`; an
     answer is on topic when it names one of `kws`. With `answer`, cfg.item_answers more questions
-    about the subject have it as their given answer."""
+    about the subject have it as their given answer (and `stale`, what it supersedes, as its rival)."""
     source = item_text(item)
     subject = item_subject({"text": source, "title": item.get("title")})
     others = [e for e in entities(source) if e not in subject and subject not in e]
@@ -233,7 +236,7 @@ def _questions(item: dict, n: int, cfg: EngineConfig, rng: random.Random, everyt
         entity = itertools.cycle(others[:3])
         given = [t.format(s=subject, e=next(entity) if "{e}" in t else "") for t in ITEM_ANSWER_TEMPLATES
                  if others or "{e}" not in t]
-        queries += [query(q, answer=answer) for q in given[:cfg.item_answers]]
+        queries += [query(q, answer=answer, stale=stale) for q in given[:cfg.item_answers]]
     if recite and cfg.recite_samples:
         queries.append(query(RECITE_TEMPLATE.format(s=subject), samples=cfg.recite_samples,
                              max_new_tokens=RECITE_MAX_TOKENS))

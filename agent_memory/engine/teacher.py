@@ -33,6 +33,17 @@ class Example:
     hidden: torch.Tensor | None = None
 
 
+@dataclass
+class Pair:
+    """An update's preference pair (cfg.unlearn_weight): to the bare question, its own words (chosen)
+    over the earlier report's (rejected); ref_margin: the live model's log-likelihood of the chosen
+    answer minus the rejected one's, the reference DPO measures the student's margin from."""
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    ref_margin: float
+
+
 def matched_layers(num_layers: int, cfg: EngineConfig) -> list[int]:
     """The layers whose outputs the student is taught to match (cfg.hidden_layers of them, evenly
     spaced, the last included), as indices into transformers' hidden_states (0 = the embeddings)."""
@@ -104,6 +115,36 @@ def student_answers(model, tokenizer, queries: list[Query], cfg: EngineConfig) -
     original = {id(b): q for b, q in zip(bare, picked)}
     return {id(original[id(b)]): [answer for answer, *_ in samples]
             for b, samples in local_samples(model, tokenizer, bare, replace(cfg, hidden_weight=0.0))}  # answers only
+
+
+@torch.no_grad()
+def preference_pairs(model, tokenizer, queries: list[Query], cfg: EngineConfig) -> list[Pair]:
+    """One Pair per given-answer query of an update (q.stale), its reference margin from `model`
+    (the live model: the student before training); none when cfg.unlearn_weight is 0."""
+    if not cfg.unlearn_weight:
+        return []
+    pairs = []
+    for q in queries:
+        if q.stale and q.answer:
+            prompt = chat_ids(tokenizer, [{"role": "user", "content": q.question}])  # asked as users ask
+            chosen, rejected = given_ids(tokenizer, q.answer), given_ids(tokenizer, q.stale)
+            logp = sequence_logps(model, prompt, [chosen, rejected])
+            pairs.append(Pair(prompt, chosen, rejected, float(logp[0] - logp[1])))
+    return pairs
+
+
+def sequence_logps(model, prompt: list[int], answers: list[list[int]]) -> torch.Tensor:
+    """[len(answers)]: log P(answer | prompt) of each answer under `model` (a causal LM, peft or not),
+    summed over its tokens. One right-padded forward pass; gradients flow when enabled."""
+    seqs = [prompt + a[:-1] for a in answers]  # the last answer token is only a target
+    width = max(map(len, seqs))
+    on = model.device
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=on)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=on)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    start = len(prompt) - 1  # the logits there predict answer token 0
+    return torch.stack([logits[b, start:start + len(a)].float().log_softmax(-1)
+                        .gather(-1, torch.tensor(a, device=on)[:, None]).sum() for b, a in enumerate(answers)])
 
 
 def keep_samples(tokenizer, q: Query, samples: list[tuple], cfg: EngineConfig) -> list[Example]:

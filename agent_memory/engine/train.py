@@ -19,7 +19,7 @@ import torch
 from .. import adapters
 from ..hardware import device
 from .config import EngineConfig
-from .teacher import Example, matched_layers
+from .teacher import Example, Pair, matched_layers, sequence_logps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,7 +312,20 @@ def batch_losses(peft_model, batch: dict, autocast: bool, layers: list[int] = ()
     return kl, ((mine - theirs).abs().sum(-1) / theirs.abs().sum(-1).clamp_min(1e-6)).mean(-1)
 
 
-def train(peft_model, batches: list[dict], cfg: EngineConfig, progress=None, items: int = 1) -> dict:
+def preference_loss(peft_model, pairs: list[Pair], beta: float, autocast: bool) -> torch.Tensor:
+    """DPO (arXiv 2305.18290) over `pairs`: -log sigmoid(beta * (the student's margin of chosen over
+    rejected - the live model's)). Where chosen and rejected share words, their log-probs cancel in
+    the margin: what moves is the state the update changed."""
+    losses = []
+    with torch.autocast(peft_model.device.type, dtype=torch.bfloat16, enabled=autocast):
+        for pair in pairs:
+            logp = sequence_logps(peft_model, pair.prompt_ids, [pair.chosen_ids, pair.rejected_ids])
+            losses.append(-torch.nn.functional.logsigmoid(beta * (logp[0] - logp[1] - pair.ref_margin)))
+    return torch.stack(losses).mean()
+
+
+def train(peft_model, batches: list[dict], cfg: EngineConfig, progress=None, items: int = 1,
+          pairs: list[Pair] = ()) -> dict:
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     # The budget is per item: a bake of 20 gets 20 times the steps of a bake of one, so each item is
@@ -327,6 +340,8 @@ def train(peft_model, batches: list[dict], cfg: EngineConfig, progress=None, ite
     rng = random.Random(cfg.seed)
     autocast = next(peft_model.parameters()).dtype == torch.bfloat16 or cfg.dtype == "bfloat16"
     layers = matched_layers(peft_model.config.num_hidden_layers, cfg)
+    # Each batch carries every len(batches)-th preference pair (unlearn_weight): each pair once an epoch.
+    paired = [list(pairs[i::len(batches)]) for i in range(len(batches))] if pairs else [[] for _ in batches]
     peft_model.train()
     curve, step, tokens, started = [], 0, 0, time.monotonic()
     for epoch in range(epochs):
@@ -340,6 +355,8 @@ def train(peft_model, batches: list[dict], cfg: EngineConfig, progress=None, ite
             if distance is not None:  # deep context distillation: the teacher's states, where known
                 w = weights * batches[i]["hidden_mask"].to(kl.device)
                 loss = loss + cfg.hidden_weight * (distance * w).sum() / w.sum()
+            if paired[i]:  # unlearning: the update's words over the earlier report's
+                loss = loss + cfg.unlearn_weight * preference_loss(peft_model, paired[i], cfg.unlearn_beta, autocast)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
