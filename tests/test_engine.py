@@ -280,6 +280,7 @@ def test_on_policy_the_students_own_answers_are_scored_by_the_prompted_teacher(t
     plain = teacher.teacher_examples(model, tok, qs, replace(cfg, student_samples=0))
     own = examples[len(plain):]
     assert len(own) == 2 and all(e.prompt_ids == user for e in own)  # the off-topic samples are kept
+    assert all(e.own and e.query == id(qs[0]) for e in own) and not any(e.own for e in plain)
     if tok.eos_token_id in greedy:
         greedy = greedy[:greedy.index(tok.eos_token_id) + 1]
     assert own[0].answer_ids == greedy
@@ -362,6 +363,17 @@ def test_preference_pairs_hold_the_live_models_margin_of_the_update_over_its_ear
 
         assert pair.ref_margin == pytest.approx(logp(pair.chosen_ids) - logp(pair.rejected_ids), abs=1e-3)
     assert teacher.preference_pairs(model, tok, qs, replace(cfg, unlearn_weight=0.0)) == []
+
+    # "own": the teacher's kept answer (it names what is new) over each student answer that does not.
+    q = queries.Query("Which club does Tomas Brelvik play for?", None, 2, keywords=["Redmarsh"], strict=True)
+    say = lambda text, own: teacher.Example([], tok(text, add_special_tokens=False)["input_ids"],  # noqa: E731
+                                            torch.zeros(1, 1), torch.zeros(1, 1), "knowledge", query=id(q), own=own)
+    examples = [say("He plays for Redmarsh City.", False), say("He plays for Castellan FC.", True),
+                say("Redmarsh City, since May.", True), say("Something else.", False)]
+    own = teacher.preference_pairs(model, tok, [q], replace(cfg, unlearn_from="own"), examples)
+    assert [(p.chosen_ids, p.rejected_ids) for p in own] == [(examples[0].answer_ids, examples[1].answer_ids)]
+    assert teacher.preference_pairs(model, tok, [q], cfg, examples) == []  # "given" only: q has no given answer
+    assert len(teacher.preference_pairs(model, tok, qs + [q], replace(cfg, unlearn_from="both"), examples)) == len(pairs) + 1
 
 
 def test_unlearning_moves_the_students_preference_from_the_earlier_report_to_the_update(tiny_model_dir, tmp_path):

@@ -56,6 +56,8 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
         raise ValueError(f"anchor_prompts {cfg.anchor_prompts!r}: a weight per prompt token, 0 (off) or more")
     if cfg.unlearn_weight < 0 or cfg.unlearn_beta <= 0:
         raise ValueError(f"unlearn_weight {cfg.unlearn_weight!r} (0 = off, or more), unlearn_beta {cfg.unlearn_beta!r} (above 0)")
+    if cfg.unlearn_from not in ("given", "own", "both"):
+        raise ValueError(f"unlearn_from {cfg.unlearn_from!r}: 'given', 'own' or 'both'")
     if not items:
         raise ValueError("nothing to bake")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -80,7 +82,7 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
                                 unbaked=lambda: without_live(model, live_adapter_dir))
     if cfg.anchor_prompts:
         examples = prompt_targets(model, examples, cfg)
-    pairs = preference_pairs(model, tokenizer, queries, cfg)
+    pairs = preference_pairs(model, tokenizer, queries, cfg, examples)
     timings["teacher_s"] = time.monotonic() - t
     answer_tokens = sum(len(e.answer_ids) for e in examples)
     if not examples:

@@ -90,12 +90,15 @@ class EngineConfig:
     # 0.50 (the KL alone: 0.50, twice), and was rejected: off until that is understood.
     hidden_weight: float = 0.0
     hidden_layers: int = 6
-    # Unlearning the superseded state (DPO, arXiv 2305.18290, as a term beside the KL): to each of an
-    # update's given-answer questions, asked bare, the update's own words are preferred over the earlier
-    # report's, against the live model's preference (which has the earlier report baked in); this
-    # weight against the KL, 0 = off. unlearn_beta: DPO's beta, how far from the live model's margin.
+    # Unlearning the superseded state (DPO, arXiv 2305.18290, as a term beside the KL): to an update's
+    # questions, asked bare, an answer with the latest state is preferred over a stale one, against the
+    # live model's preference (which has the earlier report baked in); this weight against the KL,
+    # 0 = off. unlearn_beta: DPO's beta, how far from the live model's margin.
     unlearn_weight: float = 0.0
     unlearn_beta: float = 0.1
+    # Which pairs (teacher.preference_pairs): "given" (the update's words over the earlier report's),
+    # "own" (the teacher's answer naming what is new over the student's own answers that do not), "both".
+    unlearn_from: str = "given"
     topk: int = 64  # teacher distribution kept per token (+ one bucket for the rest of the vocab)
     # 16 rows (~600 tokens): steps 0.8 s, FLOP share ~0.42. 32 rows: share 0.49 and 16% more tokens/s,
     # but a step takes 1.7 s, so a one-fact bake's min_steps would cost twice the time.

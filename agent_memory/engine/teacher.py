@@ -31,6 +31,8 @@ class Example:
     # [T, layers, d]: the teacher's hidden states at the answer positions, at matched_layers()
     # (cfg.hidden_weight; None when off or the teacher was vLLM).
     hidden: torch.Tensor | None = None
+    query: int | None = None  # id() of the Query it answers
+    own: bool = False  # written by the student (on-policy), not by the teacher
 
 
 @dataclass
@@ -99,7 +101,8 @@ def teacher_examples(model, tokenizer, queries: list[Query], cfg: EngineConfig, 
             for q, [(a, top_idx, top_logp, hidden)] in scored_answers(model, tokenizer, mine, pass_cfg):
                 if len(a) > 1:
                     student_prompt = chat_ids(tokenizer, [{"role": "user", "content": q.question}])
-                    examples.append(Example(student_prompt, a, top_idx, top_logp, q.kind, hidden=hidden))
+                    examples.append(Example(student_prompt, a, top_idx, top_logp, q.kind, hidden=hidden,
+                                            query=id(q), own=True))
     return examples
 
 
@@ -118,16 +121,31 @@ def student_answers(model, tokenizer, queries: list[Query], cfg: EngineConfig) -
 
 
 @torch.no_grad()
-def preference_pairs(model, tokenizer, queries: list[Query], cfg: EngineConfig) -> list[Pair]:
-    """One Pair per given-answer query of an update (q.stale), its reference margin from `model`
-    (the live model: the student before training); none when cfg.unlearn_weight is 0."""
+def preference_pairs(model, tokenizer, queries: list[Query], cfg: EngineConfig,
+                     examples: list[Example] = ()) -> list[Pair]:
+    """An update's preference pairs, asked as users ask (the bare question), each with its reference
+    margin from `model` (the live model: the student before training); none when cfg.unlearn_weight
+    is 0. cfg.unlearn_from "given": per given-answer query (q.stale), the update's words over the
+    earlier report's; "own": per sampled update query, the teacher's first kept answer (it names
+    what is new) over each of the student's own answers that does not (`examples`' on-policy ones);
+    "both"."""
     if not cfg.unlearn_weight:
         return []
+    answers: dict[int, list[Example]] = {}
+    for e in examples:
+        answers.setdefault(e.query, []).append(e)
     pairs = []
     for q in queries:
-        if q.stale and q.answer:
-            prompt = chat_ids(tokenizer, [{"role": "user", "content": q.question}])  # asked as users ask
-            chosen, rejected = given_ids(tokenizer, q.answer), given_ids(tokenizer, q.stale)
+        prompt = chat_ids(tokenizer, [{"role": "user", "content": q.question}])
+        rivals = []
+        if q.stale and q.answer and cfg.unlearn_from in ("given", "both"):
+            rivals.append((given_ids(tokenizer, q.answer), given_ids(tokenizer, q.stale)))
+        if q.strict and q.answer is None and cfg.unlearn_from in ("own", "both"):
+            theirs = [e for e in answers.get(id(q), []) if not e.own]
+            missed = [e for e in answers.get(id(q), []) if e.own
+                      and not is_correct(tokenizer.decode(e.answer_ids, skip_special_tokens=True), q.keywords)]
+            rivals += [(theirs[0].answer_ids, e.answer_ids) for e in missed if theirs]
+        for chosen, rejected in rivals:
             logp = sequence_logps(model, prompt, [chosen, rejected])
             pairs.append(Pair(prompt, chosen, rejected, float(logp[0] - logp[1])))
     return pairs
@@ -141,9 +159,9 @@ def sequence_logps(model, prompt: list[int], answers: list[list[int]]) -> torch.
     on = model.device
     ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=on)
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=on)
-    logits = model(input_ids=ids, attention_mask=mask).logits
-    start = len(prompt) - 1  # the logits there predict answer token 0
-    return torch.stack([logits[b, start:start + len(a)].float().log_softmax(-1)
+    start = len(prompt) - 1  # the logits there predict answer token 0; the LM head runs from there on
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=width - start).logits
+    return torch.stack([logits[b, :len(a)].float().log_softmax(-1)
                         .gather(-1, torch.tensor(a, device=on)[:, None]).sum() for b, a in enumerate(answers)])
 
 
@@ -159,7 +177,7 @@ def keep_samples(tokenizer, q: Query, samples: list[tuple], cfg: EngineConfig) -
         if not keep and (any(on_topic) or q.strict):
             continue  # off topic while a sibling sample is on it (or at all, for a strict query)
         examples.append(Example(student_prompt, answer, top_idx[:len(answer)].clone(), top_logp[:len(answer)].clone(),
-                                q.kind, hidden=None if hidden is None else hidden[:len(answer)].clone()))
+                                q.kind, hidden=None if hidden is None else hidden[:len(answer)].clone(), query=id(q)))
     return examples
 
 
