@@ -1,7 +1,7 @@
 """Updates that supersede: a feed baked in two rounds, the second carrying updates of the first. Not a test.
 
     .venv/bin/python bench/bench_updates.py [--quick] [--seeds 1] [--link auto|explicit|none]
-                                            [--config JSON] [--round1 DIR]
+                                            [--config JSON] [--round1 DIR] [--recompose]
 
 Data: bench/data/updates.json, 12 fictional stories, each an earlier report and a later one that
 changes the state (a transfer that collapsed, a resignation, a re-dating...), with a question about
@@ -15,7 +15,9 @@ After round 2, greedy and without context: latest state answered (target >= 0.8)
 given (target <= 0.1), the past question answered. After round 1 the same questions show what the
 model had learnt to say before the update. --config: engine settings over the defaults, both rounds;
 --round1: an earlier run's round-1 delta (seed 0) instead of baking round 1 again, to compare round-2
-settings on the same starting model. --ceiling: also the teacher's ceiling, the same questions asked
+settings on the same starting model. --recompose: round 2 on the base instead, round 1's delta dropped
+and the earlier reports no update links baked again beside the updates (what `forget` does to a
+bake: the stale state leaves with its delta). --ceiling: also the teacher's ceiling, the same questions asked
 of the base and the round-1 model with the update in their context, written five ways (MEMORIES).
 """
 
@@ -39,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="how round 2 links its updates (repeatable; default: auto and none)")
     p.add_argument("--round1", type=Path, help="a round-1 delta to reuse (seed 0): only round 2 is baked")
     p.add_argument("--ceiling", action="store_true", help="also the teacher's ceiling (MEMORIES, base and round 1)")
+    p.add_argument("--recompose", action="store_true",
+                   help="round 2 without round 1's delta: the updates and the earlier reports none of them "
+                        "links baked together on the base (as forget drops a bake and re-queues its mates)")
     args = p.parse_args(argv)
     import torch
     from transformers import AutoTokenizer
@@ -74,9 +79,17 @@ def main(argv: list[str] | None = None) -> int:
                 updates = probes.updated_by(item, before) if link != "none" else []
                 item["updates"] = [{"id": u["id"], "text": u["text"], "valid_at": u["valid_at"]} for u in updates]
                 linked += bool(updates)
-            second = bake(after, work / f"round2-{link}-s{seed}", config, live_adapter=first["dir"], earlier=before)
-            results = ask(load_model([first["dir"], second["dir"]]), tok, pairs)
-            rows.append([f"after round 2, link {link}", seed, f"{linked}/{len(pairs)}", *scores(results),
+            if args.recompose:  # the superseded bake dropped: its reports no update links are baked again
+                linked_ids = {u["id"] for item in after for u in item["updates"]}
+                mates = [b for b in before if b["id"] not in linked_ids]
+                second = bake(after + mates, work / f"round2-{link}-recomposed-s{seed}", config)
+                deltas = [second["dir"]]
+            else:
+                second = bake(after, work / f"round2-{link}-s{seed}", config, live_adapter=first["dir"], earlier=before)
+                deltas = [first["dir"], second["dir"]]
+            results = ask(load_model(deltas), tok, pairs)
+            recomposed = ", round 1's delta dropped" if args.recompose else ""
+            rows.append([f"after round 2, link {link}{recomposed}", seed, f"{linked}/{len(pairs)}", *scores(results),
                          second["wall_s"], examples(results)])
             log(f"seed {seed} link {link}: {scores(results)}")
     n = len(pairs)
