@@ -93,7 +93,9 @@ class EngineConfig:
     # Unlearning the superseded state (DPO, arXiv 2305.18290, as a term beside the KL): to an update's
     # questions, asked bare, an answer with the latest state is preferred over a stale one, against the
     # live model's preference (which has the earlier report baked in); this weight against the KL,
-    # 0 = off. unlearn_beta: DPO's beta, how far from the live model's margin.
+    # 0 = off. unlearn_beta: DPO's beta, how far from the live model's margin. On 12 update pairs it
+    # moved the margin on the update's own questions (+10 nats) but no held-out answer: latest 0.42
+    # and stale 0.25 with it and without, at 1.4x the training time (bench/results/updates.md): off.
     unlearn_weight: float = 0.0
     unlearn_beta: float = 0.1
     # Which pairs (teacher.preference_pairs): "given" (the update's words over the earlier report's),
