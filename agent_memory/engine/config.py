@@ -87,7 +87,8 @@ class EngineConfig:
     # N=20, seeds 0 and 1, against 0: KL on held-out questions 0.042 vs 0.054/token, knowledge kept
     # 0.973 vs 0.919, recall 0.37 vs 0.39, leak 0.08 vs 0.07 (bench/results/knowledge.md). But the
     # 6-headline bake through the daemon beside a CPU hog learnt 0.31 of its items, under the gate's
-    # 0.50 (the KL alone: 0.50, twice), and was rejected: off until that is understood.
+    # 0.50 (the KL alone: 0.50, twice), and was rejected; run again with only the hog beside it
+    # (bench_first_bake.py --quick --config), 0.31 again: off.
     hidden_weight: float = 0.0
     hidden_layers: int = 6
     # Unlearning the superseded state (DPO, arXiv 2305.18290, as a term beside the KL): to an update's
