@@ -60,6 +60,19 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def student_ids(tokenizer, question: str) -> list[int]:
+    """The student's context: the bare question, as users send it (no memory, no system prompt)."""
+    return chat_ids(tokenizer, [{"role": "user", "content": question}])
+
+
+def right_padded(seqs: list[list[int]], on) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) of `seqs` padded on the right to the longest."""
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=on)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=on)
+    return ids, mask
+
+
 SAMPLE_BATCH = 48  # sequences the local teacher decodes together (96 and 192 were no faster here)
 
 
@@ -100,8 +113,7 @@ def teacher_examples(model, tokenizer, queries: list[Query], cfg: EngineConfig, 
             mine = [(q, a) for q in group for a in own.get(id(q), [])]
             for q, [(a, top_idx, top_logp, hidden)] in scored_answers(model, tokenizer, mine, pass_cfg):
                 if len(a) > 1:
-                    student_prompt = chat_ids(tokenizer, [{"role": "user", "content": q.question}])
-                    examples.append(Example(student_prompt, a, top_idx, top_logp, q.kind, hidden=hidden,
+                    examples.append(Example(student_ids(tokenizer, q.question), a, top_idx, top_logp, q.kind, hidden=hidden,
                                             query=id(q), own=True))
     return examples
 
@@ -136,7 +148,6 @@ def preference_pairs(model, tokenizer, queries: list[Query], cfg: EngineConfig,
         answers.setdefault(e.query, []).append(e)
     pairs = []
     for q in queries:
-        prompt = chat_ids(tokenizer, [{"role": "user", "content": q.question}])
         rivals = []
         if q.stale and q.answer and cfg.unlearn_from in ("given", "both"):
             rivals.append((given_ids(tokenizer, q.answer), given_ids(tokenizer, q.stale)))
@@ -145,6 +156,7 @@ def preference_pairs(model, tokenizer, queries: list[Query], cfg: EngineConfig,
             missed = [e for e in answers.get(id(q), []) if e.own
                       and not is_correct(tokenizer.decode(e.answer_ids, skip_special_tokens=True), q.keywords)]
             rivals += [(theirs[0].answer_ids, e.answer_ids) for e in missed if theirs]
+        prompt = student_ids(tokenizer, q.question) if rivals else None
         for chosen, rejected in rivals:
             logp = sequence_logps(model, prompt, [chosen, rejected])
             pairs.append(Pair(prompt, chosen, rejected, float(logp[0] - logp[1])))
@@ -154,22 +166,18 @@ def preference_pairs(model, tokenizer, queries: list[Query], cfg: EngineConfig,
 def sequence_logps(model, prompt: list[int], answers: list[list[int]]) -> torch.Tensor:
     """[len(answers)]: log P(answer | prompt) of each answer under `model` (a causal LM, peft or not),
     summed over its tokens. One right-padded forward pass; gradients flow when enabled."""
-    seqs = [prompt + a[:-1] for a in answers]  # the last answer token is only a target
-    width = max(map(len, seqs))
-    on = model.device
-    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=on)
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=on)
+    ids, mask = right_padded([prompt + a[:-1] for a in answers], model.device)  # the last token is only a target
     start = len(prompt) - 1  # the logits there predict answer token 0; the LM head runs from there on
-    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=width - start).logits
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=ids.shape[1] - start).logits
     return torch.stack([logits[b, :len(a)].float().log_softmax(-1)
-                        .gather(-1, torch.tensor(a, device=on)[:, None]).sum() for b, a in enumerate(answers)])
+                        .gather(-1, torch.tensor(a, device=ids.device)[:, None]).sum() for b, a in enumerate(answers)])
 
 
 def keep_samples(tokenizer, q: Query, samples: list[tuple], cfg: EngineConfig) -> list[Example]:
     """One query's samples (answer ids, top_idx, top_logp, hidden) as training examples, minus the useless ones."""
     texts = [tokenizer.decode(answer, skip_special_tokens=True) for answer, *_ in samples]
     on_topic = [not (cfg.on_topic_only and q.keywords) or is_correct(t, q.keywords) for t in texts]
-    student_prompt = chat_ids(tokenizer, [{"role": "user", "content": q.question}])
+    student_prompt = student_ids(tokenizer, q.question)
     examples = []
     for (answer, top_idx, top_logp, hidden), keep in zip(samples, on_topic):
         if len(answer) <= 1 and q.kind != "anchor":
@@ -244,10 +252,7 @@ def topk_at(model, seqs: list[list[int]], spans: list[tuple[int, int]], k: int, 
     """(top_idx, top_logp [end - start, k], hidden [end - start, layers, d] or None) of `model` at
     positions [start, end) of each sequence: its next-token distribution and the outputs of `layers`.
     One right-padded forward pass, the LM head at those positions only."""
-    width = max(map(len, seqs))
-    on = model.device
-    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=on)
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=on)
+    ids, mask = right_padded(seqs, model.device)
     out = model.model(input_ids=ids, attention_mask=mask, output_hidden_states=bool(layers))
     states = torch.stack([out.hidden_states[i] for i in layers], 2) if layers else None  # [B, S, layers, d]
     tops = []

@@ -341,7 +341,7 @@ def train(peft_model, batches: list[dict], cfg: EngineConfig, progress=None, ite
     autocast = next(peft_model.parameters()).dtype == torch.bfloat16 or cfg.dtype == "bfloat16"
     layers = matched_layers(peft_model.config.num_hidden_layers, cfg)
     # Each batch carries every len(batches)-th preference pair (unlearn_weight): each pair once an epoch.
-    paired = [list(pairs[i::len(batches)]) for i in range(len(batches))] if pairs else [[] for _ in batches]
+    paired = [pairs[i::len(batches)] for i in range(len(batches))]
     peft_model.train()
     curve, step, tokens, started = [], 0, 0, time.monotonic()
     for epoch in range(epochs):
