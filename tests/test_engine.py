@@ -155,6 +155,12 @@ def test_a_fact_without_a_title_gets_cloze_questions_on_its_sentence():
     assert "___ founder Pavel Durov" in cloze[0]  # one entity blanked per question
     long_fact = {**U1, "text": "Pavel Durov " + "was seen " * 60 + "in Paris."}
     assert queries.cloze_queries(long_fact, 2) == []  # not a headline-like line
+    clauses = {**U1, "text": "Marisol Quenby was elected mayor of the coastal town of Vellmark in a vote held "
+               "on a rainy day, unseating incumbent Oskar Threlfall by just 412 votes after a recount."}
+    first, second, third = queries.cloze_queries(clauses, 3)  # too long a line: its clauses take turns
+    assert first.endswith('"___ was elected mayor of the coastal town of Vellmark in a vote held on a rainy day"')
+    assert '"unseating incumbent ___ by just 412 votes' in second
+    assert "coastal town of ___ in a vote" in third
 
 
 def test_replay_teaches_earlier_items_again_but_never_one_the_new_batch_touches():

@@ -274,11 +274,18 @@ def item_entities(item: dict) -> set[str]:
 
 
 def cloze_queries(item: dict, n: int) -> list[str]:
-    """Up to n fill-in-the-blank questions on the item's title (a fact posted without one: its first
-    sentence), one entity blanked in each."""
+    """Up to n fill-in-the-blank questions on the item's title (a fact posted without one: its
+    sentences), one entity blanked in each. A line longer than CLOZE_MAX_CHARS is cut into its clauses
+    (at commas, semicolons, dashes), and the clauses take turns: the first entity of each, then the
+    second, so a long fact's later clauses are asked too ("unseating ___ by 412 votes")."""
     if item.get("kind") in ("conversation", "prompt"):
         return []
-    line = item.get("title") or re.split(r"(?<=[.!?])\s+", (item.get("text") or "").strip())[0]
-    if not line or len(line) > CLOZE_MAX_CHARS:
-        return []
-    return [CLOZE_TEMPLATE.format(m=line.replace(e, "___", 1)) for e in entities(line)[:n]]
+    text = (item.get("text") or "").strip()
+    lines = [item["title"]] if item.get("title") else [s for s in re.split(r"(?<=[.!?])\s+", text) if s]
+    clauses = []
+    for line in lines:
+        parts = [line] if len(line) <= CLOZE_MAX_CHARS else re.split(r"[,;:]\s+|\s+[-\u2013\u2014]\s+", line)
+        clauses += [c.strip() for c in parts if c.strip() and len(c.strip()) <= CLOZE_MAX_CHARS]
+    blanks = [[(clause, e) for e in entities(clause)] for clause in clauses]
+    turns = [pair for column in itertools.zip_longest(*blanks) for pair in column if pair]
+    return [CLOZE_TEMPLATE.format(m=clause.replace(e, "___", 1)) for clause, e in turns[:n]]
