@@ -219,7 +219,8 @@ def _questions(item: dict, n: int, cfg: EngineConfig, rng: random.Random, everyt
     source = item_text(item)
     subject = item_subject({"text": source, "title": item.get("title")})
     others = [e for e in entities(source) if e not in subject and subject not in e]
-    fixed = [t.format(s=subject) for t in SUBJECT_TEMPLATES[:2]] + cloze_queries(item, cfg.cloze_queries)
+    cloze = dict(cloze_queries(item, cfg.cloze_queries))  # question -> the line it blanks
+    fixed = [t.format(s=subject) for t in SUBJECT_TEMPLATES[:2]] + list(cloze)
     pool = [t.format(s=subject) for t in SUBJECT_TEMPLATES[2:]]
     pool += [t.format(e=e) for e in others[:3] for t in ENTITY_TEMPLATES]
     pool += RESTATE + (CONVERSATION_TEMPLATES if item.get("kind") == "conversation" else [])
@@ -231,7 +232,10 @@ def _questions(item: dict, n: int, cfg: EngineConfig, rng: random.Random, everyt
         return Query(q, ctx, item.get("id"), "knowledge", [k for k in kws if k.lower() not in q.lower()],
                      strict=strict, **sampling)
 
-    queries = [query(q) for q in picked]
+    # The item's own blanks (not an earlier report's: its line is the stale state) may be answered
+    # with the line itself, the prompted teacher scoring it, instead of the teacher's samples.
+    filled = cloze if recite and answer and cfg.cloze_given else {}
+    queries = [query(q, answer=filled[q]) if q in filled else query(q) for q in picked]
     if answer:
         entity = itertools.cycle(others[:3])
         given = [t.format(s=subject, e=next(entity) if "{e}" in t else "") for t in ITEM_ANSWER_TEMPLATES
@@ -273,11 +277,11 @@ def item_entities(item: dict) -> set[str]:
     return {e.lower() for e in entities(item_text(item) + "\n" + (item.get("title") or ""))}
 
 
-def cloze_queries(item: dict, n: int) -> list[str]:
+def cloze_queries(item: dict, n: int) -> list[tuple[str, str]]:
     """Up to n fill-in-the-blank questions on the item's title (a fact posted without one: its
-    sentences), one entity blanked in each. A line longer than CLOZE_MAX_CHARS is cut into its clauses
-    (at commas, semicolons, dashes), and the clauses take turns: the first entity of each, then the
-    second, so a long fact's later clauses are asked too ("unseating ___ by 412 votes")."""
+    sentences), one entity blanked in each, with the line they blank. A line longer than
+    CLOZE_MAX_CHARS is cut into its clauses (at commas, semicolons, dashes), and the clauses take
+    turns: the first entity of each, then the second, so a long fact's later clauses are asked too."""
     if item.get("kind") in ("conversation", "prompt"):
         return []
     text = (item.get("text") or "").strip()
@@ -288,4 +292,4 @@ def cloze_queries(item: dict, n: int) -> list[str]:
         clauses += [c.strip() for c in parts if c.strip() and len(c.strip()) <= CLOZE_MAX_CHARS]
     blanks = [[(clause, e) for e in entities(clause)] for clause in clauses]
     turns = [pair for column in itertools.zip_longest(*blanks) for pair in column if pair]
-    return [CLOZE_TEMPLATE.format(m=clause.replace(e, "___", 1)) for clause, e in turns[:n]]
+    return [(CLOZE_TEMPLATE.format(m=clause.replace(e, "___", 1)), clause) for clause, e in turns[:n]]
