@@ -162,6 +162,9 @@ def test_a_fact_without_a_title_gets_cloze_questions_on_its_sentence():
     assert first.endswith('"___ was elected mayor of the coastal town of Vellmark in a vote held on a rainy day"')
     assert '"unseating incumbent ___ by just 412 votes' in second
     assert "coastal town of ___ in a vote" in third
+    assert queries.clauses("Conrad Vellacott, mayor of Pellacombe, was convicted of bribery over the Ferrow Quay "
+                           "building contract and sentenced to three years in prison.")[0] == \
+        "Conrad Vellacott, mayor of Pellacombe"  # an apposition stays with its name
 
 
 def test_cloze_given_answers_an_items_blanks_with_its_own_line_but_never_an_earlier_reports():
@@ -173,9 +176,9 @@ def test_cloze_given_answers_an_items_blanks_with_its_own_line_but_never_an_earl
     cfg = EngineConfig(anchors=0, news_anchors=0, contrast_queries=0, cloze_given=True)
     qs = [q for q in queries.build_queries([new], cfg, random.Random(0)) if q.question.startswith("Fill in")]
     given = {q.question: q.answer for q in qs if q.answer}
-    assert given == {'Fill in the blank in this recent news headline: "___\'s move to Benfica collapsed; he signed '
-                     'for Ajax."': new["text"], 'Fill in the blank in this recent news headline: "Tomas Brel\'s move '
-                     'to ___ collapsed; he signed for Ajax."': new["text"]}
+    # its one blank is its new name (Ajax), not Tomas Brel or the stale Benfica; the line is its answer
+    assert given == {'Fill in the blank in this recent news headline: "Tomas Brel\'s move to Benfica collapsed; '
+                     'he signed for ___."': new["text"]}
     stale = [q for q in qs if "Porto" in q.question]
     assert stale and all(q.answer is None and q.strict for q in stale)  # sampled, filtered to the new state
     off = queries.build_queries([new], EngineConfig(anchors=0, news_anchors=0, contrast_queries=0), random.Random(0))
