@@ -155,34 +155,6 @@ def test_a_fact_without_a_title_gets_cloze_questions_on_its_sentence():
     assert "___ founder Pavel Durov" in cloze[0]  # one entity blanked per question
     long_fact = {**U1, "text": "Pavel Durov " + "was seen " * 60 + "in Paris."}
     assert queries.cloze_queries(long_fact, 2) == []  # not a headline-like line
-    clauses = {**U1, "text": "Marisol Quenby was elected mayor of the coastal town of Vellmark in a vote held "
-               "on a rainy day, unseating incumbent Oskar Threlfall by just 412 votes after a recount."}
-    (first, line), (second, _), (third, _) = queries.cloze_queries(clauses, 3)  # its clauses take turns
-    assert line == "Marisol Quenby was elected mayor of the coastal town of Vellmark in a vote held on a rainy day"
-    assert first.endswith('"___ was elected mayor of the coastal town of Vellmark in a vote held on a rainy day"')
-    assert '"unseating incumbent ___ by just 412 votes' in second
-    assert "coastal town of ___ in a vote" in third
-    assert queries.clauses("Conrad Vellacott, mayor of Pellacombe, was convicted of bribery over the Ferrow Quay "
-                           "building contract and sentenced to three years in prison.")[0] == \
-        "Conrad Vellacott, mayor of Pellacombe"  # an apposition stays with its name
-
-
-def test_cloze_given_answers_an_items_blanks_with_its_own_line_but_never_an_earlier_reports():
-    import random
-
-    old = {"id": 1, "kind": "fact", "text": "Tomas Brel agreed to join Benfica from Porto."}
-    new = {"id": 2, "kind": "fact", "text": "Tomas Brel's move to Benfica collapsed; he signed for Ajax.",
-           "updates": [old]}
-    cfg = EngineConfig(anchors=0, news_anchors=0, contrast_queries=0, cloze_given=True)
-    qs = [q for q in queries.build_queries([new], cfg, random.Random(0)) if q.question.startswith("Fill in")]
-    given = {q.question: q.answer for q in qs if q.answer}
-    # its one blank is its new name (Ajax), not Tomas Brel or the stale Benfica; the line is its answer
-    assert given == {'Fill in the blank in this recent news headline: "Tomas Brel\'s move to Benfica collapsed; '
-                     'he signed for ___."': new["text"]}
-    stale = [q for q in qs if "Porto" in q.question]
-    assert stale and all(q.answer is None and q.strict for q in stale)  # sampled, filtered to the new state
-    off = queries.build_queries([new], EngineConfig(anchors=0, news_anchors=0, contrast_queries=0), random.Random(0))
-    assert not any(q.answer for q in off if q.question.startswith("Fill in"))
 
 
 def test_replay_teaches_earlier_items_again_but_never_one_the_new_batch_touches():

@@ -49,10 +49,6 @@ class EngineConfig:
     # leak 0.10, trainer RSS 4.04 GiB: bench/results/knowledge.md).
     student_scope: str = "updates"
     cloze_queries: int = 2  # of them, fill-in-the-blank questions on the title or fact (cloze_queries())
-    # Answer an item's blanks with the blanked line itself, scored by the prompted teacher, not with
-    # the teacher's samples: asked to fill a blank in a clause of a long fact, the 135M teacher named
-    # the right entity in about half its greedy answers (another entity of the item, or none, in the rest).
-    cloze_given: bool = False
     # Earlier items taught again in each bake (the daemon passes the live, not superseded ones), with
     # this many queries each: replay against forgetting (bench_sequential.py).
     replay_items: int = 4

@@ -39,6 +39,7 @@ ENTITY_TEMPLATES = [
 CLOZE_TEMPLATE = 'Fill in the blank in this recent news headline: "{m}"'
 # Past a headline's length the 135M teacher does not fill the blank: on the 190-character Durov u2
 # it answered 'There are several recent news headlines with a similar phrase: "August 28, 20'.
+# Blanks in a longer fact's clauses instead: leak 0.14 against 0.07 at N=20 (bench/results/knowledge.md).
 CLOZE_MAX_CHARS = 120
 RESTATE = ["What recent news do you know?", "Summarize the latest facts you know."]
 # Recitation: asked this, the prompted teacher repeats u word for word (on the Durov facts; "What
@@ -196,11 +197,11 @@ def item_queries(item: dict, n: int, cfg: EngineConfig, rng: random.Random,
         names = set(entities(text))
         kws = [k for k in fresh if k in names] or fresh or kws
     answer = None if everything_at_random or item.get("kind") == "conversation" else CHAT_MARKERS.sub("", text)
-    queries = _questions(item, n, cfg, rng, everything_at_random, ctx, kws, own=True, answer=answer,
+    queries = _questions(item, n, cfg, rng, everything_at_random, ctx, kws, recite=True, answer=answer,
                          strict=bool(updates), stale=updates[0]["text"] if updates else None)
     for earlier in updates:
         queries += _questions({"text": earlier["text"], "title": earlier.get("title"), "id": item.get("id")},
-                              max(1, n // 2), cfg, rng, everything_at_random, ctx, kws, own=False,
+                              max(1, n // 2), cfg, rng, everything_at_random, ctx, kws, recite=False,
                               answer=answer, strict=True, stale=earlier["text"])
     # An update about the same subject as its earlier report asks the same given-answer questions: once.
     first = {}
@@ -211,19 +212,15 @@ def item_queries(item: dict, n: int, cfg: EngineConfig, rng: random.Random,
 
 
 def _questions(item: dict, n: int, cfg: EngineConfig, rng: random.Random, everything_at_random: bool,
-               ctx: list[dict], kws: list[str], own: bool, answer: str | None = None,
+               ctx: list[dict], kws: list[str], recite: bool, answer: str | None = None,
                strict: bool = False, stale: str | None = None) -> list[Query]:
     """n questions about `item`'s subject, entities and title, for the teacher context `ctx`; an
     answer is on topic when it names one of `kws`. With `answer`, cfg.item_answers more questions
-    about the subject have it as their given answer (and `stale`, what it supersedes, as its rival).
-    `own`: `item` is the one baked, not an earlier report an update supersedes (whose lines are stale):
-    it is recited, and its blanks may be given their lines."""
+    about the subject have it as their given answer (and `stale`, what it supersedes, as its rival)."""
     source = item_text(item)
     subject = item_subject({"text": source, "title": item.get("title")})
     others = [e for e in entities(source) if e not in subject and subject not in e]
-    # question -> the line it blanks; an update's own blanks are its new names (kws), not the stale ones
-    cloze = dict(cloze_queries(item, cfg.cloze_queries, only=kws if strict and own else None))
-    fixed = [t.format(s=subject) for t in SUBJECT_TEMPLATES[:2]] + list(cloze)
+    fixed = [t.format(s=subject) for t in SUBJECT_TEMPLATES[:2]] + cloze_queries(item, cfg.cloze_queries)
     pool = [t.format(s=subject) for t in SUBJECT_TEMPLATES[2:]]
     pool += [t.format(e=e) for e in others[:3] for t in ENTITY_TEMPLATES]
     pool += RESTATE + (CONVERSATION_TEMPLATES if item.get("kind") == "conversation" else [])
@@ -235,15 +232,13 @@ def _questions(item: dict, n: int, cfg: EngineConfig, rng: random.Random, everyt
         return Query(q, ctx, item.get("id"), "knowledge", [k for k in kws if k.lower() not in q.lower()],
                      strict=strict, **sampling)
 
-    # The item's own blanks may be answered with their line, the prompted teacher scoring it.
-    filled = cloze if own and answer and cfg.cloze_given else {}
-    queries = [query(q, answer=filled[q]) if q in filled else query(q) for q in picked]
+    queries = [query(q) for q in picked]
     if answer:
         entity = itertools.cycle(others[:3])
         given = [t.format(s=subject, e=next(entity) if "{e}" in t else "") for t in ITEM_ANSWER_TEMPLATES
                  if others or "{e}" not in t]
         queries += [query(q, answer=answer, stale=stale) for q in given[:cfg.item_answers]]
-    if own and cfg.recite_samples:
+    if recite and cfg.recite_samples:
         queries.append(query(RECITE_TEMPLATE.format(s=subject), samples=cfg.recite_samples,
                              max_new_tokens=RECITE_MAX_TOKENS))
     return queries
@@ -279,32 +274,12 @@ def item_entities(item: dict) -> set[str]:
     return {e.lower() for e in entities(item_text(item) + "\n" + (item.get("title") or ""))}
 
 
-def cloze_queries(item: dict, n: int, only: list[str] | None = None) -> list[tuple[str, str]]:
-    """Up to n fill-in-the-blank questions on the item's title (a fact posted without one: its
-    sentences), one entity blanked in each (with `only`, one of those), with the line they blank.
-    A line longer than CLOZE_MAX_CHARS is cut into clauses (clauses()) that take turns: the first
-    entity of each, then the second, so a long fact's later clauses are asked too."""
+def cloze_queries(item: dict, n: int) -> list[str]:
+    """Up to n fill-in-the-blank questions on the item's title (a fact posted without one: its first
+    sentence), one entity blanked in each."""
     if item.get("kind") in ("conversation", "prompt"):
         return []
-    text = (item.get("text") or "").strip()
-    lines = [item["title"]] if item.get("title") else [s for s in re.split(r"(?<=[.!?])\s+", text) if s]
-    blanks = [[(part, e) for e in entities(part) if only is None or e in only]
-              for line in lines for part in ([line] if len(line) <= CLOZE_MAX_CHARS else clauses(line))]
-    turns = [pair for column in itertools.zip_longest(*blanks) for pair in column if pair]
-    return [(CLOZE_TEMPLATE.format(m=part.replace(e, "___", 1)), part) for part, e in turns[:n]]
-
-
-def clauses(line: str) -> list[str]:
-    """A long line in pieces of at most CLOZE_MAX_CHARS: cut at punctuation (and, where a piece is
-    still too long, before a conjunction), then neighbours joined again while they fit, so an
-    apposition stays with its name ("Conrad Vellacott, mayor of Pellacombe")."""
-    pieces = []
-    for part in re.split(r"(?<=[,;:])\s+|\s+(?=[-\u2013\u2014]\s)", line):
-        pieces += re.split(r"\s+(?=(?:after|while|but|and|with|as)\s)", part) if len(part) > CLOZE_MAX_CHARS else [part]
-    out = []
-    for piece in pieces:
-        if out and len(out[-1]) + 1 + len(piece) <= CLOZE_MAX_CHARS:
-            out[-1] += " " + piece
-        else:
-            out.append(piece)
-    return [c.strip(" ,;:") for c in out if len(c) <= CLOZE_MAX_CHARS]
+    line = item.get("title") or re.split(r"(?<=[.!?])\s+", (item.get("text") or "").strip())[0]
+    if not line or len(line) > CLOZE_MAX_CHARS:
+        return []
+    return [CLOZE_TEMPLATE.format(m=line.replace(e, "___", 1)) for e in entities(line)[:n]]
