@@ -58,7 +58,8 @@ class EngineConfig:
     # answers unchanged word for word 0.38 vs 0.32; a one-fact bake's steps stay min_steps.
     anchors: int = 32
     # News-like anchors (queries.NEWS_ANCHORS: "latest news about <another subject>", prizes,
-    # made-up subjects), teacher unprompted: they keep a bake's names out of other answers.
+    # made-up subjects), teacher unprompted: they keep a bake's names out of other answers. All 28 at
+    # N=20 (seed 2): leak 0.12 vs 0.10, recall 0.39 vs 0.34 (bench/results/knowledge.md).
     news_anchors: int = 16
     # Per item: its own questions asked about another subject (queries.contrast_queries), teacher unprompted.
     # 12 at N=20: more local (KL 0.048 vs 0.059) but leak 0.10 vs 0.08, recall 0.36 vs 0.44 (knowledge.md).
