@@ -159,6 +159,11 @@ class Query:
     # (teacher.preference_pairs, cfg.unlearn_weight), the given answer being the chosen one.
     stale: str | None = None
 
+    @property
+    def messages(self) -> list[dict]:
+        """The teacher's chat: its context (u; none for an anchor) and the question."""
+        return (self.context or []) + [{"role": "user", "content": self.question}]
+
 
 def build_queries(items: list[dict], cfg: EngineConfig, rng: random.Random, earlier: list[dict] = ()) -> list[Query]:
     """The bake's queries: the items', a few for earlier items replayed (replay_items()), anchors."""

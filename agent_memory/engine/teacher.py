@@ -113,8 +113,8 @@ def teacher_examples(model, tokenizer, queries: list[Query], cfg: EngineConfig, 
             mine = [(q, a) for q in group for a in own.get(id(q), [])]
             for q, [(a, top_idx, top_logp, hidden)] in scored_answers(model, tokenizer, mine, pass_cfg):
                 if len(a) > 1:
-                    examples.append(Example(student_ids(tokenizer, q.question), a, top_idx, top_logp, q.kind, hidden=hidden,
-                                            query=id(q), own=True))
+                    examples.append(Example(student_ids(tokenizer, q.question), a, top_idx, top_logp, q.kind,
+                                            hidden=hidden, query=id(q), own=True))
     return examples
 
 
@@ -202,8 +202,7 @@ def local_samples(model, tokenizer, queries: list[Query], cfg: EngineConfig):
     for start in range(0, len(queries), per_batch):
         chunk = queries[start:start + per_batch]
         for (n, max_new_tokens), group in _by_samples(chunk, cfg):
-            prompts = [chat_ids(tokenizer, (q.context or []) + [{"role": "user", "content": q.question}])
-                       for q in group]
+            prompts = [chat_ids(tokenizer, q.messages) for q in group]
             answers, top_idx, top_logp, hidden = sample(model, prompts, n, cfg, tokenizer.eos_token_id, max_new_tokens)
             for i, q in enumerate(group):
                 rows = range(i * n, (i + 1) * n)
@@ -240,7 +239,7 @@ def scored_answers(model, tokenizer, pairs: list[tuple[Query, list[int]]], cfg: 
     layers = matched_layers(model.config.num_hidden_layers, cfg)
     for start in range(0, len(pairs), SAMPLE_BATCH):
         chunk = pairs[start:start + SAMPLE_BATCH]
-        prompts = [chat_ids(tokenizer, (q.context or []) + [{"role": "user", "content": q.question}]) for q, _ in chunk]
+        prompts = [chat_ids(tokenizer, q.messages) for q, _ in chunk]
         seqs = [p + a[:-1] for p, (_, a) in zip(prompts, chunk)]  # the last answer token is only a target
         spans = [(len(p) - 1, len(p) - 1 + len(a)) for p, (_, a) in zip(prompts, chunk)]
         for (q, a), (top_idx, top_logp, hidden) in zip(chunk, topk_at(model, seqs, spans, cfg.topk, layers)):
@@ -279,7 +278,7 @@ def remote_samples(tokenizer, queries: list[Query], cfg: EngineConfig):
         n, max_tokens = _sampling(q, cfg)
         greedy = 1 if cfg.greedy_first and n else 0
         body = {"model": cfg.teacher_model, "max_tokens": max_tokens,
-                "messages": (q.context or []) + [{"role": "user", "content": q.question}],
+                "messages": q.messages,
                 "logprobs": True, "top_logprobs": cfg.topk, "return_tokens_as_token_ids": True}
         choices = []
         for count, temperature in ((greedy, 0.0), (n - greedy, cfg.temperature)):
