@@ -726,7 +726,7 @@ def test_hidden_state_targets_are_the_teachers_states_at_each_answer_token(tiny_
     every answer position, sampled or scored, the same a plain forward pass over prompt + answer
     gives there. Before training the student IS the unprompted live model: its distance to an
     anchor's states is zero, to the prompted teacher's not; training with the term closes it."""
-    cfg = EngineConfig(**TINY_CFG, hidden_weight=1.0, hidden_layers=2)
+    cfg = EngineConfig(**TINY_CFG, hidden_weight=1.0, hidden_layers=2, hidden_scope="all")
     model, tok = train.load_live_model(tiny_model_dir, None, torch.float32)
     layers = teacher.matched_layers(model.config.num_hidden_layers, cfg)
     assert layers == [1, 2] and teacher.matched_layers(30, replace(cfg, hidden_layers=6)) == [5, 10, 15, 20, 25, 30]
@@ -754,6 +754,11 @@ def test_hidden_state_targets_are_the_teachers_states_at_each_answer_token(tiny_
         torch.testing.assert_close(hidden, plain(full, answer), rtol=1e-4, atol=1e-4)
         examples.append(teacher.Example(teacher.chat_ids(tok, [{"role": "user", "content": q}]), a, top_idx,
                                         top_logp, kind, hidden=hidden))
+    anchor_q, item_q = queries.Query("What is the capital of Peru?", None, kind="anchor"), queries.Query("Where?", ctx)
+    for scope, kept in (("all", [True, True]), ("anchors", [True, False])):  # hidden_scope: whose states are matched
+        scoped = replace(cfg, hidden_scope=scope, on_topic_only=False)
+        assert [teacher.keep_samples(tok, q, [(e.answer_ids, e.top_idx, e.top_logp, e.hidden)], scoped)[0].hidden
+                is not None for q, e in zip((anchor_q, item_q), examples)] == kept
     vllm = replace(examples[1], hidden=None)  # vLLM's samples come without states: no hidden targets
     (batch,) = train.make_batches(examples + [vllm], 8, tok.pad_token_id)
     assert batch["hidden_mask"].tolist() == [True] * 10 + [False] * 5  # length-sorted: the vLLM copy last

@@ -52,6 +52,8 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
         raise ValueError(f"protect {cfg.protect!r}: a share of the anchors' input energy, 0 (off) to below 1")
     if cfg.init not in ("default", "eva"):
         raise ValueError(f"init {cfg.init!r}: 'default' or 'eva'")
+    if cfg.hidden_scope not in ("all", "anchors"):
+        raise ValueError(f"hidden_scope {cfg.hidden_scope!r}: 'all' or 'anchors'")
     if cfg.anchor_prompts < 0:
         raise ValueError(f"anchor_prompts {cfg.anchor_prompts!r}: a weight per prompt token, 0 (off) or more")
     if cfg.unlearn_weight < 0 or cfg.unlearn_beta <= 0:

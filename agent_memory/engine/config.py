@@ -79,20 +79,24 @@ class EngineConfig:
     # on held-out questions, leak 0.18 against 0.10 (bench/results/knowledge.md): off.
     anchor_prompts: float = 0.0
     # The delta's A before training: "default" (peft's random init) or "eva" (the top singular vectors
-    # of each module's inputs on the items' answer tokens: EVA, arXiv 2410.07170). At N=20 EVA recalled
-    # 0.41 against 0.34 but drifted more (KL 0.076 against 0.048, leak 0.13: bench/results/knowledge.md).
+    # of each module's inputs on the items' answer tokens: EVA, arXiv 2410.07170). Alone at N=20 EVA
+    # recalled 0.41 against 0.34 but drifted more (KL 0.076 against 0.048, leak 0.13). With the anchors'
+    # hidden states (hidden_weight 1), 3 seeds: recall 0.37 as here, KL 0.036 against 0.054, but the
+    # daemon's 6-headline bake beside a CPU hog was rejected (items 0.44, knowledge kept 0.85:
+    # bench/results/knowledge.md).
     init: str = "default"
     # Deep context distillation (Knowledge Modules, arXiv 2503.08727): beside the KL, the student's
     # hidden states at every answer token are pulled toward the teacher's (L1 distance over the
     # teacher's L1 norm, at hidden_layers evenly spaced layers), at this weight against the KL; 0 = off.
-    # For anchors that holds the live model's states: locality inside the network, not only at its output.
-    # N=20, seeds 0 and 1, against 0: KL on held-out questions 0.042 vs 0.054/token, knowledge kept
-    # 0.973 vs 0.919, recall 0.37 vs 0.39, leak 0.08 vs 0.07 (bench/results/knowledge.md). But the
-    # 6-headline bake through the daemon beside a CPU hog learnt 0.31 of its items, under the gate's
-    # 0.50 (the KL alone: 0.50, twice), and was rejected; run again with only the hog beside it
-    # (bench_first_bake.py --quick --config), 0.31 again: off.
+    # On an anchor the teacher is the live model: locality inside the network, not only at its output.
+    # On the anchors only, N=20, 3 seeds: KL on held-out questions 0.027 vs 0.054/token, knowledge
+    # kept 0.946 vs 0.910, leak 0.07 vs 0.08, but recall 0.32 vs 0.37 (bench/results/knowledge.md): off.
     hidden_weight: float = 0.0
     hidden_layers: int = 6
+    # Whose states are matched: the "anchors'" only (an item is taught by the KL alone) or "all"
+    # examples'. "all", N=20, 2 seeds: KL 0.042, recall 0.37 against 0.39, but the daemon's
+    # 6-headline bake beside a CPU hog learnt 0.31 of its items twice (gate: 0.50); "anchors": 0.56.
+    hidden_scope: str = "anchors"
     # Unlearning the superseded state (DPO, arXiv 2305.18290, as a term beside the KL): to an update's
     # questions, asked bare, an answer with the latest state is preferred over a stale one, against the
     # live model's preference (which has the earlier report baked in); this weight against the KL,

@@ -55,6 +55,14 @@ def matched_layers(num_layers: int, cfg: EngineConfig) -> list[int]:
     return [round(num_layers * (i + 1) / k) for i in range(k)]
 
 
+def matched_states(q: Query, hidden: torch.Tensor | None, cfg: EngineConfig, length: int | None = None):
+    """The teacher's hidden states the student is taught to match on an answer to `q` (its first
+    `length` tokens' copy), or None: none were kept, or cfg.hidden_scope leaves `q`'s kind out."""
+    if hidden is None or (cfg.hidden_scope == "anchors" and q.kind != "anchor"):
+        return None
+    return hidden if length is None else hidden[:length].clone()
+
+
 def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -114,7 +122,7 @@ def teacher_examples(model, tokenizer, queries: list[Query], cfg: EngineConfig, 
             for q, [(a, top_idx, top_logp, hidden)] in scored_answers(model, tokenizer, mine, pass_cfg):
                 if len(a) > 1:
                     examples.append(Example(student_ids(tokenizer, q.question), a, top_idx, top_logp, q.kind,
-                                            hidden=hidden, query=id(q), own=True))
+                                            hidden=matched_states(q, hidden, cfg), query=id(q), own=True))
     return examples
 
 
@@ -185,7 +193,7 @@ def keep_samples(tokenizer, q: Query, samples: list[tuple], cfg: EngineConfig) -
         if not keep and (any(on_topic) or q.strict):
             continue  # off topic while a sibling sample is on it (or at all, for a strict query)
         examples.append(Example(student_prompt, answer, top_idx[:len(answer)].clone(), top_logp[:len(answer)].clone(),
-                                q.kind, hidden=None if hidden is None else hidden[:len(answer)].clone(), query=id(q)))
+                                q.kind, hidden=matched_states(q, hidden, cfg, len(answer)), query=id(q)))
     return examples
 
 
