@@ -725,7 +725,8 @@ def test_hidden_state_targets_are_the_teachers_states_at_each_answer_token(tiny_
     """hidden_weight: the teacher keeps its hidden states at matched_layers() (the last included) at
     every answer position, sampled or scored, the same a plain forward pass over prompt + answer
     gives there. Before training the student IS the unprompted live model: its distance to an
-    anchor's states is zero, to the prompted teacher's not; training with the term closes it."""
+    anchor's states is zero, to the prompted teacher's not; training with the term closes it.
+    hidden_scope "anchors" keeps an anchor's states and drops an item's."""
     cfg = EngineConfig(**TINY_CFG, hidden_weight=1.0, hidden_layers=2, hidden_scope="all")
     model, tok = train.load_live_model(tiny_model_dir, None, torch.float32)
     layers = teacher.matched_layers(model.config.num_hidden_layers, cfg)

@@ -29,7 +29,8 @@ class Example:
     prompt_top_idx: torch.Tensor | None = None
     prompt_top_logp: torch.Tensor | None = None
     # [T, layers, d]: the teacher's hidden states at the answer positions, at matched_layers()
-    # (cfg.hidden_weight; None when off or the teacher was vLLM).
+    # (cfg.hidden_weight; None when off, when the teacher was vLLM, or for an item's answer with
+    # cfg.hidden_scope "anchors").
     hidden: torch.Tensor | None = None
     query: int | None = None  # id() of the Query it answers
     own: bool = False  # written by the student (on-policy), not by the teacher
