@@ -82,8 +82,8 @@ class EngineConfig:
     # of each module's inputs on the items' answer tokens: EVA, arXiv 2410.07170). Alone at N=20 EVA
     # recalled 0.41 against 0.34 but drifted more (KL 0.076 against 0.048, leak 0.13). With the anchors'
     # hidden states (hidden_weight 1), 3 seeds: recall 0.37 as here, KL 0.036 against 0.054, but the
-    # daemon's 6-headline bake beside a CPU hog was rejected (items 0.44, knowledge kept 0.85:
-    # bench/results/knowledge.md).
+    # daemon's 6-headline bake beside a CPU hog was rejected on seeds 0 and 1 (items 0.44 and 0.38,
+    # knowledge kept 0.85 and 0.82: bench/results/knowledge.md).
     init: str = "default"
     # Deep context distillation (Knowledge Modules, arXiv 2503.08727): beside the KL, the student's
     # hidden states at every answer token are pulled toward the teacher's (L1 distance over the
