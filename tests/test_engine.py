@@ -760,6 +760,9 @@ def test_hidden_state_targets_are_the_teachers_states_at_each_answer_token(tiny_
         scoped = replace(cfg, hidden_scope=scope, on_topic_only=False)
         assert [teacher.keep_samples(tok, q, [(e.answer_ids, e.top_idx, e.top_logp, e.hidden)], scoped)[0].hidden
                 is not None for q, e in zip((anchor_q, item_q), examples)] == kept
+    [(_, [(*_, unneeded)])] = teacher.scored_answers(model, tok, [(item_q, examples[1].answer_ids)],
+                                                     replace(cfg, hidden_scope="anchors"))
+    assert unneeded is None  # states nobody matches are not computed
     vllm = replace(examples[1], hidden=None)  # vLLM's samples come without states: no hidden targets
     (batch,) = train.make_batches(examples + [vllm], 8, tok.pad_token_id)
     assert batch["hidden_mask"].tolist() == [True] * 10 + [False] * 5  # length-sorted: the vLLM copy last

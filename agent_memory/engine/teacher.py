@@ -56,10 +56,22 @@ def matched_layers(num_layers: int, cfg: EngineConfig) -> list[int]:
     return [round(num_layers * (i + 1) / k) for i in range(k)]
 
 
+def keeps_states(q: Query, cfg: EngineConfig) -> bool:
+    """Whether the student is taught to match the teacher's hidden states on answers to `q`:
+    cfg.hidden_weight is on and cfg.hidden_scope takes `q`'s kind."""
+    return bool(cfg.hidden_weight) and (cfg.hidden_scope == "all" or q.kind == "anchor")
+
+
+def states_cfg(queries, cfg: EngineConfig) -> EngineConfig:
+    """cfg for one teacher pass over `queries`: hidden states off when none of them keeps any, so
+    no states are computed only to be dropped."""
+    return cfg if any(keeps_states(q, cfg) for q in queries) else replace(cfg, hidden_weight=0.0)
+
+
 def matched_states(q: Query, hidden: torch.Tensor | None, cfg: EngineConfig, length: int | None = None):
     """The teacher's hidden states the student is taught to match on an answer to `q` (its first
     `length` tokens' copy), or None: none were kept, or cfg.hidden_scope leaves `q`'s kind out."""
-    if hidden is None or (cfg.hidden_scope == "anchors" and q.kind != "anchor"):
+    if hidden is None or not keeps_states(q, cfg):
         return None
     return hidden if length is None else hidden[:length].clone()
 
@@ -212,7 +224,8 @@ def local_samples(model, tokenizer, queries: list[Query], cfg: EngineConfig):
         chunk = queries[start:start + per_batch]
         for (n, max_new_tokens), group in _by_samples(chunk, cfg):
             prompts = [chat_ids(tokenizer, q.messages) for q in group]
-            answers, top_idx, top_logp, hidden = sample(model, prompts, n, cfg, tokenizer.eos_token_id, max_new_tokens)
+            answers, top_idx, top_logp, hidden = sample(model, prompts, n, states_cfg(group, cfg), tokenizer.eos_token_id,
+                                                        max_new_tokens)
             for i, q in enumerate(group):
                 rows = range(i * n, (i + 1) * n)
                 yield q, [(answers[r], top_idx[r], top_logp[r], None if hidden is None else hidden[r]) for r in rows]
@@ -245,9 +258,9 @@ def scored_answers(model, tokenizer, pairs: list[tuple[Query, list[int]]], cfg: 
     answer token: the teacher prompted as for sampling, reading the answer instead of writing one
     (an item's own words, or the student's answer). Local even when the samples come from vLLM: this
     model is loaded to train anyway."""
-    layers = matched_layers(model.config.num_hidden_layers, cfg)
     for start in range(0, len(pairs), SAMPLE_BATCH):
         chunk = pairs[start:start + SAMPLE_BATCH]
+        layers = matched_layers(model.config.num_hidden_layers, states_cfg([q for q, _ in chunk], cfg))
         prompts = [chat_ids(tokenizer, q.messages) for q, _ in chunk]
         seqs = [p + a[:-1] for p, (_, a) in zip(prompts, chunk)]  # the last answer token is only a target
         spans = [(len(p) - 1, len(p) - 1 + len(a)) for p, (_, a) in zip(prompts, chunk)]
