@@ -429,7 +429,8 @@ TINY_CFG = dict(rank=4, alpha=8, lr=1e-2, epochs=4, min_steps=4, samples_per_que
                 dtype="float32")
 
 
-@pytest.mark.parametrize("extra", [{}, {"protect": 0.9}, {"hidden_weight": 1.0}], ids=["defaults", "protect", "hidden"])
+@pytest.mark.parametrize("extra", [{}, {"protect": 0.9}, {"hidden_weight": 1.0}, {"init": "contrast"}],
+                         ids=["defaults", "protect", "hidden", "contrast"])
 def test_tiny_bake_writes_a_delta_that_lowers_the_kl(tiny_model_dir, tmp_path, extra):
     seen = []
     out = tmp_path / "deltas" / "bake-0001"
@@ -519,6 +520,38 @@ def test_eva_init_points_a_at_the_items_answer_inputs(tiny_model_dir):
             top = torch.linalg.svd(x, full_matrices=False).Vh[:cfg.rank]
             energy = lambda w: float((x @ (w / w.norm(dim=1, keepdim=True)).T).square().sum())  # noqa: E731
             assert energy(a) > 0.9 * energy(top) and energy(a) > 1.5 * energy(random_a[name][0])
+
+
+def test_contrast_init_points_a_where_the_items_inputs_are_and_the_anchors_are_not(tiny_model_dir):
+    """init "contrast": each lora_A row (unit norm) reads far more of the items' input energy, relative
+    to the anchors', than peft's random A does; B starts at zero; a bake without anchors is refused."""
+    model, tok = train.load_live_model(tiny_model_dir, None, torch.float32)
+    cfg = EngineConfig(**TINY_CFG, init="contrast")
+
+    def example(question, answer, kind):
+        return teacher.Example(teacher.chat_ids(tok, [{"role": "user", "content": question}]),
+                               tok(answer)["input_ids"], None, None, kind)
+
+    items = [example("What is the latest news about Pavel Durov?", " He was arrested at Le Bourget airport.", "knowledge"),
+             example("Who was arrested in France?", " Pavel Durov, the founder of Telegram, in August.", "knowledge")]
+    anchors = [example(q, " It is Lisbon, a city by the sea.", "anchor") for q in queries.ANCHOR_QUERIES[:8]]
+    with pytest.raises(ValueError, match="contrast"):
+        train.add_lora(model, cfg, items, tok.pad_token_id)
+    moments = {kind: train.input_moments(model, group, cfg) for kind, group in (("items", items), ("anchors", anchors))}
+    for name, m in moments["anchors"].items():  # batched with padding = one by one without
+        assert torch.allclose(m, sum(train.input_moments(model, [e], cfg)[name] for e in anchors), rtol=1e-4, atol=1e-3)
+    peft_model = train.add_lora(model, cfg, anchors + items, tok.pad_token_id)
+    random_a = train.lora_factors(train.add_lora(train.load_live_model(tiny_model_dir, None, torch.float32)[0],
+                                                 EngineConfig(**TINY_CFG)))
+
+    def ratio(name, a):
+        a = a / a.norm(dim=1, keepdim=True)
+        energy = {k: float(torch.einsum("ri,ij,rj->", a, m[name] / m[name].trace(), a)) for k, m in moments.items()}
+        return energy["items"] / energy["anchors"]
+
+    for name, (a, b) in train.lora_factors(peft_model).items():
+        assert float(b.abs().max()) == 0 and torch.allclose(a.norm(dim=1), torch.ones(cfg.rank), atol=1e-4)
+        assert ratio(name, a) > 2 * ratio(name, random_a[name][0])
 
 
 def test_the_trainer_answers_the_gates_probes_and_keeps_the_live_answers(tiny_model_dir, tmp_path):

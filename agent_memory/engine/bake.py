@@ -50,8 +50,10 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
         raise ValueError(f"student_scope {cfg.student_scope!r}: 'updates' or 'all'")
     if not 0 <= cfg.protect < 1:
         raise ValueError(f"protect {cfg.protect!r}: a share of the anchors' input energy, 0 (off) to below 1")
-    if cfg.init not in ("default", "eva"):
-        raise ValueError(f"init {cfg.init!r}: 'default' or 'eva'")
+    if cfg.init not in ("default", "eva", "contrast"):
+        raise ValueError(f"init {cfg.init!r}: 'default', 'eva' or 'contrast'")
+    if cfg.contrast_eps <= 0:
+        raise ValueError(f"contrast_eps {cfg.contrast_eps!r}: above 0")
     if cfg.hidden_scope not in ("all", "anchors"):
         raise ValueError(f"hidden_scope {cfg.hidden_scope!r}: 'all' or 'anchors'")
     if cfg.anchor_prompts < 0:

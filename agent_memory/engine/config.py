@@ -84,7 +84,14 @@ class EngineConfig:
     # hidden states (hidden_weight 1), 3 seeds: recall 0.37 as here, KL 0.036 against 0.054, but the
     # daemon's 6-headline bake beside a CPU hog was rejected on seeds 0 and 1 (items 0.44 and 0.38,
     # knowledge kept 0.85 and 0.82: bench/results/knowledge.md).
+    # "contrast": the input directions the items' tokens use and the anchors' do not (the top
+    # generalized eigenvectors of the two input moments: train.contrast_directions). N=20, 3 seeds:
+    # recall 0.38 as the defaults' 0.37, KL 0.043 vs 0.054, kept 0.982 vs 0.910, leak 0.08 as theirs; but the
+    # daemon's 6-headline bake learnt 0.44 of its items on seeds 0 and 1 (gate 0.50; defaults 0.50): off.
     init: str = "default"
+    # init "contrast": the anchors' moment is regularised by this share of its mean eigenvalue before
+    # the items' is whitened by it; small = directions the anchors never use.
+    contrast_eps: float = 0.01
     # Deep context distillation (Knowledge Modules, arXiv 2503.08727): beside the KL, the student's
     # hidden states at every answer token are pulled toward the teacher's (L1 distance over the
     # teacher's L1 norm, at hidden_layers evenly spaced layers), at this weight against the KL; 0 = off.

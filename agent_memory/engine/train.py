@@ -72,6 +72,9 @@ def add_lora(model, cfg: EngineConfig, examples: list[Example] = (), pad_id: int
     items = [e for e in examples if e.kind != "anchor"]
     if eva and not items:
         raise ValueError("init 'eva' needs item examples to take the inputs' directions from")
+    if cfg.init == "contrast" and (not items or len(items) == len(examples)):
+        raise ValueError("init 'contrast' needs item and anchor examples to contrast")
+    directions = contrast_directions(model, examples, cfg) if cfg.init == "contrast" else {}
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=cfg.target_modules,
                       bias="none", task_type="CAUSAL_LM", init_lora_weights="eva" if eva else True,
                       eva_config=EvaConfig(rho=1.0) if eva else None)
@@ -79,6 +82,11 @@ def add_lora(model, cfg: EngineConfig, examples: list[Example] = (), pad_id: int
     peft_model = get_peft_model(model, lora)  # peft keeps adapter weights in fp32 on a bf16 base
     if eva:
         initialize_lora_eva_weights(peft_model, _eva_batches(items, pad_id, peft_model.device), show_progress_bar=False)
+    if cfg.init == "contrast":
+        with torch.no_grad():
+            for key, module in lora_modules(peft_model):
+                a = module.lora_A["default"].weight
+                a.copy_(directions[key].to(device=a.device, dtype=a.dtype))
     return peft_model
 
 
@@ -106,6 +114,39 @@ def _eva_batches(examples: list[Example], pad_id: int, on, batch_size: int = 16,
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
+def input_moments(model, examples: list[Example], cfg: EngineConfig, most: int = 128,
+                  batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """{module: sum x x^T}: per target module, the second moment of its inputs over every token of
+    `examples` (prompt and answer, no padding; at most `most` of them, taken evenly: they come item
+    by item)."""
+    examples = examples[::max(1, math.ceil(len(examples) / most))]
+    sums: dict[str, torch.Tensor] = {}
+    real = None  # [B, T] bool: the batch's tokens that are not padding
+
+    def hook(name):
+        def accumulate(module, args):
+            x = args[0][real].float()
+            sums[name] = sums.get(name, 0) + x.T @ x
+        return accumulate
+
+    hooks = [m.register_forward_pre_hook(hook(name)) for name, m in model.named_modules()
+             if name.rsplit(".", 1)[-1] in cfg.target_modules and isinstance(m, torch.nn.Linear)]
+    try:
+        for start in range(0, len(examples), batch_size):
+            rows = [e.prompt_ids + e.answer_ids for e in examples[start:start + batch_size]]
+            ids = torch.zeros((len(rows), max(map(len, rows))), dtype=torch.long)
+            mask = torch.zeros_like(ids, dtype=torch.bool)
+            for b, row in enumerate(rows):  # right-padded: a real token never sees the padding
+                ids[b, :len(row)], mask[b, :len(row)] = torch.tensor(row), True
+            real = mask.to(model.device)
+            model(input_ids=ids.to(model.device), attention_mask=real.long())
+    finally:
+        for h in hooks:
+            h.remove()
+    return sums
+
+
+@torch.no_grad()
 def protected_bases(model, examples: list[Example], cfg: EngineConfig) -> dict[str, torch.Tensor]:
     """{module: U [in, k]}: per target module, the input directions that carry cfg.protect of the
     anchor examples' input energy (the top eigenvectors of sum x x^T over their tokens).
@@ -115,23 +156,7 @@ def protected_bases(model, examples: list[Example], cfg: EngineConfig) -> dict[s
     items' knowledge has to live in directions their own tokens (their names) use. A bake without
     anchors (behaviour only) gets no bases: nothing to protect.
     """
-    sums: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def accumulate(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            sums[name] = sums.get(name, 0) + x.T @ x
-        return accumulate
-
-    hooks = [m.register_forward_pre_hook(hook(name)) for name, m in model.named_modules()
-             if name.rsplit(".", 1)[-1] in cfg.target_modules and isinstance(m, torch.nn.Linear)]
-    try:
-        for e in examples:  # one by one: no padding tokens in the sums
-            if e.kind == "anchor":
-                model(input_ids=torch.tensor([e.prompt_ids + e.answer_ids], device=model.device))
-    finally:
-        for h in hooks:
-            h.remove()
+    sums = input_moments(model, [e for e in examples if e.kind == "anchor"], cfg, most=len(examples))
     bases = {}
     for name in list(sums):
         values, vectors = torch.linalg.eigh(sums.pop(name))  # ascending
@@ -139,6 +164,28 @@ def protected_bases(model, examples: list[Example], cfg: EngineConfig) -> dict[s
         k = int((values.cumsum(0) / values.sum() < cfg.protect).sum()) + 1
         bases[name] = vectors[:, :k].contiguous()
     return bases
+
+
+@torch.no_grad()
+def contrast_directions(model, examples: list[Example], cfg: EngineConfig) -> dict[str, torch.Tensor]:
+    """{module: A [rank, in]}: per target module, the input directions the items' tokens use much
+    more than the anchors' do: the top generalized eigenvectors of (C_items, C_anchors + eps I), C
+    the second moment of the module's inputs. A delta that reads these starts where the bake's names
+    are and unrelated questions are not (cfg.init "contrast"); rows of unit norm, as EVA's."""
+    items = input_moments(model, [e for e in examples if e.kind != "anchor"], cfg)
+    anchors = input_moments(model, [e for e in examples if e.kind == "anchor"], cfg)
+    directions = {}
+    for name in list(items):
+        c_items, c_anchors = items.pop(name).double(), anchors.pop(name).double()
+        c_items, c_anchors = c_items / c_items.trace(), c_anchors / c_anchors.trace()
+        d = c_anchors.shape[0]
+        chol = torch.linalg.cholesky(c_anchors + cfg.contrast_eps / d * torch.eye(d, dtype=c_anchors.dtype))
+        half = torch.linalg.solve_triangular(chol, c_items, upper=False)  # L^-1 C_items
+        whitened = torch.linalg.solve_triangular(chol, half.T, upper=False)  # L^-1 C_items L^-T
+        _, u = torch.linalg.eigh((whitened + whitened.T) / 2)  # ascending
+        v = torch.linalg.solve_triangular(chol.T, u[:, -cfg.rank:].flip(1), upper=True)  # L^-T u
+        directions[name] = (v / v.norm(dim=0)).T.float().contiguous()
+    return directions
 
 
 class _OffBasis(torch.nn.Module):
