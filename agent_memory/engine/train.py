@@ -179,7 +179,8 @@ def contrast_directions(model, examples: list[Example], cfg: EngineConfig) -> di
         c_items, c_anchors = items.pop(name).double(), anchors.pop(name).double()
         c_items, c_anchors = c_items / c_items.trace(), c_anchors / c_anchors.trace()
         d = c_anchors.shape[0]
-        chol = torch.linalg.cholesky(c_anchors + cfg.contrast_eps / d * torch.eye(d, dtype=c_anchors.dtype))
+        eye = torch.eye(d, dtype=c_anchors.dtype, device=c_anchors.device)
+        chol = torch.linalg.cholesky(c_anchors + cfg.contrast_eps / d * eye)
         half = torch.linalg.solve_triangular(chol, c_items, upper=False)  # L^-1 C_items
         whitened = torch.linalg.solve_triangular(chol, half.T, upper=False)  # L^-1 C_items L^-T
         _, u = torch.linalg.eigh((whitened + whitened.T) / 2)  # ascending
