@@ -81,7 +81,7 @@ def add_lora(model, cfg: EngineConfig, examples: list[Example] = (), pad_id: int
     torch.manual_seed(cfg.seed)  # A's random init
     peft_model = get_peft_model(model, lora)  # peft keeps adapter weights in fp32 on a bf16 base
     if eva:
-        initialize_lora_eva_weights(peft_model, _eva_batches(items, pad_id, peft_model.device), show_progress_bar=False)
+        initialize_lora_eva_weights(peft_model, _padded_batches(items, pad_id, peft_model.device), show_progress_bar=False)
     if cfg.init == "contrast":
         with torch.no_grad():
             for key, module in lora_modules(peft_model):
@@ -90,11 +90,12 @@ def add_lora(model, cfg: EngineConfig, examples: list[Example] = (), pad_id: int
     return peft_model
 
 
-def _eva_batches(examples: list[Example], pad_id: int, on, batch_size: int = 16, most: int = 32) -> list[dict]:
-    """Right-padded prompt + answer rows for EVA's SVD; labels -100 outside the answers, so only the
-    answer tokens (the item's content, not the chat template) count. At most `most` batches, taken
-    evenly across the examples (they come item by item), so every item has its say."""
-    examples = examples[::math.ceil(len(examples) / (batch_size * most))]
+def _padded_batches(examples: list[Example], pad_id: int, on, batch_size: int = 16, most: int = 32) -> list[dict]:
+    """Right-padded prompt + answer rows for EVA's SVD and input_moments; labels -100 outside the
+    answers, so for EVA only the answer tokens (the item's content, not the chat template) count.
+    At most `most` batches, taken evenly across the examples (they come item by item), so every
+    item has its say."""
+    examples = examples[::max(1, math.ceil(len(examples) / (batch_size * most)))]
     batches = []
     for start in range(0, len(examples), batch_size):
         group = examples[start:start + batch_size]
@@ -119,7 +120,6 @@ def input_moments(model, examples: list[Example], cfg: EngineConfig, most: int =
     """{module: sum x x^T}: per target module, the second moment of its inputs over every token of
     `examples` (prompt and answer, no padding; at most `most` of them, taken evenly: they come item
     by item)."""
-    examples = examples[::max(1, math.ceil(len(examples) / most))]
     sums: dict[str, torch.Tensor] = {}
     real = None  # [B, T] bool: the batch's tokens that are not padding
 
@@ -132,14 +132,10 @@ def input_moments(model, examples: list[Example], cfg: EngineConfig, most: int =
     hooks = [m.register_forward_pre_hook(hook(name)) for name, m in model.named_modules()
              if name.rsplit(".", 1)[-1] in cfg.target_modules and isinstance(m, torch.nn.Linear)]
     try:
-        for start in range(0, len(examples), batch_size):
-            rows = [e.prompt_ids + e.answer_ids for e in examples[start:start + batch_size]]
-            ids = torch.zeros((len(rows), max(map(len, rows))), dtype=torch.long)
-            mask = torch.zeros_like(ids, dtype=torch.bool)
-            for b, row in enumerate(rows):  # right-padded: a real token never sees the padding
-                ids[b, :len(row)], mask[b, :len(row)] = torch.tensor(row), True
-            real = mask.to(model.device)
-            model(input_ids=ids.to(model.device), attention_mask=real.long())
+        # Right-padded (a real token never sees the padding, whose id is then irrelevant: 0).
+        for batch in _padded_batches(examples, 0, model.device, batch_size, most=math.ceil(most / batch_size)):
+            real = batch["attention_mask"].bool()
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     finally:
         for h in hooks:
             h.remove()
