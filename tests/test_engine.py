@@ -429,8 +429,8 @@ TINY_CFG = dict(rank=4, alpha=8, lr=1e-2, epochs=4, min_steps=4, samples_per_que
                 dtype="float32")
 
 
-@pytest.mark.parametrize("extra", [{}, {"protect": 0.9}, {"hidden_weight": 1.0}, {"init": "contrast"}],
-                         ids=["defaults", "protect", "hidden", "contrast"])
+@pytest.mark.parametrize("extra", [{}, {"init": "default"}, {"protect": 0.9}, {"hidden_weight": 1.0}],
+                         ids=["defaults", "random-init", "protect", "hidden"])
 def test_tiny_bake_writes_a_delta_that_lowers_the_kl(tiny_model_dir, tmp_path, extra):
     seen = []
     out = tmp_path / "deltas" / "bake-0001"
@@ -512,7 +512,7 @@ def test_eva_init_points_a_at_the_items_answer_inputs(tiny_model_dir):
     answers = {n: torch.cat([x[len(e.prompt_ids):] for x, e in zip(xs, items)]) for n, xs in inputs.items()}
     peft_model = train.add_lora(model, cfg, [anchor] + items, tok.pad_token_id)
     random_a = train.lora_factors(train.add_lora(train.load_live_model(tiny_model_dir, None, torch.float32)[0],
-                                                 EngineConfig(**TINY_CFG)))
+                                                 EngineConfig(**TINY_CFG, init="default")))
     for name, (a, b) in train.lora_factors(peft_model).items():
         assert float(b.abs().max()) == 0 and torch.allclose(a @ a.T, torch.eye(cfg.rank), atol=1e-3)
         if name in answers:
@@ -524,7 +524,8 @@ def test_eva_init_points_a_at_the_items_answer_inputs(tiny_model_dir):
 
 def test_contrast_init_points_a_where_the_items_inputs_are_and_the_anchors_are_not(tiny_model_dir):
     """init "contrast": each lora_A row (unit norm) reads far more of the items' input energy, relative
-    to the anchors', than peft's random A does; B starts at zero; a bake without anchors is refused."""
+    to the anchors', than peft's random A does; B starts at zero; a bake without anchors (behaviour
+    only) keeps peft's random A."""
     model, tok = train.load_live_model(tiny_model_dir, None, torch.float32)
     cfg = EngineConfig(**TINY_CFG, init="contrast")
 
@@ -535,14 +536,14 @@ def test_contrast_init_points_a_where_the_items_inputs_are_and_the_anchors_are_n
     items = [example("What is the latest news about Pavel Durov?", " He was arrested at Le Bourget airport.", "knowledge"),
              example("Who was arrested in France?", " Pavel Durov, the founder of Telegram, in August.", "knowledge")]
     anchors = [example(q, " It is Lisbon, a city by the sea.", "anchor") for q in queries.ANCHOR_QUERIES[:8]]
-    with pytest.raises(ValueError, match="contrast"):
-        train.add_lora(model, cfg, items, tok.pad_token_id)
     moments = {kind: train.input_moments(model, group, cfg) for kind, group in (("items", items), ("anchors", anchors))}
     for name, m in moments["anchors"].items():  # batched with padding = one by one without
         assert torch.allclose(m, sum(train.input_moments(model, [e], cfg)[name] for e in anchors), rtol=1e-4, atol=1e-3)
     peft_model = train.add_lora(model, cfg, anchors + items, tok.pad_token_id)
     random_a = train.lora_factors(train.add_lora(train.load_live_model(tiny_model_dir, None, torch.float32)[0],
-                                                 EngineConfig(**TINY_CFG)))
+                                                 EngineConfig(**TINY_CFG, init="default")))
+    no_anchors = train.add_lora(train.load_live_model(tiny_model_dir, None, torch.float32)[0], cfg, items, tok.pad_token_id)
+    assert all(torch.equal(a, random_a[name][0]) for name, (a, _) in train.lora_factors(no_anchors).items())
 
     def ratio(name, a):
         a = a / a.norm(dim=1, keepdim=True)

@@ -63,18 +63,20 @@ def without_live(model, live_adapter: Path | None):
 
 
 def add_lora(model, cfg: EngineConfig, examples: list[Example] = (), pad_id: int = 0):
-    """The trainable delta: B = 0, A random (peft's default) or, with cfg.init "eva", the top right
-    singular vectors of each module's inputs on the items' answer tokens (EVA, arXiv 2410.07170,
-    peft's implementation; one rank for all modules, so the delta saves as one rank and alpha)."""
+    """The trainable delta: B = 0, A random (peft's default), or with cfg.init "contrast" the input
+    directions the items use and the anchors do not (contrast_directions()), or with "eva" the top
+    right singular vectors of each module's inputs on the items' answer tokens (EVA, arXiv
+    2410.07170, peft's implementation; one rank for all modules, so the delta saves as one rank and
+    alpha)."""
     from peft import EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
 
     eva = cfg.init == "eva"
     items = [e for e in examples if e.kind != "anchor"]
     if eva and not items:
         raise ValueError("init 'eva' needs item examples to take the inputs' directions from")
-    if cfg.init == "contrast" and (not items or len(items) == len(examples)):
-        raise ValueError("init 'contrast' needs item and anchor examples to contrast")
-    directions = contrast_directions(model, examples, cfg) if cfg.init == "contrast" else {}
+    # A bake without anchors (behaviour only) has nothing to contrast: it keeps peft's random A.
+    contrast = cfg.init == "contrast" and 0 < len(items) < len(examples)
+    directions = contrast_directions(model, examples, cfg) if contrast else {}
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=cfg.target_modules,
                       bias="none", task_type="CAUSAL_LM", init_lora_weights="eva" if eva else True,
                       eva_config=EvaConfig(rho=1.0) if eva else None)
@@ -82,7 +84,7 @@ def add_lora(model, cfg: EngineConfig, examples: list[Example] = (), pad_id: int
     peft_model = get_peft_model(model, lora)  # peft keeps adapter weights in fp32 on a bf16 base
     if eva:
         initialize_lora_eva_weights(peft_model, _padded_batches(items, pad_id, peft_model.device), show_progress_bar=False)
-    if cfg.init == "contrast":
+    if contrast:
         with torch.no_grad():
             for key, module in lora_modules(peft_model):
                 a = module.lora_A["default"].weight
