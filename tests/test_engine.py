@@ -539,6 +539,8 @@ def test_contrast_init_points_a_where_the_items_inputs_are_and_the_anchors_are_n
     moments = {kind: train.input_moments(model, group, cfg) for kind, group in (("items", items), ("anchors", anchors))}
     for name, m in moments["anchors"].items():  # batched with padding = one by one without
         assert torch.allclose(m, sum(train.input_moments(model, [e], cfg)[name] for e in anchors), rtol=1e-4, atol=1e-3)
+        layer = name.rsplit(".", 1)[0]  # gate_proj and up_proj read one input: one moment, down_proj its own
+        assert (m is moments["anchors"][f"{layer}.up_proj"]) == (not name.endswith("down_proj"))
     peft_model = train.add_lora(model, cfg, anchors + items, tok.pad_token_id)
     random_a = train.lora_factors(train.add_lora(train.load_live_model(tiny_model_dir, None, torch.float32)[0],
                                                  EngineConfig(**TINY_CFG, init="default")))
@@ -553,6 +555,27 @@ def test_contrast_init_points_a_where_the_items_inputs_are_and_the_anchors_are_n
     for name, (a, b) in train.lora_factors(peft_model).items():
         assert float(b.abs().max()) == 0 and torch.allclose(a.norm(dim=1), torch.ones(cfg.rank), atol=1e-4)
         assert ratio(name, a) > 2 * ratio(name, random_a[name][0])
+
+
+def test_top_generalized_finds_the_top_directions_of_a_dense_solve():
+    """train.top_generalized (block power iteration, no full eigendecomposition) returns the top k
+    generalized eigenvectors of (c, b + eps I) that a dense solve finds, up to sign, on moments
+    shaped like a bake's: the items' tokens strong along a few directions the anchors' are weak in."""
+    g = torch.Generator().manual_seed(0)
+    d, k, eps = 96, 4, 0.01
+    anchors = torch.randn(400, d, generator=g) * torch.logspace(0, -2, d)
+    items = torch.cat([anchors[:100], 3 * torch.randn(30, 8, generator=g) @ torch.randn(8, d, generator=g)])
+    c, b = items.T @ items, anchors.T @ anchors
+    found = train.top_generalized(c, b, k, eps)
+
+    c, b = c.double() / c.trace(), b.double() / b.trace()
+    chol = torch.linalg.cholesky(b + eps / d * torch.eye(d, dtype=b.dtype))
+    whitened = torch.linalg.solve_triangular(chol, torch.linalg.solve_triangular(chol, c, upper=False).T, upper=False)
+    _, u = torch.linalg.eigh(whitened)
+    dense = torch.linalg.solve_triangular(chol.T, u[:, -k:].flip(1), upper=True).T
+    dense = dense / dense.norm(dim=1, keepdim=True)
+    assert found.shape == (k, d) and torch.allclose(found.norm(dim=1), torch.ones(k), atol=1e-5)
+    assert (found.double() * dense).sum(1).abs().min() > 0.999
 
 
 def test_the_trainer_answers_the_gates_probes_and_keeps_the_live_answers(tiny_model_dir, tmp_path):
