@@ -90,8 +90,8 @@ class EngineConfig:
     # (the top generalized eigenvectors of the two input moments: train.contrast_directions); a bake
     # without anchors keeps the random A. With 20 steps per item against random A and 15 steps
     # (bench/results/knowledge.md): the daemon's 6-headline bake live on seeds 0-2 (items 0.50, 0.56,
-    # 0.69 against 0.50, 0.50, rejected at 0.38); N=20, seeds 0 and 1: recall 0.40 against 0.39,
-    # KL 0.050 against 0.054, kept 0.960 against 0.919, but leak 0.11 against 0.065.
+    # 0.69 against 0.50, 0.50, rejected at 0.38); N=20, seeds 0-2: recall 0.38 against 0.37,
+    # KL 0.049 against 0.054, kept 0.955 against 0.910, but leak 0.09 against 0.08.
     init: str = "contrast"
     # init "contrast": the anchors' moment is regularised by this share of its mean eigenvalue before
     # the items' is whitened by it; small = directions the anchors never use.

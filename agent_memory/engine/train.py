@@ -201,7 +201,7 @@ def top_generalized(c: torch.Tensor, b: torch.Tensor, k: int, eps: float, seed: 
     def whitened(q):  # L^-1 c L^-T q
         return torch.linalg.solve_triangular(chol, c @ torch.linalg.solve_triangular(chol.T, q, upper=True), upper=False)
 
-    start = torch.randn(d, 2 * k, generator=torch.Generator().manual_seed(seed)).to(b)
+    start = torch.randn(d, min(2 * k, d), generator=torch.Generator().manual_seed(seed)).to(b)
     q = torch.linalg.qr(start).Q
     for _ in range(iterations):
         q = torch.linalg.qr(whitened(q)).Q
