@@ -161,14 +161,13 @@ def protected_bases(model, examples: list[Example], cfg: EngineConfig) -> dict[s
     items' knowledge has to live in directions their own tokens (their names) use. A bake without
     anchors (behaviour only) gets no bases: nothing to protect.
     """
-    sums = input_moments(model, [e for e in examples if e.kind == "anchor"], cfg, most=len(examples))
-    bases = {}
-    for name in list(sums):
-        values, vectors = torch.linalg.eigh(sums.pop(name))  # ascending
+    def basis(name, moment):
+        values, vectors = torch.linalg.eigh(moment)  # ascending
         values, vectors = values.flip(0), vectors.flip(1)
         k = int((values.cumsum(0) / values.sum() < cfg.protect).sum()) + 1
-        bases[name] = vectors[:, :k].contiguous()
-    return bases
+        return vectors[:, :k].contiguous()
+
+    return per_input(input_moments(model, [e for e in examples if e.kind == "anchor"], cfg, most=len(examples)), basis)
 
 
 @torch.no_grad()
@@ -179,12 +178,18 @@ def contrast_directions(model, examples: list[Example], cfg: EngineConfig) -> di
     are and unrelated questions are not (cfg.init "contrast"); rows of unit norm, as EVA's."""
     items = input_moments(model, [e for e in examples if e.kind != "anchor"], cfg)
     anchors = input_moments(model, [e for e in examples if e.kind == "anchor"], cfg)
-    directions = {}
-    for name, c_items in items.items():
-        twin = next((n for n in directions if items[n] is c_items), None)  # gate_proj's input is up_proj's
-        directions[name] = directions[twin] if twin else top_generalized(c_items, anchors[name], cfg.rank,
-                                                                        cfg.contrast_eps, cfg.seed)
-    return directions
+    return per_input(items, lambda name, c_items: top_generalized(c_items, anchors[name], cfg.rank,
+                                                                  cfg.contrast_eps, cfg.seed))
+
+
+def per_input(moments: dict[str, torch.Tensor], solve) -> dict[str, torch.Tensor]:
+    """{module: solve(module, its moment)}, solved once per moment tensor: modules that read the
+    same input (gate_proj and up_proj) share input_moments()'s tensor, and so the result."""
+    solved: dict[int, torch.Tensor] = {}  # id of a moment (alive in `moments`) -> its result
+    for name, m in moments.items():
+        if id(m) not in solved:
+            solved[id(m)] = solve(name, m)
+    return {name: solved[id(m)] for name, m in moments.items()}
 
 
 def top_generalized(c: torch.Tensor, b: torch.Tensor, k: int, eps: float, seed: int = 0,
