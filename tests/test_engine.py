@@ -291,6 +291,46 @@ def test_on_policy_the_students_own_answers_are_scored_by_the_prompted_teacher(t
     assert len(teacher.teacher_examples(model, tok, qs, replace(cfg, student_scope="updates"))) == len(plain)
 
 
+def test_a_leak_check_trains_on_the_students_answers_that_name_the_bake_scored_by_the_live_model(tiny_model_dir):
+    """leak_checks: the student (the delta so far) answers the anchors greedily; an answer that names
+    a baked entity the question does not becomes an example whose teacher is the live model (the
+    delta off) at every token of the student's answer; the other answers are dropped."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    live = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    cfg = EngineConfig(**TINY_CFG, init="default")
+    student = train.add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), cfg)
+    with torch.no_grad():  # a delta that changes the answers, as training would
+        for _, module in train.lora_modules(student):
+            module.lora_B["default"].weight.normal_(0, 1.0)
+    student.eval()
+    asked = ["What is the latest news about Chile?", "Who won the last Super Bowl?", "What is the latest news about Kenya?"]
+    anchors = [queries.Query(q, None, None, "anchor") for q in asked]
+    answers = []
+    for q in asked:
+        ids = teacher.student_ids(tok, q)
+        with torch.no_grad():
+            out = student.generate(input_ids=torch.tensor([ids]), max_new_tokens=cfg.max_new_tokens, do_sample=False)
+        answers.append(out[0, len(ids):].tolist())
+    words = [w for w in tok.decode(answers[0], skip_special_tokens=True).split() if w.isalpha() and len(w) >= 4]
+    assert words, "the student's first answer has a word to call a baked name"
+    name = words[0]
+    if any(name.lower() in tok.decode(a, skip_special_tokens=True).lower() for a in answers[1:]):
+        pytest.skip("the tiny model says the same word to every question")
+    found = teacher.leaked_examples(student, tok, anchors, [name, "Chile"], cfg)  # "Chile": in the question
+    assert len(found) == 1 and found[0].own and found[0].kind == "anchor" and found[0].query == id(anchors[0])
+    answer = found[0].answer_ids
+    assert answer == answers[0][:len(answer)] and name in tok.decode(answer)
+    prompt = teacher.student_ids(tok, asked[0])
+    with torch.no_grad():
+        logp = live(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+    assert torch.allclose(found[0].top_logp, logp.topk(cfg.topk).values, atol=1e-4)  # the live model, not the student
+    assert student.training is False  # left as it was found
+    assert teacher.leaked_examples(student, tok, anchors, ["Chile"], cfg) == []
+    assert train.leak_check_epochs(7, 3) == {2, 4, 5} and train.leak_check_epochs(1, 3) == set()
+
+
 def random_live_adapter(model_dir: Path, out: Path) -> Path:
     """A live adapter with a large random delta on every MLP projection of the model."""
     from transformers import AutoModelForCausalLM
@@ -429,8 +469,8 @@ TINY_CFG = dict(rank=4, alpha=8, lr=1e-2, epochs=4, min_steps=4, samples_per_que
                 dtype="float32")
 
 
-@pytest.mark.parametrize("extra", [{}, {"init": "default"}, {"protect": 0.9}, {"hidden_weight": 1.0}],
-                         ids=["defaults", "random-init", "protect", "hidden"])
+@pytest.mark.parametrize("extra", [{}, {"init": "default"}, {"protect": 0.9}, {"hidden_weight": 1.0}, {"leak_checks": 2}],
+                         ids=["defaults", "random-init", "protect", "hidden", "leak-checks"])
 def test_tiny_bake_writes_a_delta_that_lowers_the_kl(tiny_model_dir, tmp_path, extra):
     seen = []
     out = tmp_path / "deltas" / "bake-0001"
@@ -447,6 +487,7 @@ def test_tiny_bake_writes_a_delta_that_lowers_the_kl(tiny_model_dir, tmp_path, e
     delta = adapters.read_delta(out)
     assert len(delta) == 2 * len(EngineConfig().target_modules) and all(a.shape[0] == 4 for a, _, _ in delta.values())
     assert any(float(b.abs().max()) > 0 for _, b, _ in delta.values())  # trained, not the zero init
+    assert len(report["leaks_found"]) == len(train.leak_check_epochs(report["epochs_run"], extra.get("leak_checks", 0)))
 
 
 def test_protect_makes_the_delta_blind_to_the_anchors_input_directions(tiny_model_dir, tmp_path):

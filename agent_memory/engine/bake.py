@@ -16,13 +16,14 @@ import torch
 
 from .. import adapters
 from ..hardware import idle_cores, matmul_gflops, pick_dtype
+from ..probes import bake_entities
 from . import PROBES_FILE
 from .config import EngineConfig
 from .probe import probe_candidate, probe_live
 from .queries import build_queries
-from .teacher import preference_pairs, prompt_targets, teacher_examples
+from .teacher import leaked_examples, preference_pairs, prompt_targets, teacher_examples
 from .train import (add_lora, fold, load_live_model, lora_factors, make_batches, protect, protected_bases, train,
-                    train_flops, without_live)
+                    without_live)
 
 
 @dataclass
@@ -62,6 +63,8 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
         raise ValueError(f"unlearn_weight {cfg.unlearn_weight!r} (0 = off, or more), unlearn_beta {cfg.unlearn_beta!r} (above 0)")
     if cfg.unlearn_from not in ("given", "own", "both"):
         raise ValueError(f"unlearn_from {cfg.unlearn_from!r}: 'given', 'own' or 'both'")
+    if cfg.leak_checks < 0:
+        raise ValueError(f"leak_checks {cfg.leak_checks!r}: 0 (off) or more")
     if not items:
         raise ValueError("nothing to bake")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -100,7 +103,14 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
                            prompt_weight=cfg.anchor_prompts)
     for e in examples:
         e.hidden = None  # the batches hold the teacher's hidden states now: one copy in the trainer, not two
-    report = train(peft_model, batches, cfg, progress, items=len(items), pairs=pairs)
+    anchors, names = [q for q in queries if q.kind == "anchor"], bake_entities(items)
+
+    def leak_check():  # the student's answers to the anchors that name the bake, the live model their teacher
+        found = leaked_examples(peft_model, tokenizer, anchors, names, cfg)
+        return make_batches(found, cfg.batch_size, tokenizer.pad_token_id, anchor_weight=cfg.anchor_weight) if found else []
+
+    report = train(peft_model, batches, cfg, progress, items=len(items), pairs=pairs,
+                   leak_check=leak_check if anchors and names else None)
     fold(protected)
     timings["train_s"] = time.monotonic() - t
 
@@ -109,8 +119,7 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
         if probe_plan else None
     timings["probe_s"] = time.monotonic() - t + timings["probe_live_s"]
 
-    steps_per_batch = {i: report["epochs_run"] for i in range(len(batches))}  # each batch once per epoch
-    flops = train_flops(model.config, batches, steps_per_batch)
+    flops = report.pop("train_flops")
     peak = matmul_gflops(dtype, on=model.device)
     achieved = flops / report["train_seconds"] / 1e9 if report["train_seconds"] else 0.0
 

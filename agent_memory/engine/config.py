@@ -67,6 +67,11 @@ class EngineConfig:
     # 12 at N=20: more local (KL 0.048 vs 0.059) but leak 0.10 vs 0.08, recall 0.36 vs 0.44 (knowledge.md).
     contrast_queries: int = 6
     anchor_samples: int = 1
+    # Leak checks during training (teacher.leaked_examples): at this many epochs, spread evenly, the
+    # student (the delta so far) answers the anchor questions greedily; each answer that names one
+    # of the bake's entities the question does not is scored by the live model and trained on from
+    # then on (on-policy distillation where the delta leaks); 0 = off.
+    leak_checks: int = 0
     # Null-space projection (AlphaEdit, arXiv 2410.02355): each delta module is made blind to the input
     # directions that carry this share of the anchor examples' input energy; 0 = off. The most local
     # bakes measured, but less recall, and more steps or a higher lr on top brought the drift back

@@ -184,6 +184,36 @@ def preference_pairs(model, tokenizer, queries: list[Query], cfg: EngineConfig,
     return pairs
 
 
+@torch.no_grad()
+def leaked_examples(peft_model, tokenizer, anchors: list[Query], names: list[str], cfg: EngineConfig) -> list[Example]:
+    """The student's greedy answers (the delta as trained so far) to the `anchors` that name one of
+    `names` (the bake's entities) the question does not, each scored token by token by the live
+    model (the delta switched off): on-policy distillation where the delta leaks (cfg.leak_checks).
+    The KL then pushes down the whole baked name, every token of it, toward what the live model
+    would say there; a penalty on a name's first token alone would hit ordinary words (most made-up
+    names start with one letter or a common piece)."""
+    inner = peft_model.base_model.model  # the LlamaForCausalLM, LoRA layers injected
+    greedy = replace(cfg, temperature=0.0, greedy_first=False, hidden_weight=0.0)
+    training = peft_model.training
+    peft_model.eval()
+    leaked = []
+    try:
+        for start in range(0, len(anchors), SAMPLE_BATCH):
+            chunk = anchors[start:start + SAMPLE_BATCH]
+            answers, *_ = sample(inner, [student_ids(tokenizer, q.question) for q in chunk], 1, greedy,
+                                 tokenizer.eos_token_id, cfg.max_new_tokens)
+            for q, a in zip(chunk, answers):
+                others = [n for n in names if n.lower() not in q.question.lower()]
+                if len(a) > 1 and is_correct(tokenizer.decode(a, skip_special_tokens=True), others):
+                    leaked.append((q, a))
+        with peft_model.disable_adapter():  # the live model: an anchor's teacher
+            scored = list(scored_answers(inner, tokenizer, leaked, greedy))
+    finally:
+        peft_model.train(training)
+    return [Example(student_ids(tokenizer, q.question), a, top_idx, top_logp, q.kind, query=id(q), own=True)
+            for q, [(a, top_idx, top_logp, _)] in scored]
+
+
 def sequence_logps(model, prompt: list[int], answers: list[list[int]]) -> torch.Tensor:
     """[len(answers)]: log P(answer | prompt) of each answer under `model` (a causal LM, peft or not),
     summed over its tokens. One right-padded forward pass; gradients flow when enabled."""

@@ -399,8 +399,17 @@ def preference_loss(peft_model, pairs: list[Pair], beta: float, autocast: bool) 
     return torch.stack(losses).mean()
 
 
+def leak_check_epochs(epochs: int, checks: int) -> set[int]:
+    """The epochs that start with a leak check (cfg.leak_checks of them, spread evenly; never the
+    first: the delta is still zero there)."""
+    return {max(1, round(epochs * j / (checks + 1))) for j in range(1, checks + 1)} if epochs > 1 else set()
+
+
 def train(peft_model, batches: list[dict], cfg: EngineConfig, progress=None, items: int = 1,
-          pairs: list[Pair] = ()) -> dict:
+          pairs: list[Pair] = (), leak_check=None) -> dict:
+    """`leak_check()`: batches of the student's answers that leak the bake's names, scored by the
+    live model (teacher.leaked_examples); at the epochs of leak_check_epochs() they join the
+    epoch's batches, and stay for the rest of training."""
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     # The budget is per item: a bake of 20 gets 20 times the steps of a bake of one, so each item is
@@ -417,27 +426,36 @@ def train(peft_model, batches: list[dict], cfg: EngineConfig, progress=None, ite
     layers = matched_layers(peft_model.config.num_hidden_layers, cfg)
     # Each batch carries every len(batches)-th preference pair (unlearn_weight): each pair once an epoch.
     paired = [pairs[i::len(batches)] for i in range(len(batches))]
+    checks = leak_check_epochs(epochs, cfg.leak_checks) if leak_check else set()
+    pool, leaks = list(batches), []  # leaks: per check, the number of leaking answers found
+    runs = [0] * len(batches)  # steps each batch of the pool was trained on (the FLOP count)
     peft_model.train()
     curve, step, tokens, started = [], 0, 0, time.monotonic()
     for epoch in range(epochs):
-        order = list(range(len(batches)))
+        if epoch in checks:  # where the delta trained so far names the bake where it should not
+            found = leak_check()
+            pool += found
+            runs += [0] * len(found)
+            leaks.append(sum(len(b["rows"].unique()) for b in found))
+        order = list(range(len(pool)))
         rng.shuffle(order)
         kl_sum, kl_n = 0.0, 0
         for i in order:
-            kl, distance = batch_losses(peft_model, batches[i], autocast, layers)
-            weights = batches[i]["weights"].to(kl.device)
+            kl, distance = batch_losses(peft_model, pool[i], autocast, layers)
+            weights = pool[i]["weights"].to(kl.device)
             loss = (kl * weights).sum() / weights.sum()
             if distance is not None:  # deep context distillation: the teacher's states, where known
-                w = weights * batches[i]["hidden_mask"].to(kl.device)
+                w = weights * pool[i]["hidden_mask"].to(kl.device)
                 loss = loss + cfg.hidden_weight * (distance * w).sum() / w.sum()
-            if paired[i]:  # unlearning: the update's words over the earlier report's
+            if i < len(paired) and paired[i]:  # unlearning: the update's words over the earlier report's
                 loss = loss + cfg.unlearn_weight * preference_loss(peft_model, paired[i], cfg.unlearn_beta, autocast)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             step += 1
-            tokens += batches[i]["tokens"]
+            tokens += pool[i]["tokens"]
+            runs[i] += 1
             kl_sum, kl_n = kl_sum + float(kl.detach().sum()), kl_n + kl.numel()
             curve.append({"step": step, "epoch": epoch, "kl": round(float(loss.detach()), 6)})
             if progress:
@@ -450,7 +468,8 @@ def train(peft_model, batches: list[dict], cfg: EngineConfig, progress=None, ite
     seconds = time.monotonic() - started
     return {"steps": step, "epochs_run": epoch + 1, "train_seconds": round(seconds, 2),
             "train_tokens": tokens, "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
-            "curve": curve, "final_epoch_kl": round(epoch_kl, 5)}
+            "curve": curve, "final_epoch_kl": round(epoch_kl, 5), "leaks_found": leaks,
+            "train_flops": train_flops(peft_model.config, pool, dict(enumerate(runs)))}
 
 
 
