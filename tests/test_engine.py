@@ -146,6 +146,18 @@ def test_an_update_is_asked_its_predecessors_questions_with_both_in_the_teachers
     assert not any(q.stale for q in plain)  # not an update: nothing superseded
 
 
+def test_leak_check_questions_ask_the_items_questions_about_other_subjects_held_out_from_the_neighbours():
+    import random
+
+    asked = queries.leak_check_queries(40, random.Random(0))
+    assert len(asked) == 40 and len({q.question for q in asked}) == 40
+    assert all(q.kind == "anchor" and q.context is None for q in asked)
+    assert all(any(s in q.question for s in queries.CONTRAST_SUBJECTS) for q in asked)
+    assert not {q.question for q in asked} & set(probes.NEIGHBOURS)  # the gate's and the bench's stay unseen
+    assert len(queries.leak_check_queries(10_000, random.Random(0))) == \
+        len(queries.CONTRAST_SUBJECTS) * (len(queries.SUBJECT_TEMPLATES) + len(queries.ENTITY_TEMPLATES))
+
+
 def test_a_fact_without_a_title_gets_cloze_questions_on_its_sentence():
     import random
 
@@ -469,7 +481,7 @@ TINY_CFG = dict(rank=4, alpha=8, lr=1e-2, epochs=4, min_steps=4, samples_per_que
                 dtype="float32")
 
 
-@pytest.mark.parametrize("extra", [{}, {"init": "default"}, {"protect": 0.9}, {"hidden_weight": 1.0}, {"leak_checks": 2}],
+@pytest.mark.parametrize("extra", [{}, {"init": "default"}, {"protect": 0.9}, {"hidden_weight": 1.0}, {"leak_checks": 2, "leak_questions": 4}],
                          ids=["defaults", "random-init", "protect", "hidden", "leak-checks"])
 def test_tiny_bake_writes_a_delta_that_lowers_the_kl(tiny_model_dir, tmp_path, extra):
     seen = []

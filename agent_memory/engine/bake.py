@@ -20,7 +20,7 @@ from ..probes import bake_entities
 from . import PROBES_FILE
 from .config import EngineConfig
 from .probe import probe_candidate, probe_live
-from .queries import build_queries
+from .queries import build_queries, leak_check_queries
 from .teacher import leaked_examples, preference_pairs, prompt_targets, teacher_examples
 from .train import (add_lora, fold, load_live_model, lora_factors, make_batches, protect, protected_bases, train,
                     without_live)
@@ -63,8 +63,8 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
         raise ValueError(f"unlearn_weight {cfg.unlearn_weight!r} (0 = off, or more), unlearn_beta {cfg.unlearn_beta!r} (above 0)")
     if cfg.unlearn_from not in ("given", "own", "both"):
         raise ValueError(f"unlearn_from {cfg.unlearn_from!r}: 'given', 'own' or 'both'")
-    if cfg.leak_checks < 0:
-        raise ValueError(f"leak_checks {cfg.leak_checks!r}: 0 (off) or more")
+    if cfg.leak_checks < 0 or cfg.leak_questions < 0:
+        raise ValueError(f"leak_checks {cfg.leak_checks!r}, leak_questions {cfg.leak_questions!r}: 0 (off) or more")
     if not items:
         raise ValueError("nothing to bake")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -106,7 +106,8 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
     anchors, names = [q for q in queries if q.kind == "anchor"], bake_entities(items)
 
     def leak_check():  # the student's answers to the anchors that name the bake, the live model their teacher
-        found = leaked_examples(peft_model, tokenizer, anchors, names, cfg)
+        asked = anchors + leak_check_queries(cfg.leak_questions, rng)
+        found = leaked_examples(peft_model, tokenizer, asked, names, cfg)
         return make_batches(found, cfg.batch_size, tokenizer.pad_token_id, anchor_weight=cfg.anchor_weight) if found else []
 
     report = train(peft_model, batches, cfg, progress, items=len(items), pairs=pairs,

@@ -72,6 +72,9 @@ class EngineConfig:
     # of the bake's entities the question does not is scored by the live model and trained on from
     # then on (on-policy distillation where the delta leaks); 0 = off.
     leak_checks: int = 0
+    # Per leak check, this many more questions beside the anchors (queries.leak_check_queries: the
+    # items' question templates about CONTRAST_SUBJECTS, drawn afresh at each check).
+    leak_questions: int = 0
     # Null-space projection (AlphaEdit, arXiv 2410.02355): each delta module is made blind to the input
     # directions that carry this share of the anchor examples' input energy; 0 = off. The most local
     # bakes measured, but less recall, and more steps or a higher lr on top brought the drift back

@@ -260,6 +260,14 @@ def contrast_queries(item: dict, own: list[Query], n: int, rng: random.Random) -
             for question, name in picked]
 
 
+def leak_check_queries(n: int, rng: random.Random) -> list[Query]:
+    """n questions of the kinds items are asked (SUBJECT_TEMPLATES, ENTITY_TEMPLATES), each about one
+    of CONTRAST_SUBJECTS, for a leak check (cfg.leak_questions) beside the anchors: questions the
+    bake does not train on up front, where a delta that has learnt "news about anything" shows it."""
+    pool = [t.format(s=s, e=s) for t in SUBJECT_TEMPLATES + ENTITY_TEMPLATES for s in CONTRAST_SUBJECTS]
+    return [Query(q, None, None, "anchor") for q in rng.sample(pool, min(n, len(pool)))]
+
+
 def replay_items(earlier: list[dict], items: list[dict], n: int, rng: random.Random) -> list[dict]:
     """Up to n earlier (already baked) items to teach again, against forgetting: each new delta
     otherwise wears away what the deltas below it taught (bench_sequential.py measures it).

@@ -2,8 +2,9 @@
 delta on the MLPs (optionally kept off the anchors' input directions: protect), trained on
 KL(teacher || student) over all answer tokens, the FIRST one included (optionally beside a
 hidden-state distance: hidden_weight), with AdamW, bf16 where the CPU is fast at it (hardware.py),
-length-sorted batches and an early stop at a target KL. Then the cost accounting: training FLOP/s
-against a matmul in the same process.
+length-sorted batches, leak checks (leak_checks: the student's own answers that name the bake,
+taught back to the live model's) and an early stop at a target KL. Then the cost accounting:
+training FLOP/s against a matmul in the same process.
 """
 
 from __future__ import annotations
@@ -427,13 +428,15 @@ def train(peft_model, batches: list[dict], cfg: EngineConfig, progress=None, ite
     # Each batch carries every len(batches)-th preference pair (unlearn_weight): each pair once an epoch.
     paired = [pairs[i::len(batches)] for i in range(len(batches))]
     checks = leak_check_epochs(epochs, cfg.leak_checks) if leak_check else set()
-    pool, leaks = list(batches), []  # leaks: per check, the number of leaking answers found
+    pool, leaks, checking = list(batches), [], 0.0  # leaks: per check, the leaking answers found
     runs = [0] * len(batches)  # steps each batch of the pool was trained on (the FLOP count)
     peft_model.train()
     curve, step, tokens, started = [], 0, 0, time.monotonic()
     for epoch in range(epochs):
         if epoch in checks:  # where the delta trained so far names the bake where it should not
+            t = time.monotonic()
             found = leak_check()
+            checking += time.monotonic() - t
             pool += found
             runs += [0] * len(found)
             leaks.append(sum(len(b["rows"].unique()) for b in found))
@@ -459,7 +462,7 @@ def train(peft_model, batches: list[dict], cfg: EngineConfig, progress=None, ite
             kl_sum, kl_n = kl_sum + float(kl.detach().sum()), kl_n + kl.numel()
             curve.append({"step": step, "epoch": epoch, "kl": round(float(loss.detach()), 6)})
             if progress:
-                progress("train", step, total_steps)
+                progress("train", min(step, total_steps), total_steps)  # leak batches run past the plan
         epoch_kl = kl_sum / max(kl_n, 1)
         curve[-1]["epoch_kl"] = round(epoch_kl, 5)
         if cfg.target_kl is not None and epoch_kl <= cfg.target_kl:
@@ -469,6 +472,7 @@ def train(peft_model, batches: list[dict], cfg: EngineConfig, progress=None, ite
     return {"steps": step, "epochs_run": epoch + 1, "train_seconds": round(seconds, 2),
             "train_tokens": tokens, "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
             "curve": curve, "final_epoch_kl": round(epoch_kl, 5), "leaks_found": leaks,
+            "leak_check_seconds": round(checking, 2),
             "train_flops": train_flops(peft_model.config, pool, dict(enumerate(runs)))}
 
 
