@@ -499,7 +499,7 @@ def test_tiny_bake_writes_a_delta_that_lowers_the_kl(tiny_model_dir, tmp_path, e
     delta = adapters.read_delta(out)
     assert len(delta) == 2 * len(EngineConfig().target_modules) and all(a.shape[0] == 4 for a, _, _ in delta.values())
     assert any(float(b.abs().max()) > 0 for _, b, _ in delta.values())  # trained, not the zero init
-    assert len(report["leaks_found"]) == len(train.leak_check_epochs(report["epochs_run"], extra.get("leak_checks", 0)))
+    assert len(report["leaks_found"]) == len(train.leak_check_epochs(report["epochs_run"], extra.get("leak_checks", EngineConfig().leak_checks)))
 
 
 def test_protect_makes_the_delta_blind_to_the_anchors_input_directions(tiny_model_dir, tmp_path):
