@@ -343,6 +343,27 @@ def test_a_leak_check_trains_on_the_students_answers_that_name_the_bake_scored_b
     assert train.leak_check_epochs(7, 3) == {2, 4, 5} and train.leak_check_epochs(1, 3) == set()
 
 
+def test_leak_batches_join_training_at_their_check_and_stay(tiny_model_dir):
+    """train(): the batches a leak check returns are trained on in every epoch from the check on."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = replace(EngineConfig(**TINY_CFG), init="default", leak_checks=1, topk=8)
+    model = train.add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), cfg)
+
+    def example(n: int, kind: str):
+        return teacher.Example(list(range(5, 12)), list(range(20, 20 + n)), torch.randint(0, 100, (n, 8)),
+                               torch.randn(n, 8).log_softmax(-1), kind)
+
+    batches = train.make_batches([example(4, "knowledge") for _ in range(3)], 8, 0)  # one batch
+    leaked = train.make_batches([example(3, "anchor"), example(2, "anchor")], 8, 0)
+    calls = []
+    report = train.train(model, batches, cfg, items=1, leak_check=lambda: calls.append(1) or leaked)
+    epochs, first = report["epochs_run"], min(train.leak_check_epochs(report["epochs_run"], 1))
+    assert calls == [1] and report["leaks_found"] == [2] and epochs == 4 and first == 2
+    assert report["steps"] == epochs + (epochs - first)  # the items' batch each epoch, the leak batch from epoch 2 on
+    assert [c["epoch"] for c in report["curve"]] == [0, 1, 2, 2, 3, 3]
+
+
 def random_live_adapter(model_dir: Path, out: Path) -> Path:
     """A live adapter with a large random delta on every MLP projection of the model."""
     from transformers import AutoModelForCausalLM
