@@ -439,7 +439,7 @@ def train(peft_model, batches: list[dict], cfg: EngineConfig, progress=None, ite
             checking += time.monotonic() - t
             pool += found
             runs += [0] * len(found)
-            leaks.append(sum(len(b["rows"].unique()) for b in found))
+            leaks.append(sum(len(b["input_ids"]) for b in found))  # a batch row per leaking answer
         order = list(range(len(pool)))
         rng.shuffle(order)
         kl_sum, kl_n = 0.0, 0
