@@ -6,7 +6,7 @@ spin on the CPU (our machines are rarely idle). What must hold: the bake ends ju
 rejected by the gate), never `failed` and never with an item stranded; the figures are its wall
 time and stages against the target (live within 15 min on 2 idle cores; `--hogs 0` measures that).
 
-    .venv/bin/python bench/bench_first_bake.py [--hogs 1] [--quick] [--config JSON]
+    .venv/bin/python bench/bench_first_bake.py [--hogs 1] [--quick] [--headlines N] [--config JSON]
 """
 
 from __future__ import annotations
@@ -50,11 +50,12 @@ def hog(stop) -> None:
 def main() -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--hogs", type=int, default=1, help="processes spinning on the CPU beside the daemon")
+    p.add_argument("--headlines", type=int, default=None,
+                   help="the first N headlines (default all 40; --quick 6; 21: the sample feed alone, `make run`'s first bake)")
     args = p.parse_args()
     ctx = context(args.seed, args.quick)
     headlines = [i["title"] or i["text"] for i in feed_items().values()] + FICTIONAL
-    if args.quick:
-        headlines = headlines[:6]
+    headlines = headlines[:args.headlines or (6 if args.quick else len(headlines))]
     name = "first_bake" if args.hogs else "first_bake_idle"
     report = Report(name, f"A first bake of {len(headlines)} headlines beside {args.hogs} CPU hog(s)", ctx)
     engine = {**json.loads(args.config), "seed": args.seed}  # JSON's numbers, strings and lists are TOML's too

@@ -65,6 +65,40 @@ def test_topk_kl_is_zero_at_the_teacher_and_a_lower_bound_elsewhere():
     assert bool((approx > 0).all()) and bool((approx <= exact + 1e-5).all())
 
 
+def test_topk_kl_gradient_is_autograds_through_log_softmax():
+    """topk_kl writes its gradient out (no [N, V] float tensor kept): it must be autograd's gradient
+    of the same formula through log_softmax, for bfloat16, float32 and float64 logits, with vLLM's
+    padding (repeated tokens with no mass) and, in float64, a row whose top-k holds all the
+    student's mass (q_rest clamped: in float32 that row is rounding noise either way)."""
+    def through_log_softmax(logits, top_idx, top_logp):
+        s = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1).gather(-1, top_idx)
+        p = top_logp.exp()
+        p_rest, q_rest = (1 - p.sum(-1)).clamp_min(1e-8), (1 - s.exp().sum(-1)).clamp_min(1e-8)
+        return (p * (top_logp - s)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+
+    torch.manual_seed(2)
+    t = torch.randn(300, 700, dtype=torch.float64) * 3  # more rows than one block of _TopkKL
+    top_logp, top_idx = t.log_softmax(-1).topk(16)
+    top_idx[0, 3:], top_logp[0, 3:] = top_idx[0, 2], -9999.0
+    weights = torch.rand(300, dtype=torch.float64)
+    for dtype in (torch.bfloat16, torch.float32, torch.float64):
+        logits = torch.randn(300, 700, dtype=torch.float64) * 3
+        if dtype == torch.float64:
+            logits[1].scatter_(-1, top_idx[1], 60.0)
+        results = []
+        for kl in (through_log_softmax, train.topk_kl):
+            x = logits.to(dtype).requires_grad_()
+            target = top_logp.to(torch.promote_types(dtype, torch.float32))
+            value = kl(x, top_idx, target)
+            (value * weights.to(value.dtype)).sum().backward()
+            results.append((value.detach().double(), x.grad.double()))
+        (value, grad), (expected, expected_grad) = results[1], results[0]
+        torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-3, atol=1e-6)
+    x = torch.randn(5, 30, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: train.topk_kl(x, top_idx[:5, :4] % 30, top_logp[:5, :4]), (x,))
+
+
 def test_batches_target_the_first_answer_token():
     k = 4
     ex = [teacher.Example([10, 11, 12], [20, 21, 2], torch.zeros(3, k, dtype=torch.long), torch.zeros(3, k), "knowledge"),

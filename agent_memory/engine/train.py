@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from peft.helpers import disable_input_dtype_casting
 
 from .. import adapters
 from ..hardware import device
@@ -276,12 +277,42 @@ def topk_kl(student_logits: torch.Tensor, top_idx: torch.Tensor, top_logp: torch
     a lower bound on the full-vocabulary KL that is tight when the teacher's top-k holds its mass.
     student_logits [N, V]; top_idx, top_logp [N, k]. Returns [N].
     """
-    s_logp_all = student_logits.float().log_softmax(-1)
-    s_logp = s_logp_all.gather(-1, top_idx)
-    p = top_logp.exp()
-    p_rest = (1 - p.sum(-1)).clamp_min(1e-8)
-    q_rest = (1 - s_logp.exp().sum(-1)).clamp_min(1e-8)
-    return (p * (top_logp - s_logp)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+    return _TopkKL.apply(student_logits, top_idx, top_logp)
+
+
+class _TopkKL(torch.autograd.Function):
+    """topk_kl, its gradient written out, a block of rows at a time: autograd through log_softmax
+    would keep three [N, V] float tensors (the logits' float copy, log_softmax's output, gather's
+    zero-filled gradient) for a loss that reads k of V entries, and the vocabulary is most of a
+    step's memory and a fifth of its time. With q = softmax(logits), p the teacher's top-k
+    probabilities and b = p_rest / q_rest (0 where q_rest is clamped):
+    dKL/dlogit_j = q_j (sum p - b sum q_top) + the sum, over the top-k entries at j, of (b q_k - p_k)."""
+
+    ROWS = 128  # logits rows per block: a [128, V] float temporary
+
+    @staticmethod
+    def forward(ctx, logits, top_idx, top_logp):
+        work = torch.promote_types(logits.dtype, torch.float32)
+        lse = torch.cat([block.to(work).logsumexp(-1) for block in logits.split(_TopkKL.ROWS)])
+        s = logits.gather(-1, top_idx).to(work) - lse[:, None]  # the student's log-probs at the top-k
+        top_logp = top_logp.to(work)
+        p, q = top_logp.exp(), s.exp()
+        p_rest, q_left = (1 - p.sum(-1)).clamp_min(1e-8), 1 - q.sum(-1)
+        q_rest = q_left.clamp_min(1e-8)
+        ctx.save_for_backward(logits, top_idx, lse, p, q, torch.where(q_left > 1e-8, p_rest / q_rest, 0.0))
+        return (p * (top_logp - s)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, top_idx, lse, p, q, b = ctx.saved_tensors
+        everywhere = grad * (p.sum(-1) - b * q.sum(-1))  # [N]: times q_j at every token j
+        at_top = grad[:, None] * (b[:, None] * q - p)  # [N, k]: added at the top-k tokens
+        out = torch.empty_like(logits)
+        for start in range(0, len(logits), _TopkKL.ROWS):
+            rows = slice(start, start + _TopkKL.ROWS)
+            block = (logits[rows].to(lse.dtype) - lse[rows, None]).exp_().mul_(everywhere[rows, None])
+            out[rows] = block.scatter_add_(-1, top_idx[rows], at_top[rows])
+        return out, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,7 +399,10 @@ def batch_losses(peft_model, batch: dict, autocast: bool, layers: list[int] = ()
     ids, mask = batch["input_ids"], batch["attention_mask"]
     shared = batch["prefix"].shape[1]
     layers = layers if "hidden" in batch else ()
-    with torch.autocast(on.type, dtype=torch.bfloat16, enabled=autocast):
+    # peft casts each LoRA input to the adapter's float32, and autocast casts it straight back to
+    # bfloat16 for the matmul: the same numbers, after two copies of every MLP input. Skipped.
+    with torch.autocast(on.type, dtype=torch.bfloat16, enabled=autocast), \
+            disable_input_dtype_casting(peft_model, active=autocast):
         if shared:  # the shared prefix once; gradients flow through its cache into the LoRA too
             cache = inner.model(input_ids=batch["prefix"], use_cache=True).past_key_values
             cache.batch_repeat_interleave(len(ids))
