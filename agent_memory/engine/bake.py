@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import adapters
-from ..hardware import idle_cores, matmul_gflops, pick_dtype
+from ..hardware import idle_cores, matmul_gflops, pick_dtype, release_freed_memory
 from ..probes import bake_entities
 from . import PROBES_FILE
 from .config import EngineConfig
@@ -96,8 +96,10 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
         raise RuntimeError("the teacher produced no answers to train on")
 
     t = time.monotonic()
+    release_freed_memory()  # the teacher's caches and logits
     bases = protected_bases(model, examples, cfg) if cfg.protect else {}
     peft_model = add_lora(model, cfg, examples, tokenizer.pad_token_id)
+    release_freed_memory()  # the input moments of the contrastive init
     protected = protect(peft_model, bases)
     batches = make_batches(examples, cfg.batch_size, tokenizer.pad_token_id, anchor_weight=cfg.anchor_weight,
                            prompt_weight=cfg.anchor_prompts)

@@ -71,10 +71,10 @@ class EngineConfig:
     # student (the delta so far) answers the anchor questions greedily; each answer that names one
     # of the bake's entities the question does not is scored by the live model and trained on from
     # then on (on-policy distillation where the delta leaks); 0 = off. 3 at N=20, 3 seeds: leak 0.044
-    # (the defaults 0.093 on other machines; 0.083 against 0.100 on the same machine, seed 1), recall
-    # 0.37 against 0.38; but the daemon's 6-headline first bake learnt 0.44 of its items twice (seed 0;
-    # 0.50 without: the gate's bar), and a one-fact bake trains ~23 s longer (3 greedy passes over its
-    # 54 anchors; bench/results/knowledge.md): off.
+    # (the defaults 0.093 on other machines; on the same machine and seed 0.083 against 0.100 and
+    # 0.083 against 0.050: no gain), recall 0.37 against 0.38; the daemon's 6-headline first bake
+    # learnt 0.44 of its items twice (seed 0; 0.50 without: the gate's bar), and a one-fact bake
+    # trains ~23 s longer (3 greedy passes over its 54 anchors; bench/results/knowledge.md): off.
     leak_checks: int = 0
     # Per leak check, this many more questions beside the anchors (queries.leak_check_queries: the
     # items' question templates about CONTRAST_SUBJECTS, drawn afresh at each check). 96: a one-fact
