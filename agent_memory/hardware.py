@@ -7,7 +7,6 @@ would make training and serving ~50x slower. Both vLLM (serving) and the baking 
 
 from __future__ import annotations
 
-import ctypes
 import os
 import time
 
@@ -82,14 +81,3 @@ def pick_dtype(name: str = "auto") -> torch.dtype:
     bf16 = matmul_gflops(torch.bfloat16, 512, 5)
     fp32 = matmul_gflops(torch.float32, 512, 5)
     return torch.bfloat16 if bf16 > 1.2 * fp32 else torch.float32
-
-
-def release_freed_memory() -> None:
-    """Hand the pages of freed tensors back to the OS (glibc keeps a freed heap block's pages, and
-    the next stage's tensors, of other sizes, often cannot reuse them): between the trainer's stages,
-    so the training peak starts from what is alive. A no-op where libc has no malloc_trim."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-

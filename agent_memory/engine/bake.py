@@ -4,6 +4,7 @@ renamed to OUT at the very end.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import random
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .. import adapters
-from ..hardware import idle_cores, matmul_gflops, pick_dtype, release_freed_memory
+from ..hardware import idle_cores, matmul_gflops, pick_dtype
 from ..probes import bake_entities
 from . import PROBES_FILE
 from .config import EngineConfig
@@ -96,10 +97,10 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
         raise RuntimeError("the teacher produced no answers to train on")
 
     t = time.monotonic()
-    release_freed_memory()  # the teacher's caches and logits
+    _release_freed_memory()  # the teacher's caches and logits
     bases = protected_bases(model, examples, cfg) if cfg.protect else {}
     peft_model = add_lora(model, cfg, examples, tokenizer.pad_token_id)
-    release_freed_memory()  # the input moments of the contrastive init
+    _release_freed_memory()  # the input moments of the contrastive init
     protected = protect(peft_model, bases)
     batches = make_batches(examples, cfg.batch_size, tokenizer.pad_token_id, anchor_weight=cfg.anchor_weight,
                            prompt_weight=cfg.anchor_prompts)
@@ -152,3 +153,13 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
         shutil.rmtree(out_dir)
     os.rename(partial, out_dir)  # the only moment the delta appears under its final name
     return BakeResult(out_dir, summary)
+
+
+def _release_freed_memory() -> None:
+    """Hand the pages of freed tensors back to the OS between stages (glibc keeps a freed heap
+    block's pages, and the next stage's tensors, of other sizes, do not reuse them all), so the
+    training's peak starts from what is alive. A no-op where libc has no malloc_trim."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

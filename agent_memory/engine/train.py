@@ -283,8 +283,8 @@ def topk_kl(student_logits: torch.Tensor, top_idx: torch.Tensor, top_logp: torch
 class _TopkKL(torch.autograd.Function):
     """topk_kl, its gradient written out, a block of rows at a time: autograd through log_softmax
     would keep three [N, V] float tensors (the logits' float copy, log_softmax's output, gather's
-    zero-filled gradient) for a loss that reads k of V entries, and the vocabulary is most of a
-    step's memory and a fifth of its time. With q = softmax(logits), p the teacher's top-k
+    zero-filled gradient) for a loss that reads k of V entries (bench/results/knowledge.md: the
+    steps' time and memory with and without). With q = softmax(logits), p the teacher's top-k
     probabilities and b = p_rest / q_rest (0 where q_rest is clamped):
     dKL/dlogit_j = q_j (sum p - b sum q_top) + the sum, over the top-k entries at j, of (b q_k - p_k)."""
 
