@@ -399,10 +399,7 @@ def batch_losses(peft_model, batch: dict, autocast: bool, layers: list[int] = ()
     ids, mask = batch["input_ids"], batch["attention_mask"]
     shared = batch["prefix"].shape[1]
     layers = layers if "hidden" in batch else ()
-    # peft casts each LoRA input to the adapter's float32, and autocast casts it straight back to
-    # bfloat16 for the matmul: the same numbers, after two copies of every MLP input. Skipped.
-    with torch.autocast(on.type, dtype=torch.bfloat16, enabled=autocast), \
-            disable_input_dtype_casting(peft_model, active=autocast):
+    with torch.autocast(on.type, dtype=torch.bfloat16, enabled=autocast):
         if shared:  # the shared prefix once; gradients flow through its cache into the LoRA too
             cache = inner.model(input_ids=batch["prefix"], use_cache=True).past_key_values
             cache.batch_repeat_interleave(len(ids))
@@ -477,26 +474,30 @@ def train(peft_model, batches: list[dict], cfg: EngineConfig, progress=None, ite
         order = list(range(len(pool)))
         rng.shuffle(order)
         kl_sum, kl_n = 0.0, 0
-        for i in order:
-            kl, distance = batch_losses(peft_model, pool[i], autocast, layers)
-            weights = pool[i]["weights"].to(kl.device)
-            loss = (kl * weights).sum() / weights.sum()
-            if distance is not None:  # deep context distillation: the teacher's states, where known
-                w = weights * pool[i]["hidden_mask"].to(kl.device)
-                loss = loss + cfg.hidden_weight * (distance * w).sum() / w.sum()
-            if i < len(paired) and paired[i]:  # unlearning: the update's words over the earlier report's
-                loss = loss + cfg.unlearn_weight * preference_loss(peft_model, paired[i], cfg.unlearn_beta, autocast)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            tokens += pool[i]["tokens"]
-            runs[i] += 1
-            kl_sum, kl_n = kl_sum + float(kl.detach().sum()), kl_n + kl.numel()
-            curve.append({"step": step, "epoch": epoch, "kl": round(float(loss.detach()), 6)})
-            if progress:
-                progress("train", min(step, total_steps), total_steps)  # leak batches run past the plan
+        # peft casts each LoRA input to the adapter's float32, and autocast casts it straight back to
+        # bfloat16 for the matmul: the same numbers, after two copies of every MLP input. Skipped for
+        # the epoch's steps (not for a leak check's greedy answers, which run without autocast).
+        with disable_input_dtype_casting(peft_model, active=autocast):
+            for i in order:
+                kl, distance = batch_losses(peft_model, pool[i], autocast, layers)
+                weights = pool[i]["weights"].to(kl.device)
+                loss = (kl * weights).sum() / weights.sum()
+                if distance is not None:  # deep context distillation: the teacher's states, where known
+                    w = weights * pool[i]["hidden_mask"].to(kl.device)
+                    loss = loss + cfg.hidden_weight * (distance * w).sum() / w.sum()
+                if i < len(paired) and paired[i]:  # unlearning: the update's words over the earlier report's
+                    loss = loss + cfg.unlearn_weight * preference_loss(peft_model, paired[i], cfg.unlearn_beta, autocast)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                tokens += pool[i]["tokens"]
+                runs[i] += 1
+                kl_sum, kl_n = kl_sum + float(kl.detach().sum()), kl_n + kl.numel()
+                curve.append({"step": step, "epoch": epoch, "kl": round(float(loss.detach()), 6)})
+                if progress:
+                    progress("train", min(step, total_steps), total_steps)  # leak batches run past the plan
         epoch_kl = kl_sum / max(kl_n, 1)
         curve[-1]["epoch_kl"] = round(epoch_kl, 5)
         if cfg.target_kl is not None and epoch_kl <= cfg.target_kl:
