@@ -1,7 +1,8 @@
 """One bake from queue to live: lease, claim items, train and probe, gate, compose, swap, check.
 
     pending items --claim--> baking --train + probe (subprocess)--> delta + the gate's answers
-        --gate.decide--> pass: compose version, swap `memory`, check the served model, CURRENT, baked
+        --gate.decide--> pass: compose version, swap `memory`, check the served model, CURRENT;
+                               the items it learnt baked, the others back in the queue
                          fail: items rejected with the reason, live untouched
 
 Training runs in a subprocess (`python -m agent_memory.engine JOB.json`): the daemon stays
@@ -103,7 +104,10 @@ class Bakery:
         live_deltas = set(self.versions.manifest(current)["deltas"])
         for bake in self.store.unfinished_bakes():
             if bake["id"] in live_deltas:  # killed after the swap, before recording it: it is live
-                self.store.mark_items(bake["item_ids"] or [], ItemStatus.BAKED, None, bake["id"])
+                answers = [r for r in self.store.probe_results(bake["id"])
+                           if r["probe_set"] == gate_mod.ITEMS and r["model"] == "candidate"]
+                _, missed = gate_mod.judge_items(answers, self._policy(bake).min_item_accuracy)
+                self._settle_items(bake["id"], bake["item_ids"] or [], missed)
                 self.store.update_bake(bake["id"], status=BakeStatus.LIVE, verdict=BakeStatus.LIVE.verdict,
                                        finished_at=utcnow(), version=current.number,
                                        reason="live; the daemon stopped before recording the verdict")
@@ -212,7 +216,7 @@ class Bakery:
             self._finish(bake_id, BakeStatus.EMPTY, reason="no pending items")
             return
         item_ids = [i["id"] for i in items]
-        policy = GateConfig(**(self.store.get_bake(bake_id)["config"] or {}).get("gate") or asdict(self.cfg.gate))
+        policy = self._policy(self.store.get_bake(bake_id))
         self.store.update_bake(bake_id, item_ids=item_ids)
         log.info("bake %s: %d items %s", bake_id, len(items), item_ids)
         stages: dict[str, float] = {}
@@ -238,19 +242,38 @@ class Bakery:
             return
 
         outcome = BakeStatus.LIVE if verdict.passed else BakeStatus.REJECTED
-        self.store.mark_items(item_ids, ItemStatus.BAKED if verdict.passed else ItemStatus.REJECTED,
-                              None if verdict.passed else verdict.reason[:500], bake_id)
+        if verdict.passed:
+            requeued = self._settle_items(bake_id, item_ids, verdict.missed)
+        else:
+            self.store.mark_items(item_ids, ItemStatus.REJECTED, verdict.reason[:500], bake_id)
+            requeued = {}
         total = time.monotonic() - started
         self._finish(
             bake_id, outcome, version=version.number if version else None, reason=verdict.reason, delta_path=str(self.versions.delta_dir(bake_id)),
             adapter_path=str(self.versions.path(version)) if version else None,
             metrics={"stages": stages, "total_s": round(total, 3), "train": train_report,
-                     "served": served, "live_version": before, **asdict(verdict)},
+                     "served": served, "live_version": before, "requeued": requeued, **asdict(verdict)},
         )
         self._prune_deltas()
         self.events.bake_finished(total)
         log.info("bake %s: %s in %.0f s; live %s", bake_id, outcome, total, self.versions.current())
         self.events.bake_status(f"ready; live {self.versions.current()}; last bake {bake_id} {outcome}")
+
+    def _settle_items(self, bake_id: int, item_ids: list[int], missed: list) -> dict[str, list[int]]:
+        """The bake is live: its items are baked, except those the gate found it did not learn
+        (`missed`), which go back to the queue for the next bake (stacked on this one), until
+        `bake.max_attempts` bakes have left them unlearnt: then `rejected`."""
+        missed = [i for i in item_ids if i in missed]
+        self.store.mark_items([i for i in item_ids if i not in missed], ItemStatus.BAKED, None, bake_id)
+        requeued = self.store.requeue(missed, f"not learnt by bake {bake_id} (live with the items it learnt)",
+                                      self.cfg.bake.max_attempts, final=ItemStatus.REJECTED)
+        if missed:
+            log.info("bake %s: items %s not learnt: %s", bake_id, missed, requeued)
+        return requeued
+
+    def _policy(self, bake: dict) -> GateConfig:
+        """The gate settings a bake was requested with (`bake --gate`), else `[gate]`."""
+        return GateConfig(**(bake["config"] or {}).get("gate") or asdict(self.cfg.gate))
 
     def _failed(self, bake_id: int, item_ids: list[int], error: Exception, stages: dict, version: str | None,
                 before: str) -> None:
@@ -266,7 +289,7 @@ class Bakery:
             raise BakeCancelled() from error
         log.error("bake %s failed: %s: %s", bake_id, error.__class__.__name__, error)
         reason = f"{error.__class__.__name__}: {error}"
-        moved = self.store.fail_attempt(item_ids, reason[:300], self.cfg.bake.max_attempts)
+        moved = self.store.requeue(item_ids, f"bake {bake_id} failed: {reason[:300]}", self.cfg.bake.max_attempts)
         self._finish(bake_id, BakeStatus.FAILED, reason=reason[:2000], metrics={"stages": stages, "items": moved})
         self.events.bake_status(f"ready; live {self.versions.current()}; last bake {bake_id} failed")
 

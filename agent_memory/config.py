@@ -94,7 +94,8 @@ class BakeConfig:
     # A stage that fails for an infrastructure reason (trainer killed, vLLM restarting or stopped) is
     # tried again this many times, waiting `retry_wait`, then twice that, ...; a bake that still
     # fails puts its items back in the queue, and an item in `max_attempts` failed bakes goes to
-    # `failed` (`agent-memory retry` takes it out).
+    # `failed` (`agent-memory retry` takes it out). An item a live bake did not learn goes back to the
+    # queue too, and to `rejected` once `max_attempts` bakes have left it unsettled.
     retries: int = 3
     retry_wait: str = "15s"
     max_attempts: int = 3
@@ -106,7 +107,9 @@ class BakeConfig:
 class GateConfig:
     """When a candidate adapter may replace the live one."""
 
-    min_item_accuracy: float = 0.5  # share of the bake's own item probes answered unprompted
+    # An item is learnt when the candidate answers this share of its own probes unprompted; a bake
+    # that learnt none is rejected, one that passes the rest goes live with the items it learnt.
+    min_item_accuracy: float = 0.5
     max_regression: float = 0.1  # a registered probe set may fall at most this much
     # Of the general-knowledge questions the live model answers right, the share the candidate still
     # answers right. (The share of answers left word for word is recorded too, not gated: a 135M

@@ -2,8 +2,9 @@
 
     rollback [vNNNN]   `memory` serves an earlier version again (default: the one before the live one);
                        the items of bakes it drops become `rejected`, those it brings back `baked`
-    forget ITEM        the live deltas minus the item's bake, composed as a new version and swapped in;
-                       the item becomes `forgotten`, its bake-mates go back to the queue
+    forget ITEM        the live deltas minus every bake trained on the item (its own, and any that went
+                       live without learning it), composed as a new version and swapped in; the item
+                       becomes `forgotten`, the items those bakes had baked go back to the queue
     retry              failed (or rejected) items back to the queue
 
 Rollback and forget change the served model, so they run under `Bakery.model_change()`, the lock a
@@ -23,6 +24,8 @@ from .store import Store
 from .versions import EMPTY_VERSION, Versions
 
 log = logging.getLogger(__name__)
+
+ROLLED_BACK = "rolled back"  # how the reason of an item a rollback took out begins (rolling forward restores it)
 
 
 class History:
@@ -45,11 +48,12 @@ class History:
             after = self.versions.manifest(target)["deltas"]
             dropped = [b for b in before if b not in after]
             restored = [b for b in after if b not in before]  # rolling forward again
-            for bake_id in dropped:
-                ids = (self.store.get_bake(bake_id) or {}).get("item_ids") or []
-                self.store.mark_items(ids, ItemStatus.REJECTED, f"rolled back from {current} to {target}", bake_id)
-            for bake_id in restored:  # items a rollback had taken out (not forgotten ones) are baked again
-                ids = [i["id"] for i in self.store.list_items(ItemStatus.REJECTED, bake_id=bake_id, limit=-1)]
+            for bake_id in dropped:  # the items these bakes baked (the ones they missed are queued or baked later)
+                ids = [i["id"] for i in self.store.list_items(ItemStatus.BAKED, bake_id=bake_id, limit=-1)]
+                self.store.mark_items(ids, ItemStatus.REJECTED, f"{ROLLED_BACK} from {current} to {target}", bake_id)
+            for bake_id in restored:  # items a rollback had taken out (not forgotten or unlearnt ones) are baked again
+                ids = [i["id"] for i in self.store.list_items(ItemStatus.REJECTED, bake_id=bake_id, limit=-1)
+                       if (i["status_reason"] or "").startswith(ROLLED_BACK)]
                 self.store.mark_items(ids, ItemStatus.BAKED, None, bake_id)
             event = {"from": current, "to": target, "dropped_bakes": dropped, "restored_bakes": restored}
             self.store.record_event("rollback", event)
@@ -57,25 +61,27 @@ class History:
             return event
 
     def forget(self, item_id: int) -> dict:
-        """Remove an item's knowledge: recompose without its bake's delta; re-queue its bake-mates."""
+        """Remove an item's knowledge: recompose without every live delta trained on it (its own
+        bake's, and those of bakes that went live without learning it); re-queue what they baked."""
         with self.bakery.model_change("forget"):
             item = self.store.get_item(item_id)
             if item is None:
                 raise NotFound(f"no item {item_id}")
             current = self.versions.current()
             live_deltas = self.versions.manifest(current)["deltas"]
-            bake_id = item.get("bake_id")
-            if item["status"] != ItemStatus.BAKED or bake_id not in live_deltas:
-                self.store.mark_items([item_id], ItemStatus.FORGOTTEN, "forgotten before it was live", bake_id)
+            dropped = [b for b in live_deltas if item_id in ((self.store.get_bake(b) or {}).get("item_ids") or [])]
+            if not dropped:
+                self.store.mark_items([item_id], ItemStatus.FORGOTTEN, "forgotten before it was live")
                 return {"item": item_id, "version": current, "requeued": []}
-            remaining = [b for b in live_deltas if b != bake_id]
-            version = self.bakery.version_with(remaining, f"forget item {item_id} (drop bake {bake_id})")
+            remaining = [b for b in live_deltas if b not in dropped]
+            version = self.bakery.version_with(remaining, f"forget item {item_id} (drop bake(s) {dropped})")
             self.bakery.swap_to(version)
-            mates = [i for i in (self.store.get_bake(bake_id)["item_ids"] or []) if i != item_id]
-            self.store.mark_items([item_id], ItemStatus.FORGOTTEN, f"dropped with bake {bake_id} in {version}", bake_id)
+            mates = [i["id"] for b in dropped for i in self.store.list_items(ItemStatus.BAKED, bake_id=b, limit=-1)
+                     if i["id"] != item_id]
+            self.store.mark_items([item_id], ItemStatus.FORGOTTEN, f"dropped with bake(s) {dropped} in {version}")
             self.store.mark_items(mates, ItemStatus.PENDING,
-                                  f"re-queued: bake {bake_id} dropped to forget item {item_id}", None)
-            event = {"item": item_id, "bake": bake_id, "version": version, "requeued": mates}
+                                  f"re-queued: bake(s) {dropped} dropped to forget item {item_id}", None)
+            event = {"item": item_id, "dropped_bakes": dropped, "version": version, "requeued": mates}
             self.store.record_event("forget", event)
             log.info("forget: %s", event)
             return event

@@ -70,7 +70,7 @@ def attempted(results: list[dict]) -> float:
 
 def scored(probe: dict, answer: str, score: float | None) -> dict:
     return rescore({"question": probe["question"], "expected": "|".join(probe["answers"]), "answer": answer,
-                    "kind": probe.get("kind"), "score": score})
+                    "kind": probe.get("kind"), "score": score, **({"item": probe["item"]} if "item" in probe else {})})
 
 
 def rescore(result: dict) -> dict:

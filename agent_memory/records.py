@@ -3,8 +3,9 @@
 str enums (StrEnum): a member is the plain string SQLite rows, JSON and the CLI hold ("pending"),
 so a row read back compares equal to it, and an f-string shows the value. The life of an item:
 
-    pending -> baking -> baked | rejected (the gate) | pending again (a bake that could not finish)
-                         | failed (after bake.max_attempts such bakes); any of them -> forgotten
+    pending -> baking -> baked | rejected (the gate) | pending again (a bake that could not finish,
+                         or went live without learning it) | failed or rejected (after
+                         bake.max_attempts such bakes); any of them -> forgotten
 
 A bake: queued -> claiming -> training -> composing -> swapping -> checking -> live, or it stops
 at one of the other final states (FINISHED_BAKE_STATES).
@@ -36,7 +37,9 @@ class ItemStatus(StrEnum):
     BAKING = "baking"
     BAKED = "baked"
     FAILED = "failed"  # in `bake.max_attempts` bakes that could not finish; `retry` takes it back
-    REJECTED = "rejected"  # the gate's verdict (or a rollback); `retry --rejected` takes it back
+    # The gate's verdict, not learnt by `bake.max_attempts` live bakes, or a rollback; `retry --rejected`
+    # takes it back.
+    REJECTED = "rejected"
     FORGOTTEN = "forgotten"
 
 

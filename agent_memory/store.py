@@ -148,7 +148,14 @@ def _migration_4_probe_kinds(db: Database) -> None:
     db["probe_results"].add_column("grade", str)
 
 
-MIGRATIONS = [_migration_1_initial, _migration_2_leases_and_events, _migration_3_attempts, _migration_4_probe_kinds]
+def _migration_5_probe_items(db: Database) -> None:
+    # The item an item probe asks about: the gate judges items one by one, and a restart settles a
+    # bake that was cut off after its swap from these rows (Bakery.recover).
+    db["probe_results"].add_column("item", int)
+
+
+MIGRATIONS = [_migration_1_initial, _migration_2_leases_and_events, _migration_3_attempts, _migration_4_probe_kinds,
+              _migration_5_probe_items]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -339,9 +346,11 @@ class Store:
         )
         return cursor.rowcount
 
-    def fail_attempt(self, ids: Iterable[int], reason: str, max_attempts: int) -> dict[str, list[int]]:
-        """A bake of these items failed (not judged): each goes back to pending, or to `failed`
-        once it has failed `max_attempts` times (`retry` takes it out). Returns {status: ids}."""
+    def requeue(self, ids: Iterable[int], why: str, max_attempts: int,
+                final: ItemStatus = ItemStatus.FAILED) -> dict[str, list[int]]:
+        """A bake left these items unsettled (it failed, or went live without learning them): each
+        goes back to pending, or to `final` once `max_attempts` bakes have left it so (`retry` takes
+        it out of `failed`, `retry --rejected` out of `rejected`). Returns {status: ids}."""
         ids = list(ids)
         if not ids:
             return {}
@@ -350,11 +359,9 @@ class Store:
             db.execute(f"update items set attempts = attempts + 1 where id in ({marks})", ids)
             rows = self._rows(f"select id, attempts from items where id in ({marks})", ids)
             out = {ItemStatus.PENDING: [r["id"] for r in rows if r["attempts"] < max_attempts],
-                   ItemStatus.FAILED: [r["id"] for r in rows if r["attempts"] >= max_attempts]}
-            self._set_status(db, out[ItemStatus.PENDING], ItemStatus.PENDING,
-                             f"requeued after a failed bake: {reason}"[:500], None)
-            self._set_status(db, out[ItemStatus.FAILED], ItemStatus.FAILED,
-                             f"{max_attempts} failed bakes, last: {reason}"[:500], None)
+                   final: [r["id"] for r in rows if r["attempts"] >= max_attempts]}
+            self._set_status(db, out[ItemStatus.PENDING], ItemStatus.PENDING, f"{why}; back in the queue"[:500], None)
+            self._set_status(db, out[final], final, f"{why}; {max_attempts} bakes have not settled it"[:500], None)
         return out
 
     def retry(self, ids: Iterable[int] | None = None,

@@ -222,7 +222,7 @@ def bake_state(bake: dict, data: PageData) -> tuple[str, str]:
             return "passed", "passed, live"
         for event in data.events:  # newest first: what last took it out
             d = event.get("data") or {}
-            if event["kind"] == "forget" and d.get("bake") == bake["id"]:
+            if event["kind"] == "forget" and bake["id"] in (d.get("dropped_bakes") or [d.get("bake")]):
                 return "forgotten", f"passed, dropped to forget item {d.get('item')} ({d.get('version')})"
             if event["kind"] == "rollback" and bake["id"] in (d.get("dropped_bakes") or []):
                 return "rolled-back", f"passed, rolled back ({d.get('from')} to {d.get('to')})"
@@ -288,8 +288,9 @@ def _event_text(event: dict) -> str:
         return text
     if event["kind"] == "forget":
         text = f"item {d.get('item')}"
-        if d.get("bake") is not None:
-            text += f": dropped bake {d['bake']}, live {d.get('version')}"
+        dropped = d.get("dropped_bakes") or ([d["bake"]] if d.get("bake") is not None else [])  # older events: "bake"
+        if dropped:
+            text += f": dropped bake(s) {_ids(dropped)}, live {d.get('version')}"
         if d.get("requeued"):
             text += f"; item(s) {_ids(d['requeued'])} back in the queue"
         return text

@@ -5,8 +5,10 @@ remembered through the CLI, then `bake --now --wait` with the default gate while
 spin on the CPU (our machines are rarely idle). What must hold: the bake ends judged (live or
 rejected by the gate), never `failed` and never with an item stranded; the figures are its wall
 time and stages against the target (live within 15 min on 2 idle cores; `--hogs 0` measures that).
+A live bake bakes the items it learnt and requeues the others: `--rebakes N` then bakes what is
+pending again, up to N times, as the daemon's next scheduled bakes would.
 
-    .venv/bin/python bench/bench_first_bake.py [--hogs 1] [--quick] [--headlines N] [--config JSON]
+    .venv/bin/python bench/bench_first_bake.py [--hogs 1] [--quick] [--headlines N] [--rebakes N] [--config JSON]
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def main() -> int:
     p.add_argument("--hogs", type=int, default=1, help="processes spinning on the CPU beside the daemon")
     p.add_argument("--headlines", type=int, default=None,
                    help="the first N headlines (default all 40; --quick 6; 21: the sample feed alone, `make run`'s first bake)")
+    p.add_argument("--rebakes", type=int, default=0, help="bakes of the requeued items after the first (at most)")
     args = p.parse_args()
     ctx = context(args.seed, args.quick)
     headlines = [i["title"] or i["text"] for i in feed_items().values()] + FICTIONAL
@@ -70,32 +73,43 @@ def main() -> int:
         for h in hogs:
             h.start()
         log(f"{len(headlines)} headlines queued; baking beside {args.hogs} hog(s) ...")
-        started = time.perf_counter()
+        bakes = []  # (record, wall s, queue after)
         try:
-            result = daemon.cli("bake", "--now", "--wait", "--json", timeout=4 * 3600)
+            while len(bakes) <= args.rebakes and (not bakes or bakes[-1][2].get("pending")):
+                started = time.perf_counter()
+                result = daemon.cli("bake", "--now", "--wait", "--json", timeout=4 * 3600)
+                record = json.loads(result.stdout) if result.stdout.strip() else {"status": "?", "reason": result.stderr}
+                queue = json.loads(daemon.cli("status", "--json").stdout)["queue"]
+                bakes.append((record, time.perf_counter() - started, queue))
+                log(f"bake {len(bakes)}: {record.get('status')}: {record.get('reason')}")
         finally:
             stop.set()
             for h in hogs:
                 h.join(10)
-        wall = time.perf_counter() - started
-        record = json.loads(result.stdout) if result.stdout.strip() else {"status": "?", "reason": result.stderr}
-        queue = json.loads(daemon.cli("status", "--json").stdout)["queue"]
+    rows = []
+    for record, wall, queue in bakes:
+        metrics = record.get("metrics") or {}
+        items = len(record.get("item_ids") or [])
+        rows.append([items, args.hogs, record.get("status"), wall, f"{len(metrics.get('learnt') or [])} of {items}",
+                     (metrics.get("probes") or {}).get("items"), (metrics.get("locality") or {}).get("kept"),
+                     (metrics.get("knowledge") or {}).get("leak"),
+                     ", ".join(f"{k} {v}" for k, v in sorted(queue.items()) if v)])
+    report.table("The bake" + (" and the bakes of what it requeued" if len(bakes) > 1 else ""),
+                 ["items", "CPU hogs", "status", "wall s", "items learnt", "item probes answered", "knowledge kept",
+                  "leak", "queue after"], rows,
+                 note="reasons: " + " / ".join(str(r.get("reason")) for r, _, _ in bakes)
+                      + f". Engine overrides: `{args.config}`.")
+    record, wall, _ = bakes[0]
     metrics = record.get("metrics") or {}
     timings = (metrics.get("train") or {}).get("timings") or {}
     stages = {**{k.removesuffix("_s"): v for k, v in (metrics.get("stages") or {}).items()},
               **{f"trainer {k.removesuffix('_s')}": v for k, v in timings.items() if k != "total_s"}}
-    report.table("The bake", ["headlines", "CPU hogs", "status", "wall s", "items learnt", "knowledge kept",
-                              "queue after"],
-                 [[len(headlines), args.hogs, record.get("status"), wall,
-                   (metrics.get("probes") or {}).get("items"), (metrics.get("locality") or {}).get("kept"),
-                   ", ".join(f"{k} {v}" for k, v in sorted(queue.items()))]],
-                 note=f"reason: {record.get('reason')}. Engine overrides: `{args.config}`.")
-    report.table("Seconds by stage", list(stages), [list(stages.values())])
+    report.table("Seconds by stage (the first bake)", list(stages), [list(stages.values())])
     if not args.hogs:
         verdict = "met" if wall <= TARGET_IDLE_S else f"missed by {wall - TARGET_IDLE_S:.0f} s"
         report.add(f"**Target** (live within {TARGET_IDLE_S // 60} min on 2 idle cores): {verdict}.")
     report.finish()
-    return 0 if record.get("status") in ("live", "rejected") else 1
+    return 0 if all(r.get("status") in ("live", "rejected") for r, _, _ in bakes) else 1
 
 
 if __name__ == "__main__":

@@ -36,11 +36,14 @@ def test_recover_after_kill_9_mid_swap_and_mid_training(cfg, store, tmp_path):
     bakery = make_bakery(cfg, store)
     versions = bakery.versions
     swapped, training = (store.create_bake(status="queued")["id"] for _ in range(2))
-    a, b = (store.add_item("fact", text)[0]["id"] for text in ("fact a", "fact b"))
-    store.claim_pending(1, bake_id=swapped)
+    a, missed, b = (store.add_item("fact", text)[0]["id"] for text in ("fact a", "fact a2", "fact b"))
+    store.claim_pending(2, bake_id=swapped)
     store.claim_pending(1, bake_id=training)
-    store.update_bake(swapped, status="checking", item_ids=[a])  # swapped, checking the served model
+    store.update_bake(swapped, status="checking", item_ids=[a, missed])  # swapped, checking the served model
     store.update_bake(training, status="training", item_ids=[b])
+    store.add_probe_results(swapped, [  # the gate's answers, stored before the swap: it learnt a, not a2
+        {"probe_set": "items", "model": model, "item": item, "question": "?", "answer": "", "correct": right}
+        for model in ("candidate", "live") for item, right in ((a, model == "candidate"), (missed, False))])
     # The daemon died right after CURRENT moved to the version holding `swapped`'s delta.
     (versions.path("v0001")).mkdir(parents=True)
     (versions.path("v0001") / "manifest.json").write_text(json.dumps({"version": "v0001", "deltas": [swapped]}))
@@ -52,6 +55,7 @@ def test_recover_after_kill_9_mid_swap_and_mid_training(cfg, store, tmp_path):
     recorded = store.get_bake(swapped)
     assert (recorded["status"], recorded["verdict"], recorded["version"]) == ("live", "passed", 1)
     assert (store.get_item(a)["status"], store.get_item(a)["bake_id"]) == ("baked", swapped)
+    assert (store.get_item(missed)["status"], store.get_item(missed)["attempts"]) == ("pending", 1)
     assert store.get_bake(training)["status"] == "abandoned"
     assert (store.get_item(b)["status"], store.get_item(b)["bake_id"]) == ("pending", None)
     assert store.acquire_lease("bake", owner="new")  # the dead daemon's lease was released
@@ -120,7 +124,8 @@ def answer(question, text, right):
 
 def fake_trainer(bakery, monkeypatch, *, learns=True, failures=()):
     """Replace the training subprocess: write what it writes (a delta, bake.json, probes.json),
-    after raising the given failures one per call."""
+    after raising the given failures one per call. `learns`: True or False for one probe about the
+    bake, or the set of item ids it learns (one probe per item, as the real plan has)."""
     failures, calls = list(failures), []
 
     def run(bake_id, items, live):
@@ -130,9 +135,14 @@ def fake_trainer(bakery, monkeypatch, *, learns=True, failures=()):
         out = bakery.versions.delta_dir(bake_id)
         out.mkdir(parents=True)
         (out / "bake.json").write_text(json.dumps({"live_version": live, "steps": 30}))
-        item = [answer("News about Zorvik?", "Pim the cat" if learns else "No idea", learns)]
-        (out / "probes.json").write_text(json.dumps({
-            "candidate": {"items": item}, "live": {"items": [answer("News about Zorvik?", "No idea", False)]}}))
+        if isinstance(learns, bool):
+            candidate = [answer("News about Zorvik?", "Pim the cat" if learns else "No idea", learns)]
+            before = [answer("News about Zorvik?", "No idea", False)]
+        else:
+            candidate = [{**answer(f"News {i['id']}?", "Pim" if i["id"] in learns else "No idea", i["id"] in learns),
+                          "item": i["id"]} for i in items]
+            before = [{**answer(f"News {i['id']}?", "No idea", False), "item": i["id"]} for i in items]
+        (out / "probes.json").write_text(json.dumps({"candidate": {"items": candidate}, "live": {"items": before}}))
     monkeypatch.setattr(bakery, "_run_trainer", run)
     monkeypatch.setattr(bakery, "_check_served", lambda answers: {"served": 1.0})
     monkeypatch.setattr(bakery.versions, "build", lambda deltas, note: _manifest(bakery.versions, deltas))
@@ -207,12 +217,62 @@ def test_only_the_gate_rejects_and_retry_takes_rejected_items_back(quick_retries
     item = store.add_item("fact", "Zorvik elected a cat named Pim as honorary mayor.")[0]["id"]
     fake_trainer(bakery, monkeypatch, learns=False)
     bake = bake_now(bakery)
-    assert bake["status"] == "rejected" and "items learned 0.00" in bake["reason"]
+    assert bake["status"] == "rejected" and "learnt none of its 1 item(s)" in bake["reason"]
     assert store.get_item(item)["status"] == "rejected"
     history = History(store, bakery.versions, bakery)
     with pytest.raises(Exception, match="only failed or rejected"):
         history.retry([store.add_item("fact", "another")[0]["id"]])
     assert history.retry(statuses=("rejected",)) == {"requeued": [item]}
+
+
+def test_a_live_bake_bakes_what_it_learnt_and_requeues_the_rest_until_max_attempts(quick_retries, store,
+                                                                                   monkeypatch):
+    quick_retries.bake.max_attempts = 2
+    bakery = make_bakery(quick_retries, store, FakeServing())
+    a, b = (store.add_item("fact", text)[0]["id"] for text in ("Zorvik elected a cat.", "Riverton opens at 9."))
+    fake_trainer(bakery, monkeypatch, learns={a})
+    first = bake_now(bakery)
+    assert first["status"] == "live" and first["reason"].startswith("learnt 1 of 2 items")
+    assert (store.get_item(a)["status"], store.get_item(a)["bake_id"]) == ("baked", first["id"])
+    missed = store.get_item(b)
+    assert (missed["status"], missed["attempts"], missed["bake_id"]) == ("pending", 1, None)
+    assert missed["status_reason"] == f"not learnt by bake {first['id']} (live with the items it learnt); back in the queue"
+    assert first["metrics"]["requeued"] == {"pending": [b], "rejected": []}
+    assert [r["item"] for r in store.probe_results(first["id"]) if r["model"] == "candidate"] == [a, b]
+
+    c = store.add_item("fact", "Oslo saw a comet.")[0]["id"]
+    fake_trainer(bakery, monkeypatch, learns={c})  # the next bake: b again, beside a new item
+    second = bake_now(bakery)
+    assert second["status"] == "live" and store.get_item(c)["status"] == "baked"
+    assert store.get_item(b)["status"] == "rejected"  # two bakes did not learn it: no endless requeue
+    assert "2 bakes have not settled it" in store.get_item(b)["status_reason"]
+    assert History(store, bakery.versions, bakery).retry(statuses=("rejected",)) == {"requeued": [b]}
+    assert bakery.versions.manifest(bakery.versions.current())["deltas"] == [first["id"], second["id"]]
+
+
+def test_forget_drops_every_live_bake_trained_on_the_item_and_rollback_only_what_a_bake_baked(quick_retries,
+                                                                                            store, monkeypatch):
+    bakery = make_bakery(quick_retries, store, FakeServing())
+    history = History(store, bakery.versions, bakery)
+    a, b = (store.add_item("fact", text)[0]["id"] for text in ("Zorvik elected a cat.", "Riverton opens at 9."))
+    learns = {a}
+    fake_trainer(bakery, monkeypatch, learns=learns)
+    first = bake_now(bakery)  # a baked, b back in the queue
+    c = store.add_item("fact", "Oslo saw a comet.")[0]["id"]
+    learns |= {b, c}
+    second = bake_now(bakery)  # b and c baked
+    assert [store.get_item(i)["status"] for i in (a, b, c)] == ["baked"] * 3
+
+    history.rollback("v0001")  # drops the second bake: b and c, not a (the first bake's)
+    assert [store.get_item(i)["status"] for i in (a, b, c)] == ["baked", "rejected", "rejected"]
+    history.rollback("v0002")
+    assert [store.get_item(i)["status"] for i in (a, b, c)] == ["baked"] * 3
+
+    # b's knowledge is in both deltas: the first trained on it without learning it enough.
+    event = history.forget(b)
+    assert event["dropped_bakes"] == [first["id"], second["id"]] and event["requeued"] == [a, c]
+    assert store.get_item(b)["status"] == "forgotten" and bakery.versions.current() == "v0000"
+    assert [store.get_item(i)["status"] for i in (a, c)] == ["pending", "pending"]
 
 
 def test_a_daemon_stopping_mid_bake_requeues_without_counting_an_attempt(quick_retries, store, monkeypatch):

@@ -23,12 +23,32 @@ def test_each_rule_rejects_with_its_reason():
     live = {"items": results(False, False), "durov": results(True, True, True, True),
             "locality": results(True, True, True, True)}
     unlearnt = {**live, "items": results(True, False, False)}
-    assert gate.decide(unlearnt, live, GateConfig()).reason == "items learned 0.33 < 0.50"
+    assert gate.decide(unlearnt, live, GateConfig()).reason == \
+        "learnt none of its 1 item(s): item probes answered 0.33, an item needs 0.50 of its own"
     regressed = {**live, "items": results(True), "durov": results(True, True, False, False)}
     assert gate.decide(regressed, live, GateConfig()).reason == "probe set 'durov' fell from 1.00 to 0.50"
     forgetful = {**live, "items": results(True), "locality": results(True, True, True, False)}
     assert gate.decide(forgetful, live, GateConfig()).reason == "general knowledge kept 0.75 < 0.90"
     assert gate.decide(forgetful, live, GateConfig(min_locality_kept=0.75)).passed
+
+
+def item_results(*per_item: tuple[bool, ...]) -> list[dict]:
+    return [{**r, "item": 10 + n} for n, rights in enumerate(per_item) for r in results(*rights)]
+
+
+def test_items_are_judged_one_by_one_and_a_bake_that_learnt_any_goes_live_with_them():
+    live = {"items": item_results((False, False), (False, False, False), (False, False))}
+    # Item 10: one of two (learnt at 0.50); item 11: one of three (not); item 12: none.
+    candidate = {"items": item_results((True, False), (True, False, False), (False, False))}
+    verdict = gate.decide(candidate, live, GateConfig())
+    assert verdict.passed and (verdict.learnt, verdict.missed) == ([10], [11, 12])
+    assert verdict.reason.startswith("learnt 1 of 3 items, items 0.29 (live 0.00)")
+    strict = gate.decide(candidate, live, GateConfig(min_item_accuracy=0.6))
+    assert not strict.passed and strict.reason.startswith("learnt none of its 3 item(s)")
+    assert gate.decide(candidate, live, GateConfig(min_item_accuracy=0)).learnt == [10, 11, 12]
+    # The guards hold for the whole bake: a leak rejects it, whatever it learnt.
+    leaky = {**candidate, "neighbours": answered("Zorvik!", expected="Zorvik")}
+    assert not gate.decide(leaky, {**live, "neighbours": answered("Rain.", expected="Zorvik")}, GateConfig()).passed
 
 
 def test_locality_counts_only_questions_the_live_model_knew():

@@ -114,7 +114,7 @@ def test_versions_verdicts_and_durations_say_where_each_bake_stands_now():
 def test_a_forgotten_or_rolled_back_bake_does_not_show_passed_live():
     bakes = [bake(2, "live", "passed", 2), bake(1, "live", "passed", 1)]
     events = [
-        {"kind": "forget", "at": at(1), "data": {"item": 7, "bake": 2, "version": "v0003", "requeued": [8]}},
+        {"kind": "forget", "at": at(1), "data": {"item": 7, "dropped_bakes": [2], "version": "v0003", "requeued": [8]}},
         {"kind": "rollback", "at": at(2), "data": {"from": "v0002", "to": "v0001", "dropped_bakes": [2],
                                                      "restored_bakes": []}},
         {"kind": "rollback", "at": at(3), "data": {"from": "v0001", "to": "v0000", "dropped_bakes": [1],
@@ -124,7 +124,7 @@ def test_a_forgotten_or_rolled_back_bake_does_not_show_passed_live():
     assert "passed, dropped to forget item 7 (v0003)" in row(text, "bake-2")
     assert "passed, rolled back (v0001 to v0000)" in row(text, "bake-1")
     events_text = row(text, "events")
-    assert "item 7: dropped bake 2, live v0003; item(s) 8 back in the queue" in events_text
+    assert "item 7: dropped bake(s) 2, live v0003; item(s) 8 back in the queue" in events_text
     assert "v0002 to v0001; dropped bake(s) 2" in events_text
 
 
