@@ -6,7 +6,9 @@ spin on the CPU (our machines are rarely idle). What must hold: the bake ends ju
 rejected by the gate), never `failed` and never with an item stranded; the figures are its wall
 time and stages against the target (live within 15 min on 2 idle cores; `--hogs 0` measures that).
 A live bake bakes the items it learnt and requeues the others: `--rebakes N` then bakes what is
-pending again, up to N times, as the daemon's next scheduled bakes would.
+pending again, up to N times, as the daemon's next scheduled bakes would. The sample headlines'
+held-out questions (probes/news2024.json: bench_news's, never shown to the bake or the gate) are
+asked of the served `base` before and of `memory` after each bake: what a user gets, closed-book.
 
     .venv/bin/python bench/bench_first_bake.py [--hogs 1] [--quick] [--headlines N] [--rebakes N] [--config JSON]
 """
@@ -19,6 +21,8 @@ import sys
 import time
 
 from common import Report, context, feed_items, log, parser, running_daemon
+
+from agent_memory import probes
 
 FICTIONAL = [
     "Harbor town of Keswick Vale opens a solar-powered library",
@@ -57,8 +61,10 @@ def main() -> int:
     p.add_argument("--rebakes", type=int, default=0, help="bakes of the requeued items after the first (at most)")
     args = p.parse_args()
     ctx = context(args.seed, args.quick)
-    headlines = [i["title"] or i["text"] for i in feed_items().values()] + FICTIONAL
+    sample = feed_items()
+    headlines = [i["title"] or i["text"] for i in sample.values()] + FICTIONAL
     headlines = headlines[:args.headlines or (6 if args.quick else len(headlines))]
+    held_out = [q for q in probes.load_set("news2024") if q["fact"] in list(sample)[:len(headlines)]]
     name = "first_bake" if args.hogs else "first_bake_idle"
     report = Report(name, f"A first bake of {len(headlines)} headlines beside {args.hogs} CPU hog(s)", ctx)
     engine = {**json.loads(args.config), "seed": args.seed}  # JSON's numbers, strings and lists are TOML's too
@@ -72,6 +78,7 @@ def main() -> int:
         hogs = [multiprocessing.Process(target=hog, args=(stop,), daemon=True) for _ in range(args.hogs)]
         for h in hogs:
             h.start()
+        recall = {"base": ask(daemon, "base", held_out)}
         log(f"{len(headlines)} headlines queued; baking beside {args.hogs} hog(s) ...")
         bakes = []  # (record, wall s, queue after)
         try:
@@ -82,6 +89,7 @@ def main() -> int:
                 queue = json.loads(daemon.cli("status", "--json").stdout)["queue"]
                 bakes.append((record, time.perf_counter() - started, queue))
                 log(f"bake {len(bakes)}: {record.get('status')}: {record.get('reason')}")
+                recall[f"memory after bake {len(bakes)}"] = ask(daemon, "memory", held_out)
         finally:
             stop.set()
             for h in hogs:
@@ -99,6 +107,10 @@ def main() -> int:
                   "leak", "queue after"], rows,
                  note="reasons: " + " / ".join(str(r.get("reason")) for r, _, _ in bakes)
                       + f". Engine overrides: `{args.config}`.")
+    if held_out:
+        report.table("The sample headlines' held-out questions, closed-book (served, greedy)",
+                     ["model", "questions", "correct", "share"],
+                     [[name, len(r), sum(bool(x["correct"]) for x in r), probes.accuracy(r)] for name, r in recall.items()])
     record, wall, _ = bakes[0]
     metrics = record.get("metrics") or {}
     timings = (metrics.get("train") or {}).get("timings") or {}
@@ -110,6 +122,11 @@ def main() -> int:
         report.add(f"**Target** (live within {TARGET_IDLE_S // 60} min on 2 idle cores): {verdict}.")
     report.finish()
     return 0 if all(r.get("status") in ("live", "rejected") for r, _, _ in bakes) else 1
+
+
+def ask(daemon, model: str, questions: list[dict]) -> list[dict]:
+    """Greedy answers of a served model, scored by the probes' keywords (bench_news's rule)."""
+    return probes.run_remote(daemon.model(), model, questions, max_tokens=32) if questions else []
 
 
 if __name__ == "__main__":
