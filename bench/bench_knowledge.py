@@ -5,7 +5,7 @@
 
 Data: bench/data/knowledge.json, 40 fictional news facts (so the base model knows none) with held-out
 questions of four kinds each (direct, paraphrase, reverse: from the object back to the subject,
-implication: one hop), 60 neighbour questions (the same kinds of question about other subjects) and
+implication: one hop), 150 neighbour questions (the same kinds of question about other subjects) and
 25 controls (made-up subjects nobody baked). None of it is in the engine's templates or the gate's.
 
 For each size N, one bake of the first N facts (N = 1: each of the first --singles facts in its own
