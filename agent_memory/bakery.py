@@ -107,9 +107,10 @@ class Bakery:
                 answers = [r for r in self.store.probe_results(bake["id"])
                            if r["probe_set"] == gate_mod.ITEMS and r["model"] == "candidate"]
                 _, missed = gate_mod.judge_items(answers, self._policy(bake).min_item_accuracy)
-                self._settle_items(bake["id"], bake["item_ids"] or [], missed)
+                requeued = self._settle_items(bake["id"], bake["item_ids"] or [], missed)
                 self.store.update_bake(bake["id"], status=BakeStatus.LIVE, verdict=BakeStatus.LIVE.verdict,
                                        finished_at=utcnow(), version=current.number,
+                                       metrics={**(bake["metrics"] or {}), "requeued": requeued},
                                        reason="live; the daemon stopped before recording the verdict")
         self.store.requeue_stale_baking()  # items of bakes that did not reach live go back to pending
         self.store.abandon_unfinished_bakes()  # their deltas stay on disk: a re-bake of the same items re-uses them
@@ -153,14 +154,23 @@ class Bakery:
         return policy
 
     def due(self) -> bool:
-        """Enough pending items, or some pending and `bake.every` since the last bake."""
+        """Enough pending items, some pending and `bake.every` since the last bake, or (`bake.follow_up`)
+        items the last bake went live without learning still pending."""
         pending = self.store.counts_by_status().get(ItemStatus.PENDING, 0)
         if pending == 0:
             return False
-        if pending >= self.cfg.bake.min_pending:
+        if pending >= self.cfg.bake.min_pending or (self.cfg.bake.follow_up and self._left_by_last_bake()):
             return True
         last = self.store.last_bake_started()
         return last is None or time.time() - last >= parse_duration(self.cfg.bake.every)
+
+    def _left_by_last_bake(self) -> bool:
+        # The last bake that trained (an empty, skipped or abandoned one after it changes nothing).
+        last = self.store.last_bake((BakeStatus.LIVE, BakeStatus.REJECTED, BakeStatus.FAILED))
+        if not last or last["status"] != BakeStatus.LIVE:
+            return False
+        left = ((last["metrics"] or {}).get("requeued") or {}).get(ItemStatus.PENDING) or []
+        return any((self.store.get_item(i) or {}).get("status") == ItemStatus.PENDING for i in left)
 
     def maybe_request(self) -> None:
         """Scheduled job: queue a bake when one is due and none is waiting."""

@@ -99,6 +99,9 @@ class BakeConfig:
     retries: int = 3
     retry_wait: str = "15s"
     max_attempts: int = 3
+    # A live bake that left items unlearnt is followed at once by the next bake (those items' next
+    # try, stacked on it), not `every` later; `max_attempts` bounds the chain.
+    follow_up: bool = True
     # Training settings passed to the engine (agent_memory.engine.config.EngineConfig fields), e.g. rank, lr.
     engine: dict = field(default_factory=dict)
 

@@ -505,6 +505,12 @@ class Store:
     def list_bakes(self, limit: int = 50) -> list[dict]:
         return self._rows("select * from bakes order by id desc limit ?", [limit])
 
+    def last_bake(self, statuses: Iterable[str]) -> dict | None:
+        """The latest bake in one of these states, without its probe rows."""
+        statuses = list(statuses)
+        return self._one(f"select * from bakes where status in ({', '.join('?' for _ in statuses)}) "
+                         "order by id desc limit 1", statuses)
+
     def add_probe_results(self, bake_id: int, results: Iterable[dict]) -> int:
         """Rows with probe_set, question, answer, correct, score (and optionally model, expected)."""
         columns = set(self.db["probe_results"].columns_dict)

@@ -69,7 +69,9 @@ def main() -> int:
     report = Report(name, f"A first bake of {len(headlines)} headlines beside {args.hogs} CPU hog(s)", ctx)
     engine = {**json.loads(args.config), "seed": args.seed}  # JSON's numbers, strings and lists are TOML's too
     config = "[bake.engine]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in engine.items())
-    with running_daemon("first-bake", config_toml=config, bake_min_pending="1000", bake_every="30d") as daemon:
+    # The bench bakes the requeued items itself (`--rebakes`), as the daemon's follow-up bakes would.
+    with running_daemon("first-bake", config_toml=config, bake_min_pending="1000", bake_every="30d",
+                        bake_follow_up="false") as daemon:
         for text in headlines:
             result = daemon.cli("remember", text, "--kind", "headline", "--json")
             if result.returncode != 0:

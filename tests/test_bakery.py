@@ -10,6 +10,7 @@ import pytest
 from agent_memory import bakery as bakery_mod
 from agent_memory.bakery import Bakery, InfraError
 from agent_memory.history import History
+from agent_memory.store import utcnow
 from agent_memory.versions import Versions
 
 
@@ -56,6 +57,9 @@ def test_recover_after_kill_9_mid_swap_and_mid_training(cfg, store, tmp_path):
     assert (recorded["status"], recorded["verdict"], recorded["version"]) == ("live", "passed", 1)
     assert (store.get_item(a)["status"], store.get_item(a)["bake_id"]) == ("baked", swapped)
     assert (store.get_item(missed)["status"], store.get_item(missed)["attempts"]) == ("pending", 1)
+    cfg.bake.min_pending, cfg.bake.every = 1000, "30d"
+    store.update_bake(swapped, started_at=utcnow())
+    assert bakery.due()  # a2, left unlearnt by the bake that went live, is baked next at once
     assert store.get_bake(training)["status"] == "abandoned"
     assert (store.get_item(b)["status"], store.get_item(b)["bake_id"]) == ("pending", None)
     assert store.acquire_lease("bake", owner="new")  # the dead daemon's lease was released
@@ -248,6 +252,30 @@ def test_a_live_bake_bakes_what_it_learnt_and_requeues_the_rest_until_max_attemp
     assert "2 bakes have not settled it" in store.get_item(b)["status_reason"]
     assert History(store, bakery.versions, bakery).retry(statuses=("rejected",)) == {"requeued": [b]}
     assert bakery.versions.manifest(bakery.versions.current())["deltas"] == [first["id"], second["id"]]
+
+
+def test_a_live_bake_that_left_items_unlearnt_is_followed_by_the_next_bake_at_once(quick_retries, store,
+                                                                                   monkeypatch):
+    quick_retries.bake.min_pending, quick_retries.bake.every = 1000, "30d"  # the schedule alone would wait
+    bakery = make_bakery(quick_retries, store, FakeServing())
+    a, b = (store.add_item("fact", text)[0]["id"] for text in ("Zorvik elected a cat.", "Riverton opens at 9."))
+    learns = {a}
+    fake_trainer(bakery, monkeypatch, learns=learns)
+    bake_now(bakery)  # a baked, b back in the queue
+    assert bakery.due()
+    bakery.maybe_request()
+    follow_up = bakery.requests.get_nowait()
+    bakery.waiting = None
+    learns.add(b)
+    bakery._run(follow_up)
+    assert store.get_bake(follow_up)["item_ids"] == [b] and store.get_item(b)["status"] == "baked"
+    assert not bakery.due()  # nothing left unlearnt: the chain ends
+
+    quick_retries.bake.follow_up = False
+    c, d = (store.add_item("fact", text)[0]["id"] for text in ("Oslo saw a comet.", "Lima opens a port."))
+    learns.add(c)
+    bake_now(bakery)
+    assert store.get_item(d)["status"] == "pending" and not bakery.due()  # d waits for the schedule
 
 
 def test_forget_drops_every_live_bake_trained_on_the_item_and_rollback_only_what_a_bake_baked(quick_retries,
