@@ -7,9 +7,9 @@ rejected by the gate), never `failed` and never with an item stranded; the figur
 time and stages against the target (live within 15 min on 2 idle cores; `--hogs 0` measures that).
 A live bake bakes the items it learnt and requeues the others, and the daemon bakes those next at
 once (`bake.follow_up`): `--rebakes N` waits for up to N of those follow-up bakes (0: follow-ups
-off). The sample headlines'
-held-out questions (probes/news2024.json: bench_news's, never shown to the bake or the gate) are
-asked of the served `base` before and of `memory` after each bake: what a user gets, closed-book.
+off). The sample headlines' held-out questions (probes/news2024.json: bench_news's, never shown to
+the bake or the gate) are asked of the served `base` before and of `memory` after each bake: what
+a user gets, closed-book.
 
     .venv/bin/python bench/bench_first_bake.py [--hogs 1] [--quick] [--headlines N] [--rebakes N] [--config JSON]
 """
