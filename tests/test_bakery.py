@@ -169,8 +169,15 @@ def quick_retries(cfg):
 
 def bake_now(bakery) -> dict:
     bake_id = bakery.request("test")
-    assert bakery.requests.get_nowait() == bake_id
-    bakery.waiting = None  # what the worker thread does when it takes a bake
+    record = run_queued(bakery)
+    assert record["id"] == bake_id
+    return record
+
+
+def run_queued(bakery) -> dict:
+    """What the worker thread does with the bake waiting in the queue."""
+    bake_id = bakery.requests.get_nowait()
+    bakery.waiting = None
     bakery._run(bake_id)
     return bakery.store.get_bake(bake_id)
 
@@ -264,11 +271,9 @@ def test_a_live_bake_that_left_items_unlearnt_is_followed_by_the_next_bake_at_on
     bake_now(bakery)  # a baked, b back in the queue
     assert bakery.due()
     bakery.maybe_request()
-    follow_up = bakery.requests.get_nowait()
-    bakery.waiting = None
     learns.add(b)
-    bakery._run(follow_up)
-    assert store.get_bake(follow_up)["item_ids"] == [b] and store.get_item(b)["status"] == "baked"
+    follow_up = run_queued(bakery)
+    assert follow_up["item_ids"] == [b] and store.get_item(b)["status"] == "baked"
     assert not bakery.due()  # nothing left unlearnt: the chain ends
 
     quick_retries.bake.follow_up = False
