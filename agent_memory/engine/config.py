@@ -67,6 +67,11 @@ class EngineConfig:
     # 12 at N=20: more local (KL 0.048 vs 0.059) but leak 0.10 vs 0.08, recall 0.36 vs 0.44 (knowledge.md).
     contrast_queries: int = 6
     anchor_samples: int = 1
+    # Tokens of an anchor's answer (general, news and contrast anchors alike). A leak often comes
+    # after a first sentence ("The latest news in Switzerland is a mix of news and speculation. The
+    # latest news is that <a baked name>"), past the items' max_new_tokens, where no anchor holds
+    # the student to the live model.
+    anchor_max_tokens: int = 20
     # Leak checks during training (teacher.leaked_examples): at this many epochs, spread evenly, the
     # student (the delta so far) answers the anchor questions greedily; each answer that names one
     # of the bake's entities the question does not is scored by the live model and trained on from

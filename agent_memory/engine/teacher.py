@@ -201,7 +201,7 @@ def leaked_examples(peft_model, tokenizer, anchors: list[Query], names: list[str
         for start in range(0, len(anchors), SAMPLE_BATCH):
             chunk = anchors[start:start + SAMPLE_BATCH]
             answers, *_ = sample(inner, [student_ids(tokenizer, q.question) for q in chunk], 1, greedy,
-                                 tokenizer.eos_token_id, cfg.max_new_tokens)
+                                 tokenizer.eos_token_id, cfg.anchor_max_tokens)
             for q, a in zip(chunk, answers):
                 others = [n for n in names if n.lower() not in q.question.lower()]
                 if len(a) > 1 and is_correct(tokenizer.decode(a, skip_special_tokens=True), others):
@@ -411,8 +411,9 @@ def sample(model, prompts: list[list[int]], n: int, cfg: EngineConfig, eos: int,
 def _sampling(q: Query, cfg: EngineConfig) -> tuple[int, int]:
     """(answers to sample, their max tokens) for one query. Anchors need fewer samples: their
     teacher is the student at step 0."""
-    n = q.samples if q.samples is not None else cfg.anchor_samples if q.kind == "anchor" else cfg.samples_per_query
-    return n, q.max_new_tokens or cfg.max_new_tokens
+    anchor = q.kind == "anchor"
+    n = q.samples if q.samples is not None else cfg.anchor_samples if anchor else cfg.samples_per_query
+    return n, q.max_new_tokens or (cfg.anchor_max_tokens if anchor else cfg.max_new_tokens)
 
 
 def _by_samples(chunk: list[Query], cfg: EngineConfig):
