@@ -99,6 +99,32 @@ def test_topk_kl_gradient_is_autograds_through_log_softmax():
     assert torch.autograd.gradcheck(lambda x: train.topk_kl(x, top_idx[:5, :4] % 30, top_logp[:5, :4]), (x,))
 
 
+def test_watched_tokens_join_the_top_k_once_with_their_true_log_probs():
+    torch.manual_seed(0)
+    logp = torch.randn(3, 5, 50).log_softmax(-1)
+    watch = torch.tensor([7, 11, int(logp[0, 0].argmax())])  # one of them already in a top-k
+    idx, top = teacher.top_columns(logp, 4, watch)
+    assert idx.shape == top.shape == (3, 5, 7) and torch.equal(top, logp.gather(-1, idx))
+    plain = logp.topk(4, dim=-1).indices
+    for pos in [(0, 0), (1, 3), (2, 4)]:
+        row = set(idx[pos].tolist())
+        assert len(row) == 7 and set(watch.tolist()) <= row and set(plain[pos].tolist()) <= row
+    assert torch.equal(teacher.top_columns(logp, 4)[0], plain)
+    # A name the student starts to say where the teacher would not: watched, it gets the full KL's
+    # gradient (q - p); in the bucket of the rest, a share of it.
+    p = logp[0, 0]
+    w = int(p.argmin())
+    student = p.clone()
+    student[w] = p.max() + 1
+    grads = []
+    for columns in (p.topk(4).indices, teacher.top_columns(p, 4, torch.tensor([w]))[0]):
+        s = student[None].clone().requires_grad_()
+        train.topk_kl(s, columns[None], p.gather(-1, columns)[None]).sum().backward()
+        grads.append(float(s.grad[0, w]))
+    exact = float(student.softmax(-1)[w] - p.exp()[w])
+    assert grads[1] == pytest.approx(exact, rel=1e-4) and 0 < grads[0] < 0.8 * exact
+
+
 def test_batches_target_the_first_answer_token():
     k = 4
     ex = [teacher.Example([10, 11, 12], [20, 21, 2], torch.zeros(3, k, dtype=torch.long), torch.zeros(3, k), "knowledge"),
@@ -154,6 +180,18 @@ def test_queries_cover_the_item_and_anchors_stay_unprompted():
     assert not held_out & {q.question for q in qs}  # the benchmarks stay held out
     assert not held_out & set(queries.NEWS_ANCHORS) and not held_out & set(queries.ANCHOR_QUERIES)
 
+
+def test_anchors_answer_at_their_own_length_items_at_theirs():
+    """anchor_max_tokens: every anchor (general, news, contrast) is sampled that long, the items'
+    questions max_new_tokens long, a recitation its own length."""
+    import random
+
+    cfg = EngineConfig(max_new_tokens=20, anchor_max_tokens=48)
+    qs = queries.build_queries([U1], cfg, random.Random(0))
+    groups = dict(teacher._by_samples(qs, cfg))
+    anchors = [q for q in qs if q.kind == "anchor"]
+    assert groups[(cfg.anchor_samples, 48)] == anchors
+    assert sorted(groups) == [(cfg.anchor_samples, 48), (2, queries.RECITE_MAX_TOKENS), (cfg.samples_per_query, 20)]
 
 def test_an_update_is_asked_its_predecessors_questions_with_both_in_the_teachers_view():
     import random
@@ -536,8 +574,9 @@ TINY_CFG = dict(rank=4, alpha=8, lr=1e-2, epochs=4, min_steps=4, samples_per_que
                 dtype="float32")
 
 
-@pytest.mark.parametrize("extra", [{}, {"init": "default"}, {"protect": 0.9}, {"hidden_weight": 1.0}, {"leak_checks": 2, "leak_questions": 4}],
-                         ids=["defaults", "random-init", "protect", "hidden", "leak-checks"])
+@pytest.mark.parametrize("extra", [{}, {"init": "default"}, {"protect": 0.9}, {"hidden_weight": 1.0}, {"leak_checks": 2, "leak_questions": 4},
+                                   {"watch_names": True, "anchor_prompts": 0.5, "leak_checks": 2}],
+                         ids=["defaults", "random-init", "protect", "hidden", "leak-checks", "watch-names"])
 def test_tiny_bake_writes_a_delta_that_lowers_the_kl(tiny_model_dir, tmp_path, extra):
     seen = []
     out = tmp_path / "deltas" / "bake-0001"

@@ -72,6 +72,12 @@ class EngineConfig:
     # latest news is that <a baked name>"), past the items' max_new_tokens, where no anchor holds
     # the student to the live model.
     anchor_max_tokens: int = 20
+    # The teacher's distribution at every answer token keeps the first tokens of the bake's names
+    # (probes.bake_entities) beside its top-k, so the KL pushes a name down where the student starts
+    # to say it and the teacher would not, token by token; in topk's one bucket for the rest of the
+    # vocabulary it hides in the teacher's mass at an open position ("The latest news is that ...").
+    # Local teacher only (vLLM returns its top-k alone).
+    watch_names: bool = False
     # Leak checks during training (teacher.leaked_examples): at this many epochs, spread evenly, the
     # student (the delta so far) answers the anchor questions greedily; each answer that names one
     # of the bake's entities the question does not is scored by the live model and trained on from
