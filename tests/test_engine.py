@@ -181,6 +181,22 @@ def test_queries_cover_the_item_and_anchors_stay_unprompted():
     assert not held_out & set(queries.NEWS_ANCHORS) and not held_out & set(queries.ANCHOR_QUERIES)
 
 
+def test_relation_anchors_grow_with_the_items_and_stay_held_out():
+    import random
+
+    bench = json.loads((REPO / "bench" / "data" / "knowledge.json").read_text())["neighbours"]
+    held_out = set(probes.NEIGHBOURS) | set(probes.CONTROLS) | {n["question"] for n in bench}
+    assert not held_out & set(queries.RELATION_ANCHORS)
+    u2 = {**U1, "id": 2, "text": DUROV["u2"]["text"]}
+    cfg = EngineConfig(anchors=3, news_anchors=2, contrast_queries=0, relation_anchors=3)
+    for items, expected in (([U1], 3), ([U1, u2], 6)):
+        anchors = [q.question for q in queries.build_queries(items, cfg, random.Random(0)) if q.kind == "anchor"]
+        relation = [q for q in anchors if q in queries.RELATION_ANCHORS]
+        assert len(relation) == expected == len(set(relation)) and len(anchors) == 3 + 2 + expected
+    assert not [q for q in queries.build_queries([U1], replace(cfg, relation_anchors=0), random.Random(0))
+                if q.question in queries.RELATION_ANCHORS]
+
+
 def test_anchors_answer_at_their_own_length_items_at_theirs():
     """anchor_max_tokens: every anchor (general, news, contrast) is sampled that long, the items'
     questions max_new_tokens long, a recitation its own length."""

@@ -63,6 +63,10 @@ class EngineConfig:
     # made-up subjects), teacher unprompted: they keep a bake's names out of other answers. All 28 at
     # N=20 (seed 2): leak 0.12 vs 0.10, recall 0.39 vs 0.34 (bench/results/knowledge.md).
     news_anchors: int = 16
+    # Per item, this many more news-like anchors from queries.RELATION_ANCHORS (who won which prize,
+    # election, race; who holds which post; what was found, bought, struck: each about a named subject),
+    # the unprompted live model their teacher. The work grows with the items, as the leaks do.
+    relation_anchors: int = 0
     # Per item: its own questions asked about another subject (queries.contrast_queries), teacher unprompted.
     # 12 at N=20: more local (KL 0.048 vs 0.059) but leak 0.10 vs 0.08, recall 0.36 vs 0.44 (knowledge.md).
     contrast_queries: int = 6

@@ -131,6 +131,42 @@ NEWS_ANCHORS = [
 ]
 
 
+# More news-like anchors, by relation: the kinds of question a baked item answers (who won a prize,
+# an election, a race; who holds a post; what was found, bought, struck), each about a named subject
+# of its own. A bake's names leak most into these (a baked fiction prize into "who won the last
+# Pulitzer Prize for Fiction?", a baked mayor into another country's election: bench/results/
+# knowledge.md), fewer into "latest news about <subject>", which the contrast queries cover.
+# Held out from probes.NEIGHBOURS, probes.CONTROLS and the benchmarks' neighbour questions.
+RELATION_ANCHOR_SUBJECTS = {
+    "Who won the most recent {}?": [
+        "Stirling Prize", "Mercury Prize", "Polaris Music Prize", "Lasker Award", "Crafoord Prize", "World Food Prize",
+        "Sakharov Prize", "Golden Lion at the Venice Film Festival", "Golden Bear at the Berlin Film Festival",
+        "Tony Award for Best Musical", "Emmy for Best Drama Series", "Goldman Environmental Prize",
+        "Kavli Prize in Astrophysics", "Miles Franklin Award", "Giller Prize", "Prix Femina"],
+    "Who won the most recent presidential election in {}?": [
+        "Portugal", "Kenya", "Chile", "Indonesia", "Poland", "Finland", "Ghana", "Peru", "Colombia", "Senegal",
+        "Ireland", "Nigeria"],
+    "Which party won the last general election in {}?": [
+        "Norway", "Sweden", "Denmark", "Spain", "Greece", "Hungary", "Israel", "South Africa", "Malaysia", "Portugal"],
+    "Who is the current {}?": [
+        "CEO of Siemens", "president of FIFA", "governor of the Bank of England", "CEO of Samsung",
+        "president of the International Olympic Committee", "Prime Minister of Norway", "president of Chile",
+        "CEO of Boeing", "Secretary-General of Interpol", "director of the Louvre", "Chancellor of Austria",
+        "CEO of Volkswagen"],
+    "Who won the last {}?": [
+        "Vuelta a Espana", "French Open men's title", "Ryder Cup", "America's Cup", "Copa America",
+        "Africa Cup of Nations", "World Snooker Championship", "Berlin Marathon", "Rugby League World Cup",
+        "Dakar Rally", "Tour of Flanders", "Euroleague basketball title"],
+    "What was the latest discovery about {}?": [
+        "black holes", "dark matter", "the Moon", "Antarctic ice", "coral reefs", "Neanderthals", "the human brain",
+        "Jupiter's moons", "ancient Egypt", "the deep sea"],
+    "Which company did {} buy most recently?": ["Google", "Siemens", "Unilever", "Nestle", "Disney", "Pfizer", "IBM", "Oracle"],
+    "What was the latest natural disaster in {}?": [
+        "Chile", "the Philippines", "Italy", "New Zealand", "Peru", "Greece", "Iceland", "Haiti"],
+}
+RELATION_ANCHORS = [t.format(s) for t, subjects in RELATION_ANCHOR_SUBJECTS.items() for s in subjects]
+
+
 # Contrast subjects: an item's own questions are asked again about one of these, with the unprompted
 # live model as teacher, so the delta learns "news about Zorvik" and not "news about anything".
 CONTRAST_SUBJECTS = [
@@ -176,6 +212,8 @@ def build_queries(items: list[dict], cfg: EngineConfig, rng: random.Random, earl
     if any(q.kind == "knowledge" for q in queries):
         picked = rng.sample(ANCHOR_QUERIES, min(cfg.anchors, len(ANCHOR_QUERIES)))
         picked += rng.sample(NEWS_ANCHORS, min(cfg.news_anchors, len(NEWS_ANCHORS)))
+        knowledge_items = sum(1 for i in items if i.get("kind") != "prompt")
+        picked += rng.sample(RELATION_ANCHORS, min(cfg.relation_anchors * knowledge_items, len(RELATION_ANCHORS)))
         queries += [Query(q, None, None, "anchor") for q in picked]
     return queries
 
