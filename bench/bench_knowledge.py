@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"{label} seed {seed} N={n}: recall {by_kind(results)}, shared "
                         f"{by_kind([r for r in results if r['fact'] in {e['id'] for e in shared}])['all']:.2f}, "
                         + ", ".join(f"{k} {mean(e[k] for e in effects):.3f}" for k in
-                                    ("leak", "base_leak", "hallucination", "base_hallucination", "kept", "kl")))
+                                    ("leak", "base_leak", "hallucination", "base_hallucination", "kept", "kl"))
+                        + f"; leak by relation: {by_relation(effects)}")
     # All N facts in one context costs N times the prompt: past 20 facts (~800 tokens) the CPU takes
     # longer over the references than over the bakes, so they are measured on the first 20.
     references = reference_rows(evaluate, base, entries[:min(max(sizes), REFERENCE_FACTS)])
@@ -143,11 +144,11 @@ def write(report: Report, rows: list[dict], references: dict, shared: list[dict]
         e = r["effects"]
         side.append([r["variant"], r["seed"], r["n"], mean(x["leak"] for x in e), mean(x["base_leak"] for x in e),
                      mean(x["hallucination"] for x in e), mean(x["base_hallucination"] for x in e),
-                     mean(x["kept"] for x in e), mean(x["kl"] for x in e)])
+                     mean(x["kept"] for x in e), mean(x["kl"] for x in e), by_relation(e)])
     n_neigh, n_ctrl = rows[0]["effects"][0]["neighbours"], rows[0]["effects"][0]["controls"]
     report.table(f"Side effects ({n_neigh} neighbour questions, {n_ctrl} controls; 56 general-knowledge questions)",
                  ["variant", "seed", "N", "leak", "leak (base)", "hallucination", "hallucination (base)",
-                  "knowledge kept", "KL(base||memory)/token"], side,
+                  "knowledge kept", "KL(base||memory)/token", "leak by relation"], side,
                  note="Leak: the share of neighbour answers naming an entity of the bake; the base model's share "
                       "with the same names is what it says anyway. Examples of leaks in the largest bake of "
                       f"each variant: {examples(rows)}")
@@ -168,6 +169,12 @@ def write(report: Report, rows: list[dict], references: dict, shared: list[dict]
     report.table(f"Baked against prompting, the first {facts} facts (baked: the bake of N={biggest})",
                  ["condition", *KINDS, "all", "95% Wilson"], ref)
     report.finish()
+
+
+def by_relation(effects: list[dict]) -> str:
+    """The leak by kind of neighbour question ("prize 0.17, election 0.06, ..."), over the bakes of a row."""
+    relations = dict.fromkeys(rel for e in effects for rel in e.get("leak_by_relation", {}))
+    return ", ".join(f"{rel} {mean(e['leak_by_relation'][rel] for e in effects):.2f}" for rel in relations)
 
 
 def examples(rows: list[dict]) -> str:

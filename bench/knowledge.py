@@ -6,6 +6,7 @@ Not a benchmark itself (bench_knowledge.py, bench_updates.py use it).
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
@@ -71,7 +72,8 @@ class Evaluator:
 
     def __init__(self, base, tokenizer, data: dict):
         self.tok, self.data = tokenizer, data
-        self.neighbours = [{"question": n["question"], "answers": [], "kind": "neighbour"} for n in data["neighbours"]]
+        self.neighbours = [{"question": n["question"], "answers": [], "kind": "neighbour", "relation": n.get("relation", "")}
+                           for n in data["neighbours"]]
         self.controls = [{"question": c["question"], "answers": [], "kind": "control"} for c in data["controls"]]
         self.base_neighbours = self._ask(base, self.neighbours)
         self.base_controls = self._ask(base, self.controls)
@@ -102,7 +104,10 @@ class Evaluator:
         memory_leak, examples = leak(self._ask(model, self.neighbours))
         base_leak, _ = leak(self.base_neighbours)
         controls = self._ask(model, self.controls)
+        relations = collections.Counter(n["relation"] for n in self.neighbours)
+        leaked = collections.Counter(r["relation"] for r in examples)
         return {"leak": memory_leak, "base_leak": base_leak, "neighbours": len(self.neighbours),
+                "leak_by_relation": {rel: leaked[rel] / count for rel, count in relations.items()},
                 "leak_examples": [f"{r['question']} -> {r['answer'][:90]}" for r in examples[:3]],
                 "hallucination": probes.attempted(controls), "base_hallucination": probes.attempted(self.base_controls),
                 "controls": len(self.controls)}
