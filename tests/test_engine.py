@@ -187,6 +187,8 @@ def test_relation_anchors_grow_with_the_items_and_stay_held_out():
     bench = json.loads((REPO / "bench" / "data" / "knowledge.json").read_text())["neighbours"]
     held_out = set(probes.NEIGHBOURS) | set(probes.CONTROLS) | {n["question"] for n in bench}
     assert not held_out & set(queries.RELATION_ANCHORS)
+    subjects = [s for group in queries.RELATION_ANCHOR_SUBJECTS.values() for s in group]
+    assert not [(s, q) for s in subjects for q in held_out if s.lower() in q.lower()]  # nor their subjects
     u2 = {**U1, "id": 2, "text": DUROV["u2"]["text"]}
     cfg = EngineConfig(anchors=3, news_anchors=2, contrast_queries=0, relation_anchors=3)
     for items, expected in (([U1], 3), ([U1, u2], 6)):

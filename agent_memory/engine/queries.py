@@ -136,7 +136,8 @@ NEWS_ANCHORS = [
 # of its own. A bake's names leak most into these (a baked fiction prize into "who won the last
 # Pulitzer Prize for Fiction?", a baked mayor into another country's election: bench/results/
 # knowledge.md), fewer into "latest news about <subject>", which the contrast queries cover.
-# Held out from probes.NEIGHBOURS, probes.CONTROLS and the benchmarks' neighbour questions.
+# Held out from probes.NEIGHBOURS, probes.CONTROLS and the benchmarks' neighbour questions, and
+# about none of their subjects.
 RELATION_ANCHOR_SUBJECTS = {
     "Who won the most recent {}?": [
         "Stirling Prize", "Mercury Prize", "Polaris Music Prize", "Lasker Award", "Crafoord Prize", "World Food Prize",
@@ -144,10 +145,10 @@ RELATION_ANCHOR_SUBJECTS = {
         "Tony Award for Best Musical", "Emmy for Best Drama Series", "Goldman Environmental Prize",
         "Kavli Prize in Astrophysics", "Miles Franklin Award", "Giller Prize", "Prix Femina"],
     "Who won the most recent presidential election in {}?": [
-        "Portugal", "Kenya", "Chile", "Indonesia", "Poland", "Finland", "Ghana", "Peru", "Colombia", "Senegal",
-        "Ireland", "Nigeria"],
+        "Portugal", "Kenya", "Chile", "Indonesia", "Poland", "Finland", "Ghana", "Peru", "Honduras", "Malawi",
+        "Slovakia", "Nigeria"],
     "Which party won the last general election in {}?": [
-        "Norway", "Sweden", "Denmark", "Spain", "Greece", "Hungary", "Israel", "South Africa", "Malaysia", "Portugal"],
+        "Norway", "Sweden", "Denmark", "Estonia", "Latvia", "Hungary", "Israel", "Lithuania", "Slovenia", "Portugal"],
     "Who is the current {}?": [
         "CEO of Siemens", "president of FIFA", "governor of the Bank of England", "CEO of Samsung",
         "president of the International Olympic Committee", "Prime Minister of Norway", "president of Chile",
@@ -160,9 +161,9 @@ RELATION_ANCHOR_SUBJECTS = {
     "What was the latest discovery about {}?": [
         "black holes", "dark matter", "the Moon", "Antarctic ice", "coral reefs", "Neanderthals", "the human brain",
         "Jupiter's moons", "ancient Egypt", "the deep sea"],
-    "Which company did {} buy most recently?": ["Google", "Siemens", "Unilever", "Nestle", "Disney", "Pfizer", "IBM", "Oracle"],
+    "Which company did {} buy most recently?": ["Google", "Siemens", "Unilever", "Danone", "Disney", "Pfizer", "IBM", "Oracle"],
     "What was the latest natural disaster in {}?": [
-        "Chile", "the Philippines", "Italy", "New Zealand", "Peru", "Greece", "Iceland", "Haiti"],
+        "Chile", "Vanuatu", "Bhutan", "Fiji", "Peru", "Albania", "Tonga", "Haiti"],
 }
 RELATION_ANCHORS = [t.format(s) for t, subjects in RELATION_ANCHOR_SUBJECTS.items() for s in subjects]
 
