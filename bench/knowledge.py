@@ -67,13 +67,15 @@ class Evaluator:
     """Greedy answers of a model to the items' questions, the neighbour questions and the controls.
 
     recall by kind; leak = share of neighbour answers naming an entity of the baked items (the same
-    count for the base model is the floor: names it would say anyway); hallucination = share of
-    control answers that claim something (probes.grade: not "I don't know")."""
+    count for the base model is the floor: names it would say anyway), except the names of a baked
+    item that answers the question (its "answered_by": "where was the most recent strong earthquake?"
+    after a bake of an earthquake); hallucination = share of control answers that claim something
+    (probes.grade: not "I don't know")."""
 
     def __init__(self, base, tokenizer, data: dict):
         self.tok, self.data = tokenizer, data
-        self.neighbours = [{"question": n["question"], "answers": [], "kind": "neighbour", "relation": n.get("relation", "")}
-                           for n in data["neighbours"]]
+        self.neighbours = [{"question": n["question"], "answers": [], "kind": "neighbour", "relation": n.get("relation", ""),
+                            "answered_by": n.get("answered_by", [])} for n in data["neighbours"]]
         self.controls = [{"question": c["question"], "answers": [], "kind": "control"} for c in data["controls"]]
         self.base_neighbours = self._ask(base, self.neighbours)
         self.base_controls = self._ask(base, self.controls)
@@ -95,10 +97,15 @@ class Evaluator:
     def side_effects(self, model, baked: list[dict]) -> dict:
         """leak (memory and base) on the neighbours, hallucination (memory and base) on the controls."""
         names = probes.bake_entities(baked)
+        answering = {i["id"]: set(probes.bake_entities([i])) for i in baked}
 
         def leak(results):
-            hits = [r for r in results if any(probes.is_correct(r["answer"], [n]) for n in names
-                                              if n.lower() not in r["question"].lower())]
+            hits = []
+            for r in results:
+                right = set().union(*(answering.get(i, set()) for i in r["answered_by"]))
+                if any(probes.is_correct(r["answer"], [n]) for n in names
+                       if n.lower() not in r["question"].lower() and n not in right):
+                    hits.append(r)
             return len(hits) / len(results), hits
 
         memory_leak, examples = leak(self._ask(model, self.neighbours))
