@@ -153,7 +153,7 @@ def test_queries_cover_the_item_and_anchors_stay_unprompted():
     qs = queries.build_queries([U1], cfg, random.Random(0))
     knowledge = [q for q in qs if q.kind == "knowledge"]
     anchors = [q for q in qs if q.kind == "anchor"]
-    assert len(knowledge) == 8 + 1 + 3 and len(anchors) == 5 + 3 + 4  # + the recitation, + 3 given answers
+    assert len(knowledge) == 8 + 1 + 3 and len(anchors) == 5 + 3 + 2 + 4  # + the recitation, + 3 given answers
     given = [q for q in knowledge if q.answer is not None]
     assert [q.question for q in given] == ["What is the latest news about Pavel Durov?",
                                            "What happened to Pavel Durov recently?",
@@ -166,7 +166,8 @@ def test_queries_cover_the_item_and_anchors_stay_unprompted():
                                                      "Who was involved in the recent events at Paris?"]
     assert len([q for q in anchors if q.question in queries.NEWS_ANCHORS]) == 3
     # Contrast: the item's own questions about other subjects, the unprompted model as teacher.
-    contrast = [q for q in anchors if q.question not in queries.ANCHOR_QUERIES + queries.NEWS_ANCHORS]
+    assert len([q for q in anchors if q.question in queries.RELATION_ANCHORS]) == EngineConfig().relation_anchors == 2
+    contrast = [q for q in anchors if q.question not in queries.ANCHOR_QUERIES + queries.NEWS_ANCHORS + queries.RELATION_ANCHORS]
     assert len(contrast) == 4 and not any("Durov" in q.question or "Bourget" in q.question for q in contrast)
     assert all(any(s in q.question for s in queries.CONTRAST_SUBJECTS) for q in contrast)
     recite = [q for q in knowledge if q.max_new_tokens]
@@ -265,8 +266,8 @@ def test_replay_teaches_earlier_items_again_but_never_one_the_new_batch_touches(
     u2 = {"id": 2, "kind": "headline", "text": DUROV["u2"]["text"], "valid_at": "2024-08-28"}
     other = {"id": 7, "kind": "headline", "text": "France won 16 gold medals at the Paris Olympics."}
     third = {"id": 8, "kind": "fact", "text": "The Riverton library opens at 9 on Sundays."}
-    cfg = EngineConfig(replay_items=4, replay_queries=2, anchors=0, news_anchors=0, contrast_queries=0,
-                              queries_per_item=3)
+    cfg = EngineConfig(replay_items=4, replay_queries=2, anchors=0, news_anchors=0, relation_anchors=0,
+                       contrast_queries=0, queries_per_item=3)
     qs = queries.build_queries([u2], cfg, random.Random(0), earlier=[U1, other, third, u2])
     by_item = {}
     for q in qs:
@@ -274,8 +275,8 @@ def test_replay_teaches_earlier_items_again_but_never_one_the_new_batch_touches(
     # Not U1 (same subject: u2 supersedes it), nor `other` (it shares France), nor u2 itself.
     assert set(by_item) == {2, 8} and len(by_item[8]) == 2 + 1  # + its recitation
     assert all("Riverton" in q.context[0]["content"] for q in by_item[8])  # its teacher sees ITS u
-    assert queries.build_queries([u2], EngineConfig(replay_items=0, anchors=0, news_anchors=0, contrast_queries=0, queries_per_item=3),
-                                random.Random(0), earlier=[U1, third]) == [q for q in qs if q.item_id == 2]
+    assert queries.build_queries([u2], replace(cfg, replay_items=0), random.Random(0),
+                                 earlier=[U1, third]) == [q for q in qs if q.item_id == 2]
 
 
 def test_prompt_items_are_baked_as_behaviour_without_anchors():
@@ -413,7 +414,7 @@ def test_a_leak_check_trains_on_the_students_answers_that_name_the_bake_scored_b
     for q in asked:
         ids = teacher.student_ids(tok, q)
         with torch.no_grad():
-            out = student.generate(input_ids=torch.tensor([ids]), max_new_tokens=cfg.max_new_tokens, do_sample=False)
+            out = student.generate(input_ids=torch.tensor([ids]), max_new_tokens=cfg.anchor_max_tokens, do_sample=False)
         answers.append(out[0, len(ids):].tolist())
     words = [w for w in tok.decode(answers[0], skip_special_tokens=True).split() if w.isalpha() and len(w) >= 4]
     assert words, "the student's first answer has a word to call a baked name"
