@@ -182,6 +182,20 @@ def test_queries_cover_the_item_and_anchors_stay_unprompted():
     assert not held_out & set(queries.NEWS_ANCHORS) and not held_out & set(queries.ANCHOR_QUERIES)
 
 
+def test_no_anchor_asks_about_a_subject_of_the_bake():
+    """An anchor teaches the live model's answer: about the bake's own subject it would fight the item."""
+    import random
+
+    item = {"id": 1, "kind": "headline", "text": "Google bought Wiz, a security company based in Israel."}
+    cfg = EngineConfig(news_anchors=len(queries.NEWS_ANCHORS), relation_anchors=len(queries.RELATION_ANCHORS))
+    qs = queries.build_queries([item], cfg, random.Random(0))
+    about = [q.question for q in qs if q.kind == "anchor" and ("Google" in q.question or "Israel" in q.question)]
+    assert about == [] and any("Google" in q.question for q in qs if q.kind == "knowledge")
+    other = queries.build_queries([U1], cfg, random.Random(0))  # every one of them otherwise
+    assert "What is the latest news about Google?" in [q.question for q in other]
+    assert "Which party won the last general election in Israel?" in [q.question for q in other]
+
+
 def test_relation_anchors_grow_with_the_items_and_stay_held_out():
     import random
 

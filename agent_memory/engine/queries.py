@@ -216,7 +216,11 @@ def build_queries(items: list[dict], cfg: EngineConfig, rng: random.Random, earl
         knowledge_items = sum(1 for i in items if i.get("kind") != "prompt")
         picked += rng.sample(RELATION_ANCHORS, min(cfg.relation_anchors * knowledge_items, len(RELATION_ANCHORS)))
         queries += [Query(q, None, None, "anchor") for q in picked]
-    return queries
+    # An anchor about a subject the bake is about ("What is the latest news about Google?" in a bake
+    # of a Google headline) would teach the live model's answer against the item's: dropped.
+    names = set().union(*(item_entities(i) for i in items))
+    about = re.compile("|".join(r"(?<!\w)" + re.escape(n) + r"(?!\w)" for n in sorted(names))) if names else None
+    return [q for q in queries if q.kind != "anchor" or not (about and about.search(q.question.lower()))]
 
 
 def item_queries(item: dict, n: int, cfg: EngineConfig, rng: random.Random,
