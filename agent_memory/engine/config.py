@@ -67,8 +67,10 @@ class EngineConfig:
     # election, race; who holds which post; what was found, bought, struck: each about a named subject),
     # the unprompted live model their teacher: a bake's names leaked most into such answers. N=20,
     # seed 1: leak 0.067 against 0.140 on the bench's 150 neighbours, recall 0.44 against 0.43; with
-    # watch_names on too, seeds 0-2: leak 0.058 against 0.104 (bench/results/knowledge.md).
-    relation_anchors: int = 2
+    # watch_names on too, seeds 0-2: leak 0.058 against 0.104. But the daemon's 2-headline bake
+    # beside a CPU hog was rejected twice with 2 (knowledge kept 0.89, gate 0.90; seeds 0 and 1),
+    # live without (0.92; bench/results/knowledge.md): off until a small bake keeps its gate.
+    relation_anchors: int = 0
     # Per item: its own questions asked about another subject (queries.contrast_queries), teacher unprompted.
     # 12 at N=20: more local (KL 0.048 vs 0.059) but leak 0.10 vs 0.08, recall 0.36 vs 0.44 (knowledge.md).
     contrast_queries: int = 6
