@@ -12,7 +12,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from ..probes import entities, item_subject, keywords
+from ..probes import entities, is_correct, item_subject, keywords
 from ..prompts import CHAT_MARKERS, item_text, teacher_system
 from .config import EngineConfig
 
@@ -218,9 +218,8 @@ def build_queries(items: list[dict], cfg: EngineConfig, rng: random.Random, earl
         queries += [Query(q, None, None, "anchor") for q in picked]
     # An anchor about a subject the bake is about ("What is the latest news about Google?" in a bake
     # of a Google headline) would teach the live model's answer against the item's: dropped.
-    names = set().union(*(item_entities(i) for i in items))
-    about = re.compile("|".join(r"(?<!\w)" + re.escape(n) + r"(?!\w)" for n in sorted(names))) if names else None
-    return [q for q in queries if q.kind != "anchor" or not (about and about.search(q.question.lower()))]
+    names = sorted(set().union(*(item_entities(i) for i in items)))
+    return [q for q in queries if q.kind != "anchor" or not is_correct(q.question, names)]
 
 
 def item_queries(item: dict, n: int, cfg: EngineConfig, rng: random.Random,
