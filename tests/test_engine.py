@@ -99,32 +99,6 @@ def test_topk_kl_gradient_is_autograds_through_log_softmax():
     assert torch.autograd.gradcheck(lambda x: train.topk_kl(x, top_idx[:5, :4] % 30, top_logp[:5, :4]), (x,))
 
 
-def test_watched_tokens_join_the_top_k_once_with_their_true_log_probs():
-    torch.manual_seed(0)
-    logp = torch.randn(3, 5, 50).log_softmax(-1)
-    watch = torch.tensor([7, 11, int(logp[0, 0].argmax())])  # one of them already in a top-k
-    idx, top = teacher.top_columns(logp, 4, watch)
-    assert idx.shape == top.shape == (3, 5, 7) and torch.equal(top, logp.gather(-1, idx))
-    plain = logp.topk(4, dim=-1).indices
-    for pos in [(0, 0), (1, 3), (2, 4)]:
-        row = set(idx[pos].tolist())
-        assert len(row) == 7 and set(watch.tolist()) <= row and set(plain[pos].tolist()) <= row
-    assert torch.equal(teacher.top_columns(logp, 4)[0], plain)
-    # A name the student starts to say where the teacher would not: watched, it gets the full KL's
-    # gradient (q - p); in the bucket of the rest, a share of it.
-    p = logp[0, 0]
-    w = int(p.argmin())
-    student = p.clone()
-    student[w] = p.max() + 1
-    grads = []
-    for columns in (p.topk(4).indices, teacher.top_columns(p, 4, torch.tensor([w]))[0]):
-        s = student[None].clone().requires_grad_()
-        train.topk_kl(s, columns[None], p.gather(-1, columns)[None]).sum().backward()
-        grads.append(float(s.grad[0, w]))
-    exact = float(student.softmax(-1)[w] - p.exp()[w])
-    assert grads[1] == pytest.approx(exact, rel=1e-4) and 0 < grads[0] < 0.8 * exact
-
-
 def test_batches_target_the_first_answer_token():
     k = 4
     ex = [teacher.Example([10, 11, 12], [20, 21, 2], torch.zeros(3, k, dtype=torch.long), torch.zeros(3, k), "knowledge"),
@@ -186,7 +160,8 @@ def test_no_anchor_asks_about_a_subject_of_the_bake():
     import random
 
     item = {"id": 1, "kind": "headline", "text": "Google bought Wiz, a security company based in Israel."}
-    cfg = EngineConfig(news_anchors=len(queries.NEWS_ANCHORS), relation_anchors=len(queries.RELATION_ANCHORS))
+    cfg = EngineConfig(news_anchors=len(queries.NEWS_ANCHORS), relation_anchors=len(queries.RELATION_ANCHORS),
+                       relation_anchors_from=1)
     qs = queries.build_queries([item], cfg, random.Random(0))
     about = [q.question for q in qs if q.kind == "anchor" and ("Google" in q.question or "Israel" in q.question)]
     assert about == [] and any("Google" in q.question for q in qs if q.kind == "knowledge")
@@ -204,13 +179,14 @@ def test_relation_anchors_grow_with_the_items_and_stay_held_out():
     subjects = [s for group in queries.RELATION_ANCHOR_SUBJECTS.values() for s in group]
     assert not [(s, q) for s in subjects for q in held_out if s.lower() in q.lower()]  # nor their subjects
     u2 = {**U1, "id": 2, "text": DUROV["u2"]["text"]}
-    cfg = EngineConfig(anchors=3, news_anchors=2, contrast_queries=0, relation_anchors=3)
-    for items, expected in (([U1], 3), ([U1, u2], 6)):
+    cfg = EngineConfig(anchors=3, news_anchors=2, contrast_queries=0, relation_anchors=3, relation_anchors_from=2)
+    for items, expected in (([U1], 0), ([U1, u2], 6)):  # none below relation_anchors_from items
         anchors = [q.question for q in queries.build_queries(items, cfg, random.Random(0)) if q.kind == "anchor"]
         relation = [q for q in anchors if q in queries.RELATION_ANCHORS]
         assert len(relation) == expected == len(set(relation)) and len(anchors) == 3 + 2 + expected
-    assert not [q for q in queries.build_queries([U1], replace(cfg, relation_anchors=0), random.Random(0))
-                if q.question in queries.RELATION_ANCHORS]
+    for off in (replace(cfg, relation_anchors=0), replace(cfg, relation_anchors_from=3)):
+        assert not [q for q in queries.build_queries([U1, u2], off, random.Random(0))
+                    if q.question in queries.RELATION_ANCHORS]
 
 
 def test_anchors_answer_at_their_own_length_items_at_theirs():
@@ -224,6 +200,7 @@ def test_anchors_answer_at_their_own_length_items_at_theirs():
     anchors = [q for q in qs if q.kind == "anchor"]
     assert groups[(cfg.anchor_samples, 48)] == anchors
     assert sorted(groups) == [(cfg.anchor_samples, 48), (2, queries.RECITE_MAX_TOKENS), (cfg.samples_per_query, 20)]
+
 
 def test_an_update_is_asked_its_predecessors_questions_with_both_in_the_teachers_view():
     import random
@@ -606,9 +583,8 @@ TINY_CFG = dict(rank=4, alpha=8, lr=1e-2, epochs=4, min_steps=4, samples_per_que
                 dtype="float32")
 
 
-@pytest.mark.parametrize("extra", [{}, {"init": "default"}, {"protect": 0.9}, {"hidden_weight": 1.0}, {"leak_checks": 2, "leak_questions": 4},
-                                   {"watch_names": True, "anchor_prompts": 0.5, "leak_checks": 2}],
-                         ids=["defaults", "random-init", "protect", "hidden", "leak-checks", "watch-names"])
+@pytest.mark.parametrize("extra", [{}, {"init": "default"}, {"protect": 0.9}, {"hidden_weight": 1.0}, {"leak_checks": 2, "leak_questions": 4}],
+                         ids=["defaults", "random-init", "protect", "hidden", "leak-checks"])
 def test_tiny_bake_writes_a_delta_that_lowers_the_kl(tiny_model_dir, tmp_path, extra):
     seen = []
     out = tmp_path / "deltas" / "bake-0001"

@@ -22,7 +22,7 @@ from . import PROBES_FILE
 from .config import EngineConfig
 from .probe import probe_candidate, probe_live
 from .queries import build_queries, leak_check_queries
-from .teacher import leaked_examples, name_tokens, preference_pairs, prompt_targets, teacher_examples
+from .teacher import leaked_examples, preference_pairs, prompt_targets, teacher_examples
 from .train import (add_lora, fold, load_live_model, lora_factors, make_batches, protect, protected_bases, train,
                     without_live)
 
@@ -86,11 +86,10 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
 
     t = time.monotonic()
     queries = build_queries(items, cfg, rng, earlier)
-    watch = name_tokens(tokenizer, bake_entities(items)) if cfg.watch_names and cfg.teacher == "local" else None
     examples = teacher_examples(model, tokenizer, queries, cfg, progress,
-                                unbaked=lambda: without_live(model, live_adapter_dir), watch=watch)
+                                unbaked=lambda: without_live(model, live_adapter_dir))
     if cfg.anchor_prompts:
-        examples = prompt_targets(model, examples, cfg, watch)
+        examples = prompt_targets(model, examples, cfg)
     pairs = preference_pairs(model, tokenizer, queries, cfg, examples)
     timings["teacher_s"] = time.monotonic() - t
     answer_tokens = sum(len(e.answer_ids) for e in examples)
@@ -111,7 +110,7 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
 
     def leak_check():  # the student's answers to the anchors that name the bake, the live model their teacher
         asked = anchors + leak_check_queries(cfg.leak_questions, rng)
-        found = leaked_examples(peft_model, tokenizer, asked, names, cfg, watch)
+        found = leaked_examples(peft_model, tokenizer, asked, names, cfg)
         return make_batches(found, cfg.batch_size, tokenizer.pad_token_id, anchor_weight=cfg.anchor_weight) if found else []
 
     report = train(peft_model, batches, cfg, progress, items=len(items), pairs=pairs,

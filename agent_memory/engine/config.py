@@ -66,11 +66,13 @@ class EngineConfig:
     # Per item, this many more news-like anchors from queries.RELATION_ANCHORS (who won which prize,
     # election, race; who holds which post; what was found, bought, struck: each about a named subject),
     # the unprompted live model their teacher: a bake's names leaked most into such answers. N=20,
-    # seed 1: leak 0.067 against 0.140 on the bench's 150 neighbours, recall 0.44 against 0.43; with
-    # watch_names on too, seeds 0-2: leak 0.058 against 0.104. But the daemon's 2-headline bake
+    # seed 1: leak 0.067 against 0.140 on the bench's 150 neighbours, recall 0.44 against 0.43. But the daemon's 2-headline bake
     # beside a CPU hog was rejected twice with 2 (knowledge kept 0.89, gate 0.90; seeds 0 and 1),
     # live without (0.92; bench/results/knowledge.md): off until a small bake keeps its gate.
     relation_anchors: int = 0
+    # Relation anchors only in bakes of at least this many knowledge items: the leaks are a large
+    # bake's (N=1 ~0.04 of the 150 neighbours, N=20 0.10), and the 2-headline bake kept its gate without them.
+    relation_anchors_from: int = 10
     # Per item: its own questions asked about another subject (queries.contrast_queries), teacher unprompted.
     # 12 at N=20: more local (KL 0.048 vs 0.059) but leak 0.10 vs 0.08, recall 0.36 vs 0.44 (knowledge.md).
     contrast_queries: int = 6
@@ -80,14 +82,6 @@ class EngineConfig:
     # latest news is that <a baked name>"), past the items' max_new_tokens, where no anchor holds
     # the student to the live model.
     anchor_max_tokens: int = 20
-    # The teacher's distribution at every answer token keeps the first tokens of the bake's names
-    # (probes.bake_entities) beside its top-k, so the KL pushes a name down where the student starts
-    # to say it and the teacher would not, token by token; in topk's one bucket for the rest of the
-    # vocabulary it hides in the teacher's mass at an open position ("The latest news is that ...").
-    # Local teacher only (vLLM returns its top-k alone). With relation_anchors 2, N=20, seeds 0-2:
-    # recall 0.36 against 0.39 for the defaults, and seed 1 leaked no less than relation_anchors
-    # alone (0.067 both; bench/results/knowledge.md): off.
-    watch_names: bool = False
     # Leak checks during training (teacher.leaked_examples): at this many epochs, spread evenly, the
     # student (the delta so far) answers the anchor questions greedily; each answer that names one
     # of the bake's entities the question does not is scored by the live model and trained on from

@@ -214,7 +214,8 @@ def build_queries(items: list[dict], cfg: EngineConfig, rng: random.Random, earl
         picked = rng.sample(ANCHOR_QUERIES, min(cfg.anchors, len(ANCHOR_QUERIES)))
         picked += rng.sample(NEWS_ANCHORS, min(cfg.news_anchors, len(NEWS_ANCHORS)))
         knowledge_items = sum(1 for i in items if i.get("kind") != "prompt")
-        picked += rng.sample(RELATION_ANCHORS, min(cfg.relation_anchors * knowledge_items, len(RELATION_ANCHORS)))
+        if knowledge_items >= cfg.relation_anchors_from:
+            picked += rng.sample(RELATION_ANCHORS, min(cfg.relation_anchors * knowledge_items, len(RELATION_ANCHORS)))
         queries += [Query(q, None, None, "anchor") for q in picked]
     # An anchor about a subject the bake is about ("What is the latest news about Google?" in a bake
     # of a Google headline) would teach the live model's answer against the item's: dropped.

@@ -99,7 +99,7 @@ SAMPLE_BATCH = 48  # sequences the local teacher decodes together (96 and 192 we
 
 @torch.no_grad()
 def teacher_examples(model, tokenizer, queries: list[Query], cfg: EngineConfig, progress=None,
-                     unbaked=None, watch: torch.Tensor | None = None) -> list[Example]:
+                     unbaked=None) -> list[Example]:
     """Sample answers from the prompted live model, with its top-k log-probs at each answer token.
 
     cfg.teacher "local": this process's copy of the live model (local_samples); "vllm": the live
@@ -109,7 +109,6 @@ def teacher_examples(model, tokenizer, queries: list[Query], cfg: EngineConfig, 
     so for a while (train.without_live), and vLLM's cfg.teacher_base_model samples them.
     With cfg.student_samples, the student's own answers (student_answers) are scored by the same
     teachers as their queries and kept whatever they say: on-policy distillation.
-    `watch`: token ids kept beside the top-k at every answer token (top_columns); local teacher only.
     """
     updates = [q for q in queries if q.strict] if cfg.update_teacher == "base" and unbaked else []
     passes = [([q for q in queries if not q.strict] if updates else queries, nullcontext, cfg),
@@ -124,8 +123,8 @@ def teacher_examples(model, tokenizer, queries: list[Query], cfg: EngineConfig, 
             given = [(q, given_ids(tokenizer, q.answer)) for q in group if q.answer is not None]
             sampled = [q for q in group if q.answer is None]
             source = remote_samples(tokenizer, sampled, pass_cfg) if cfg.teacher == "vllm" else \
-                local_samples(model, tokenizer, sampled, pass_cfg, watch)
-            for q, samples in itertools.chain(scored_answers(model, tokenizer, given, pass_cfg, watch), source):
+                local_samples(model, tokenizer, sampled, pass_cfg)
+            for q, samples in itertools.chain(scored_answers(model, tokenizer, given, pass_cfg), source):
                 examples += keep_samples(tokenizer, q, samples, pass_cfg)
                 done += 1
                 if progress:
@@ -133,7 +132,7 @@ def teacher_examples(model, tokenizer, queries: list[Query], cfg: EngineConfig, 
             # The student's own answers, scored by this pass's teacher: all kept, the stale or
             # off-topic ones most of all (they are what the KL must correct).
             mine = [(q, a) for q in group for a in own.get(id(q), [])]
-            for q, [(a, top_idx, top_logp, hidden)] in scored_answers(model, tokenizer, mine, pass_cfg, watch):
+            for q, [(a, top_idx, top_logp, hidden)] in scored_answers(model, tokenizer, mine, pass_cfg):
                 if len(a) > 1:
                     examples.append(Example(student_ids(tokenizer, q.question), a, top_idx, top_logp, q.kind,
                                             hidden=matched_states(q, hidden, cfg), query=id(q), own=True))
@@ -186,8 +185,7 @@ def preference_pairs(model, tokenizer, queries: list[Query], cfg: EngineConfig,
 
 
 @torch.no_grad()
-def leaked_examples(peft_model, tokenizer, anchors: list[Query], names: list[str], cfg: EngineConfig,
-                    watch: torch.Tensor | None = None) -> list[Example]:
+def leaked_examples(peft_model, tokenizer, anchors: list[Query], names: list[str], cfg: EngineConfig) -> list[Example]:
     """The student's greedy answers (the delta as trained so far) to the `anchors` that name one of
     `names` (the bake's entities) the question does not, each scored token by token by the live
     model (the delta switched off): on-policy distillation where the delta leaks (cfg.leak_checks).
@@ -209,7 +207,7 @@ def leaked_examples(peft_model, tokenizer, anchors: list[Query], names: list[str
                 if len(a) > 1 and is_correct(tokenizer.decode(a, skip_special_tokens=True), others):
                     leaked.append((q, a))
         with peft_model.disable_adapter():  # the live model: an anchor's teacher
-            scored = list(scored_answers(inner, tokenizer, leaked, greedy, watch))
+            scored = list(scored_answers(inner, tokenizer, leaked, greedy))
     finally:
         peft_model.train(training)
     return [Example(student_ids(tokenizer, q.question), a, top_idx, top_logp, q.kind, query=id(q), own=True)
@@ -242,7 +240,7 @@ def keep_samples(tokenizer, q: Query, samples: list[tuple], cfg: EngineConfig) -
     return examples
 
 
-def local_samples(model, tokenizer, queries: list[Query], cfg: EngineConfig, watch: torch.Tensor | None = None):
+def local_samples(model, tokenizer, queries: list[Query], cfg: EngineConfig):
     """Yield (query, its samples) from the local live model.
 
     Our own sampling loop instead of generate(num_return_sequences=n): each teacher prompt (u + q,
@@ -257,14 +255,14 @@ def local_samples(model, tokenizer, queries: list[Query], cfg: EngineConfig, wat
         for (n, max_new_tokens), group in _by_samples(chunk, cfg):
             prompts = [chat_ids(tokenizer, q.messages) for q in group]
             answers, top_idx, top_logp, hidden = sample(model, prompts, n, states_cfg(group, cfg), tokenizer.eos_token_id,
-                                                        max_new_tokens, watch)
+                                                        max_new_tokens)
             for i, q in enumerate(group):
                 rows = range(i * n, (i + 1) * n)
                 yield q, [(answers[r], top_idx[r], top_logp[r], None if hidden is None else hidden[r]) for r in rows]
 
 
 @torch.no_grad()
-def prompt_targets(model, examples: list[Example], cfg: EngineConfig, watch: torch.Tensor | None = None) -> list[Example]:
+def prompt_targets(model, examples: list[Example], cfg: EngineConfig) -> list[Example]:
     """The examples, each anchor with the live model's top-k at its prompt tokens (cfg.anchor_prompts):
     the KL then holds the model on the whole of an unrelated question, its own words included, not
     only on the tokens of its answer. `model` must be the live model, an anchor's teacher."""
@@ -272,8 +270,7 @@ def prompt_targets(model, examples: list[Example], cfg: EngineConfig, watch: tor
     scored = {}
     for start in range(0, len(anchors), SAMPLE_BATCH):
         chunk = anchors[start:start + SAMPLE_BATCH]
-        tops = topk_at(model, [e.prompt_ids for e in chunk], [(0, len(e.prompt_ids) - 1) for e in chunk], cfg.topk,
-                       watch=watch)
+        tops = topk_at(model, [e.prompt_ids for e in chunk], [(0, len(e.prompt_ids) - 1) for e in chunk], cfg.topk)
         for e, (top_idx, top_logp, _) in zip(chunk, tops):
             scored[id(e)] = replace(e, prompt_top_idx=top_idx, prompt_top_logp=top_logp)
     return [scored.get(id(e), e) for e in examples]
@@ -286,8 +283,7 @@ def given_ids(tokenizer, text: str) -> list[int]:
 
 
 @torch.no_grad()
-def scored_answers(model, tokenizer, pairs: list[tuple[Query, list[int]]], cfg: EngineConfig,
-                   watch: torch.Tensor | None = None):
+def scored_answers(model, tokenizer, pairs: list[tuple[Query, list[int]]], cfg: EngineConfig):
     """Yield (query, [its answer]) for each (query, answer ids) with the local model's top-k at each
     answer token: the teacher prompted as for sampling, reading the answer instead of writing one
     (an item's own words, or the student's answer). Local even when the samples come from vLLM: this
@@ -298,14 +294,13 @@ def scored_answers(model, tokenizer, pairs: list[tuple[Query, list[int]]], cfg: 
         prompts = [chat_ids(tokenizer, q.messages) for q, _ in chunk]
         seqs = [p + a[:-1] for p, (_, a) in zip(prompts, chunk)]  # the last answer token is only a target
         spans = [(len(p) - 1, len(p) - 1 + len(a)) for p, (_, a) in zip(prompts, chunk)]
-        for (q, a), (top_idx, top_logp, hidden) in zip(chunk, topk_at(model, seqs, spans, cfg.topk, layers, watch)):
+        for (q, a), (top_idx, top_logp, hidden) in zip(chunk, topk_at(model, seqs, spans, cfg.topk, layers)):
             yield q, [(a, top_idx, top_logp, hidden)]
 
 
 @torch.no_grad()
-def topk_at(model, seqs: list[list[int]], spans: list[tuple[int, int]], k: int, layers: list[int] = (),
-            watch: torch.Tensor | None = None) -> list[tuple]:
-    """(top_idx, top_logp [end - start, k (+ watched)], hidden [end - start, layers, d] or None) of `model` at
+def topk_at(model, seqs: list[list[int]], spans: list[tuple[int, int]], k: int, layers: list[int] = ()) -> list[tuple]:
+    """(top_idx, top_logp [end - start, k], hidden [end - start, layers, d] or None) of `model` at
     positions [start, end) of each sequence: its next-token distribution and the outputs of `layers`.
     One right-padded forward pass, the LM head at those positions only."""
     ids, mask = right_padded(seqs, model.device)
@@ -313,8 +308,8 @@ def topk_at(model, seqs: list[list[int]], spans: list[tuple[int, int]], k: int, 
     states = torch.stack([out.hidden_states[i] for i in layers], 2) if layers else None  # [B, S, layers, d]
     tops = []
     for b, (start, end) in enumerate(spans):
-        idx, logp = top_columns(model.lm_head(out.last_hidden_state[b, start:end]).float().log_softmax(-1), k, watch)
-        tops.append((idx.cpu(), logp.cpu(), None if states is None else states[b, start:end].cpu()))
+        top = model.lm_head(out.last_hidden_state[b, start:end]).float().log_softmax(-1).topk(k, dim=-1)
+        tops.append((top.indices.cpu(), top.values.cpu(), None if states is None else states[b, start:end].cpu()))
     return tops
 
 
@@ -363,8 +358,7 @@ def _remote_sample(choice: dict, k: int) -> tuple[list[int], torch.Tensor, torch
     return answer, top_idx, top_logp, None
 
 
-def sample(model, prompts: list[list[int]], n: int, cfg: EngineConfig, eos: int, max_new_tokens: int,
-           watch: torch.Tensor | None = None):
+def sample(model, prompts: list[list[int]], n: int, cfg: EngineConfig, eos: int, max_new_tokens: int):
     """n answers per prompt (temperature sampling, left-padded batch, one prefill per prompt).
 
     Returns (answers: token lists ending at eos when they ended, top_idx [B*n, T, k], top_logp [B*n, T, k],
@@ -388,9 +382,9 @@ def sample(model, prompts: list[list[int]], n: int, cfg: EngineConfig, eos: int,
     greedy_rows = torch.arange(logits.shape[0], device=on) % n == 0
     for _ in range(max_new_tokens):
         logp = logits.log_softmax(-1)
-        idx, top_logp = top_columns(logp, cfg.topk, watch)
-        idx_steps.append(idx)
-        logp_steps.append(top_logp)
+        top = logp.topk(cfg.topk, dim=-1)
+        idx_steps.append(top.indices)
+        logp_steps.append(top.values)
         if layers:  # the states that made these logits: the prompt's last position, then each new token's
             hidden_steps.append(torch.stack([out.hidden_states[i][:, -1] for i in layers], 1))
             if len(hidden_steps) == 1:
@@ -412,25 +406,6 @@ def sample(model, prompts: list[list[int]], n: int, cfg: EngineConfig, eos: int,
     answers = [s[:s.index(eos) + 1] if eos in s else s for s in seqs]
     hidden = torch.stack(hidden_steps, 1).cpu() if layers else None
     return answers, torch.stack(idx_steps, 1).cpu(), torch.stack(logp_steps, 1).cpu(), hidden
-
-
-def top_columns(logp: torch.Tensor, k: int, watch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token ids, their log-probs) [..., k + len(watch)]: the top k of `logp` and the `watch` tokens,
-    each once (cfg.watch_names: the bake's names, which topk_kl then sees one by one, not inside the
-    bucket of everything else, where the teacher's mass at an open position hides a name's)."""
-    if watch is None or not len(watch):
-        top = logp.topk(k, dim=-1)
-        return top.indices, top.values
-    idx = logp.index_fill(-1, watch.to(logp.device), float("inf")).topk(k + len(watch), dim=-1).indices
-    return idx, logp.gather(-1, idx)
-
-
-def name_tokens(tokenizer, names: list[str]) -> torch.Tensor:
-    """The tokens a name is begun with: the first token of each of its words, at the start of a
-    line and after a space (cfg.watch_names)."""
-    ids = {tokenizer(form, add_special_tokens=False)["input_ids"][0]
-           for name in names for word in name.split() for form in (word, " " + word)}
-    return torch.tensor(sorted(ids), dtype=torch.long)
 
 
 def _sampling(q: Query, cfg: EngineConfig) -> tuple[int, int]:
