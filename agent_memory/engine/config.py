@@ -65,13 +65,11 @@ class EngineConfig:
     news_anchors: int = 16
     # Per item, this many more news-like anchors from queries.RELATION_ANCHORS (who won which prize,
     # election, race; who holds which post; what was found, bought, struck: each about a named subject),
-    # the unprompted live model their teacher: a bake's names leaked most into such answers. N=20,
-    # seed 1: leak 0.067 against 0.140 on the bench's 150 neighbours, recall 0.44 against 0.43. But the daemon's 2-headline bake
-    # beside a CPU hog was rejected twice with 2 (knowledge kept 0.89, gate 0.90; seeds 0 and 1),
-    # live without (0.92; bench/results/knowledge.md): off until a small bake keeps its gate.
-    relation_anchors: int = 0
-    # Relation anchors only in bakes of at least this many knowledge items: the leaks are a large
-    # bake's (N=1 ~0.04 of the 150 neighbours, N=20 0.10), and the 2-headline bake kept its gate without them.
+    # the unprompted live model their teacher: a bake's names leak most into such answers. N=20, 3
+    # seeds: leak 0.051 against 0.104 on the bench's 150 neighbours, recall the same (knowledge.md).
+    relation_anchors: int = 2
+    # ... only in bakes of at least this many knowledge items: the leaks are a large bake's, and the
+    # daemon's 2-headline bake beside a CPU hog lost its gate twice with them (knowledge kept 0.89).
     relation_anchors_from: int = 10
     # Per item: its own questions asked about another subject (queries.contrast_queries), teacher unprompted.
     # 12 at N=20: more local (KL 0.048 vs 0.059) but leak 0.10 vs 0.08, recall 0.36 vs 0.44 (knowledge.md).
