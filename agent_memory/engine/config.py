@@ -68,8 +68,8 @@ class EngineConfig:
     # the unprompted live model their teacher: a bake's names leak most into such answers. N=20, 3
     # seeds: leak 0.051 against 0.104 on the bench's 150 neighbours, recall the same (knowledge.md).
     relation_anchors: int = 2
-    # ... only in bakes of at least this many knowledge items: the leaks are a large bake's, and the
-    # daemon's 2-headline bake beside a CPU hog lost its gate twice with them (knowledge kept 0.89).
+    # The relation anchors only in bakes of at least this many knowledge items: the leaks are a large
+    # bake's, and the daemon's 2-headline bake beside a CPU hog lost its gate twice with them.
     relation_anchors_from: int = 10
     # Per item: its own questions asked about another subject (queries.contrast_queries), teacher unprompted.
     # 12 at N=20: more local (KL 0.048 vs 0.059) but leak 0.10 vs 0.08, recall 0.36 vs 0.44 (knowledge.md).
