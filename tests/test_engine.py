@@ -445,6 +445,50 @@ def test_leak_batches_join_training_at_their_check_and_stay(tiny_model_dir):
     assert [c["epoch"] for c in report["curve"]] == [0, 1, 2, 2, 3, 3]
 
 
+def _tiny_training(tiny_model_dir, **cfg_changes):
+    """A tiny model with a seeded delta, its batches and config, for train.train."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = replace(EngineConfig(**TINY_CFG), init="default", topk=8, **cfg_changes)
+    model = train.add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), cfg)
+    g = torch.Generator().manual_seed(0)
+    examples = [teacher.Example(list(range(5, 12)), list(range(20, 20 + n)), torch.randint(0, 100, (n, 8), generator=g),
+                                torch.randn(n, 8, generator=g).log_softmax(-1), "knowledge") for n in (3, 4, 5)]
+    return model, train.make_batches(examples, 8, 0), cfg
+
+
+def test_a_compiled_bake_trains_as_the_eager_one_and_is_eager_after(tiny_model_dir):
+    """compile_from_steps: the MLPs and norms compiled (steps at least the threshold) give the eager
+    steps' losses; after training no module is left compiled (the probes generate eagerly)."""
+    eager_model, batches, cfg = _tiny_training(tiny_model_dir, compile_from_steps=0)
+    eager = train.train(eager_model, batches, cfg, items=1)
+    model, batches, cfg = _tiny_training(tiny_model_dir, compile_from_steps=cfg.min_steps)
+    compiled = train.train(model, batches, cfg, items=1)
+    assert not eager["compiled"] and compiled["compiled"] and compiled["compile_error"] is None
+    assert [c["kl"] for c in compiled["curve"]] == pytest.approx([c["kl"] for c in eager["curve"]], rel=1e-3, abs=1e-5)
+    assert compiled["curve"][-1]["kl"] < compiled["curve"][0]["kl"]
+    assert all(m._compiled_call_impl is None for m in model.modules())
+    _, _, bigger = _tiny_training(tiny_model_dir, compile_from_steps=cfg.min_steps + 1)  # below the threshold: eager
+    assert not train.train(_tiny_training(tiny_model_dir)[0], batches, bigger, items=1)["compiled"]
+
+
+def test_a_bake_whose_compile_fails_trains_eager_and_says_why(tiny_model_dir, monkeypatch):
+    """No working C++ compiler: the bake trains eager, bake.json's compile_error says what failed."""
+    import torch._inductor.config as inductor
+
+    torch._dynamo.reset()  # no compiled graph from an earlier test, in memory
+    monkeypatch.setattr(inductor, "force_disable_caches", True)  # nor on disk
+    monkeypatch.setattr(inductor.cpp, "cxx", (None, "/nonexistent/g++"))
+    model, batches, cfg = _tiny_training(tiny_model_dir, compile_from_steps=1)
+    try:
+        report = train.train(model, batches, cfg, items=1)
+    finally:
+        torch._dynamo.reset()
+    assert not report["compiled"] and "InvalidCxxCompiler" in report["compile_error"]
+    assert report["steps"] == cfg.epochs * len(batches) and report["curve"][-1]["kl"] < report["curve"][0]["kl"]
+    assert all(m._compiled_call_impl is None for m in model.modules())
+
+
 def random_live_adapter(model_dir: Path, out: Path) -> Path:
     """A live adapter with a large random delta on every MLP projection of the model."""
     from transformers import AutoModelForCausalLM

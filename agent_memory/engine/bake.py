@@ -64,6 +64,8 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
         raise ValueError(f"unlearn_weight {cfg.unlearn_weight!r} (0 = off, or more), unlearn_beta {cfg.unlearn_beta!r} (above 0)")
     if cfg.unlearn_from not in ("given", "own", "both"):
         raise ValueError(f"unlearn_from {cfg.unlearn_from!r}: 'given', 'own' or 'both'")
+    if cfg.compile_from_steps < 0:
+        raise ValueError(f"compile_from_steps {cfg.compile_from_steps!r}: 0 (never) or a number of steps")
     if cfg.leak_checks < 0 or cfg.leak_questions < 0:
         raise ValueError(f"leak_checks {cfg.leak_checks!r}, leak_questions {cfg.leak_questions!r}: 0 (off) or more")
     if not items:

@@ -459,6 +459,11 @@ def train(peft_model, batches: list[dict], cfg: EngineConfig, progress=None, ite
     # Each batch carries every len(batches)-th preference pair (unlearn_weight): each pair once an epoch.
     paired = [pairs[i::len(batches)] for i in range(len(batches))]
     checks = leak_check_epochs(epochs, cfg.leak_checks) if leak_check else set()
+    # A large bake's steps with its MLPs and norms compiled; a small one's would not earn the compile back.
+    compiled, compile_error, t = [], None, time.monotonic()
+    if 0 < cfg.compile_from_steps <= total_steps:
+        compiled, compile_error = compile_blocks(peft_model, batches[0], autocast, layers)
+    compiling = time.monotonic() - t
     pool, leaks, checking = list(batches), [], 0.0  # leaks: per check, the leaking answers found
     runs = [0] * len(batches)  # steps each batch of the pool was trained on (the FLOP count)
     peft_model.train()
@@ -503,13 +508,45 @@ def train(peft_model, batches: list[dict], cfg: EngineConfig, progress=None, ite
         if cfg.target_kl is not None and epoch_kl <= cfg.target_kl:
             break  # half-baked on purpose: close enough to the teacher
     peft_model.eval()
+    uncompile(compiled)  # the probes after training generate: eager, no compile for their shapes
     seconds = time.monotonic() - started
     return {"steps": step, "epochs_run": epoch + 1, "train_seconds": round(seconds, 2),
+            "compiled": bool(compiled), "compile_seconds": round(compiling, 2), "compile_error": compile_error,
             "train_tokens": tokens, "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
             "curve": curve, "final_epoch_kl": round(epoch_kl, 5), "leaks_found": leaks,
             "leak_check_seconds": round(checking, 2),
             "train_flops": train_flops(peft_model.config, pool, dict(enumerate(runs)))}
 
+
+
+COMPILED = ("mlp", "input_layernorm", "post_attention_layernorm")
+
+
+def compile_blocks(peft_model, batch: dict, autocast: bool, layers: list[int]) -> tuple[list, str | None]:
+    """Each decoder layer's MLP (its LoRA in it) and norms under torch.compile, their elementwise work
+    fused, then one trial step on `batch` (no optimizer step) to compile the forward and backward up
+    front: (the compiled modules, None), or where compiling fails (no C++ compiler, say) the modules
+    eager again and ([], the error). The attention stays eager: its cache's per-layer state made
+    each layer compile anew (bench/results/knowledge.md: steps and compile time, with and without)."""
+    inner = peft_model.base_model.model.model
+    modules = [getattr(layer, name) for layer in inner.layers for name in COMPILED]
+    for m in modules:
+        m.compile(dynamic=True)
+    try:
+        with disable_input_dtype_casting(peft_model, active=autocast):
+            kl, _ = batch_losses(peft_model, batch, autocast, layers)
+            kl.sum().backward()
+    except Exception as e:  # noqa: BLE001 - any compiler failure: train eager, say why in bake.json
+        uncompile(modules)
+        return [], f"{type(e).__name__}: {e}"[:500]
+    finally:
+        peft_model.zero_grad(set_to_none=True)
+    return modules, None
+
+
+def uncompile(modules: list) -> None:
+    for m in modules:
+        m._compiled_call_impl = None  # what nn.Module.compile() set: calls go to the eager forward again
 
 
 # ----------------------------------------------------------------------------------------------
