@@ -457,6 +457,7 @@ def _tiny_training(tiny_model_dir, **cfg_changes):
     return model, train.make_batches(examples, 8, 0), cfg
 
 
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile needs a C++ compiler on CPU")
 def test_a_compiled_bake_trains_as_the_eager_one_and_is_eager_after(tiny_model_dir):
     """compile_from_steps: the MLPs and norms compiled (steps at least the threshold) give the eager
     steps' losses; after training no module is left compiled (the probes generate eagerly)."""

@@ -150,9 +150,12 @@ class EngineConfig:
     # but a step takes 1.7 s, so a one-fact bake's min_steps would cost twice the time.
     batch_size: int = 16
     # Bakes of at least this many optimizer steps train with each layer's MLP and norms compiled
-    # (train.compile_blocks; 0 = never): steps ~15% faster, after a compile of ~16 s (~5 s with
-    # torch's compile cache warm), which a small bake's few steps would not earn back.
-    compile_from_steps: int = 100
+    # (torch.compile: train.compile_blocks; ~6 s with torch's compile cache warm, ~16 s cold); 0 =
+    # never. 20 facts, 3 seeds, against eager: training 17% faster (454 s against 547, side by
+    # side), trainer peak RSS 3.70-3.90 GiB against 4.02-4.16, kept 0.973 against 0.955, but recall
+    # 0.35 against 0.39 and the 3 shared facts 9 of 36 against 16 (the fused kernels round bf16
+    # otherwise: gradients 5-9% apart; bench/results/knowledge.md): off until it learns as much.
+    compile_from_steps: int = 0
     seed: int = 0
     dtype: str = "auto"  # "bfloat16" (autocast; fast only with AMX/AVX-512 bf16), "float32", or "auto": measured
     # "local": sampled in the trainer; "vllm": from the daemon's vLLM (teacher_url). On 2 CPU cores
