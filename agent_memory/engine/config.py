@@ -153,8 +153,10 @@ class EngineConfig:
     # (torch.compile: train.compile_blocks; ~6 s with torch's compile cache warm, ~16 s cold); 0 =
     # never. 20 facts, 3 seeds, against eager: training 17% faster (454 s against 547, side by
     # side), trainer peak RSS 3.70-3.90 GiB against 4.02-4.16, kept 0.973 against 0.955, but recall
-    # 0.35 against 0.39 and the 3 shared facts 9 of 36 against 16 (the fused kernels round bf16
-    # otherwise: gradients 5-9% apart; bench/results/knowledge.md): off until it learns as much.
+    # 0.35 against 0.39 and the 3 shared facts 9 of 36 against 16 (the fused kernels kept float32
+    # between ops: gradients 5-9% apart). Rounding as eager does (now always), seed 0: 14% more
+    # tokens/s, recall 0.39 (eager 0.35), RSS 3.97 GiB (bench/results/knowledge.md): off until
+    # more seeds and a first bake beside a CPU hog say it learns as much.
     compile_from_steps: int = 0
     seed: int = 0
     dtype: str = "auto"  # "bfloat16" (autocast; fast only with AMX/AVX-512 bf16), "float32", or "auto": measured

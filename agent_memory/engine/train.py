@@ -528,6 +528,11 @@ def compile_blocks(peft_model, batch: dict, autocast: bool, layers: list[int]) -
     front: (the compiled modules, None), or where compiling fails (no C++ compiler, say) the modules
     eager again and ([], the error). The attention stays eager: its cache's per-layer state made
     each layer compile anew (bench/results/knowledge.md: steps and compile time, with and without)."""
+    import torch._inductor.config as inductor
+
+    # Round to bfloat16 after each op as eager does; fused kernels otherwise keep float32 in
+    # between, and those gradients were 5-9% off eager's (bench/results/knowledge.md).
+    inductor.emulate_precision_casts = True
     inner = peft_model.base_model.model.model
     modules = [getattr(layer, name) for layer in inner.layers for name in COMPILED]
     for m in modules:
