@@ -469,8 +469,8 @@ def test_a_compiled_bake_trains_as_the_eager_one_and_is_eager_after(tiny_model_d
     assert [c["kl"] for c in compiled["curve"]] == pytest.approx([c["kl"] for c in eager["curve"]], rel=1e-3, abs=1e-5)
     assert compiled["curve"][-1]["kl"] < compiled["curve"][0]["kl"]
     assert all(m._compiled_call_impl is None for m in model.modules())
-    _, _, bigger = _tiny_training(tiny_model_dir, compile_from_steps=cfg.min_steps + 1)  # below the threshold: eager
-    assert not train.train(_tiny_training(tiny_model_dir)[0], batches, bigger, items=1)["compiled"]
+    below, batches, cfg = _tiny_training(tiny_model_dir, compile_from_steps=cfg.min_steps + 1)  # steps under it: eager
+    assert not train.train(below, batches, cfg, items=1)["compiled"]
 
 
 def test_a_bake_whose_compile_fails_trains_eager_and_says_why(tiny_model_dir, monkeypatch):
