@@ -151,7 +151,7 @@ class EngineConfig:
     batch_size: int = 16
     # Bakes of at least this many optimizer steps train with each layer's MLP and norms compiled
     # (torch.compile: train.compile_blocks; ~6 s with torch's compile cache warm, ~16 s cold); 0 =
-    # never. 20 facts, 3 seeds, against eager: training 17% faster (454 s against 547, side by
+    # never. 20 facts, 3 seeds, against eager: training 13% faster (478 s against 547, side by
     # side), trainer peak RSS 3.70-3.90 GiB against 4.02-4.16, kept 0.973 against 0.955, but recall
     # 0.35 against 0.39 and the 3 shared facts 9 of 36 against 16 (the fused kernels kept float32
     # between ops: gradients 5-9% apart). Rounding as eager does (now always), seed 0: 14% more
