@@ -154,8 +154,8 @@ class EngineConfig:
     # never. 20 facts, 3 seeds, against eager: training 13% faster (478 s against 547, side by
     # side), trainer peak RSS 3.70-3.90 GiB against 4.02-4.16, kept 0.973 against 0.955, but recall
     # 0.35 against 0.39 and the 3 shared facts 9 of 36 against 16 (the fused kernels kept float32
-    # between ops: gradients 5-9% apart). Rounding as eager does (now always), 3 seeds: 14-27%
-    # more tokens/s, RSS 3.97 GiB, recall 0.37 against 0.39, shared facts 12 of 36 against 16,
+    # between ops: gradients 5-9% apart). Rounding as eager does (now always), 3 seeds: 14% more
+    # tokens/s (seed 0), RSS 3.97 GiB, recall 0.37 against 0.39, shared facts 12 of 36 against 16,
     # leak 0.060 against 0.051 (bench/results/knowledge.md): off, not a gain in what is learnt.
     compile_from_steps: int = 0
     seed: int = 0
