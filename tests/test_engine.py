@@ -424,27 +424,6 @@ def test_a_leak_check_trains_on_the_students_answers_that_name_the_bake_scored_b
     assert train.leak_check_epochs(7, 3) == {2, 4, 5} and train.leak_check_epochs(1, 3) == set()
 
 
-def test_leak_batches_join_training_at_their_check_and_stay(tiny_model_dir):
-    """train(): the batches a leak check returns are trained on in every epoch from the check on."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = replace(EngineConfig(**TINY_CFG), init="default", leak_checks=1, topk=8)
-    model = train.add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), cfg)
-
-    def example(n: int, kind: str):
-        return teacher.Example(list(range(5, 12)), list(range(20, 20 + n)), torch.randint(0, 100, (n, 8)),
-                               torch.randn(n, 8).log_softmax(-1), kind)
-
-    batches = train.make_batches([example(4, "knowledge") for _ in range(3)], 8, 0)  # one batch
-    leaked = train.make_batches([example(3, "anchor"), example(2, "anchor")], 8, 0)
-    calls = []
-    report = train.train(model, batches, cfg, items=1, leak_check=lambda: calls.append(1) or leaked)
-    epochs, first = report["epochs_run"], min(train.leak_check_epochs(report["epochs_run"], 1))
-    assert calls == [1] and report["leaks_found"] == [2] and epochs == 4 and first == 2
-    assert report["steps"] == epochs + (epochs - first)  # the items' batch each epoch, the leak batch from epoch 2 on
-    assert [c["epoch"] for c in report["curve"]] == [0, 1, 2, 2, 3, 3]
-
-
 def _tiny_training(tiny_model_dir, **cfg_changes):
     """A tiny model with a seeded delta, its batches and config, for train.train."""
     from transformers import AutoModelForCausalLM
@@ -452,9 +431,25 @@ def _tiny_training(tiny_model_dir, **cfg_changes):
     cfg = replace(EngineConfig(**TINY_CFG), init="default", topk=8, **cfg_changes)
     model = train.add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), cfg)
     g = torch.Generator().manual_seed(0)
-    examples = [teacher.Example(list(range(5, 12)), list(range(20, 20 + n)), torch.randint(0, 100, (n, 8), generator=g),
-                                torch.randn(n, 8, generator=g).log_softmax(-1), "knowledge") for n in (3, 4, 5)]
-    return model, train.make_batches(examples, 8, 0), cfg
+    return model, train.make_batches([_tiny_example(n, "knowledge", g) for n in (3, 4, 5)], 8, 0), cfg
+
+
+def _tiny_example(n: int, kind: str, g: torch.Generator | None = None) -> teacher.Example:
+    """A 7-token prompt and an n-token answer with a random top-8 teacher distribution."""
+    return teacher.Example(list(range(5, 12)), list(range(20, 20 + n)), torch.randint(0, 100, (n, 8), generator=g),
+                           torch.randn(n, 8, generator=g).log_softmax(-1), kind)
+
+
+def test_leak_batches_join_training_at_their_check_and_stay(tiny_model_dir):
+    """train(): the batches a leak check returns are trained on in every epoch from the check on."""
+    model, batches, cfg = _tiny_training(tiny_model_dir, leak_checks=1)  # one batch of 3 item answers
+    leaked = train.make_batches([_tiny_example(3, "anchor"), _tiny_example(2, "anchor")], 8, 0)
+    calls = []
+    report = train.train(model, batches, cfg, items=1, leak_check=lambda: calls.append(1) or leaked)
+    epochs, first = report["epochs_run"], min(train.leak_check_epochs(report["epochs_run"], 1))
+    assert calls == [1] and report["leaks_found"] == [2] and epochs == 4 and first == 2
+    assert report["steps"] == epochs + (epochs - first)  # the items' batch each epoch, the leak batch from epoch 2 on
+    assert [c["epoch"] for c in report["curve"]] == [0, 1, 2, 2, 3, 3]
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile needs a C++ compiler on CPU")
