@@ -155,7 +155,7 @@ class Bakery:
 
     def due(self) -> bool:
         """Enough pending items, some pending and `bake.every` since the last bake, or (`bake.follow_up`)
-        items the last bake went live without learning still pending."""
+        items the last bake left still pending: unlearnt by it (live), or not taken (`bake.max_items`)."""
         pending = self.store.counts_by_status().get(ItemStatus.PENDING, 0)
         if pending == 0:
             return False
@@ -167,10 +167,12 @@ class Bakery:
     def _left_by_last_bake(self) -> bool:
         # The last bake that trained (an empty, skipped or abandoned one after it changes nothing).
         last = self.store.last_bake((BakeStatus.LIVE, BakeStatus.REJECTED, BakeStatus.FAILED))
-        if not last or last["status"] != BakeStatus.LIVE:
+        if not last or last["status"] == BakeStatus.FAILED:
             return False
-        left = ((last["metrics"] or {}).get("requeued") or {}).get(ItemStatus.PENDING) or []
-        return any((self.store.get_item(i) or {}).get("status") == ItemStatus.PENDING for i in left)
+        metrics = last["metrics"] or {}
+        left = (metrics.get("requeued") or {}).get(ItemStatus.PENDING) or []
+        return bool(metrics.get("not_taken")) or \
+            any((self.store.get_item(i) or {}).get("status") == ItemStatus.PENDING for i in left)
 
     def maybe_request(self) -> None:
         """Scheduled job: queue a bake when one is due and none is waiting."""
@@ -221,7 +223,8 @@ class Bakery:
     def _bake(self, bake_id: int) -> None:
         started = time.monotonic()
         self.store.update_bake(bake_id, status=BakeStatus.CLAIMING, started_at=utcnow())
-        items = self.store.claim_pending(self.cfg.bake.max_items, bake_id=bake_id)
+        items = self.store.claim_pending(self._share(), bake_id=bake_id)
+        not_taken = self.store.counts_by_status().get(ItemStatus.PENDING, 0)
         if not items:
             self._finish(bake_id, BakeStatus.EMPTY, reason="no pending items")
             return
@@ -262,12 +265,20 @@ class Bakery:
             bake_id, outcome, version=version.number if version else None, reason=verdict.reason, delta_path=str(self.versions.delta_dir(bake_id)),
             adapter_path=str(self.versions.path(version)) if version else None,
             metrics={"stages": stages, "total_s": round(total, 3), "train": train_report,
-                     "served": served, "live_version": before, "requeued": requeued, **asdict(verdict)},
+                     "served": served, "live_version": before, "requeued": requeued, "not_taken": not_taken,
+                     **asdict(verdict)},
         )
         self._prune_deltas()
         self.events.bake_finished(total)
         log.info("bake %s: %s in %.0f s; live %s", bake_id, outcome, total, self.versions.current())
         self.events.bake_status(f"ready; live {self.versions.current()}; last bake {bake_id} {outcome}")
+
+    def _share(self) -> int:
+        """How many pending items this bake takes: all of them up to `bake.max_items`, else an equal
+        share of them (the bakes after it take the rest at once), so no bake is left with a few."""
+        pending = self.store.counts_by_status().get(ItemStatus.PENDING, 0)
+        bakes = -(-pending // self.cfg.bake.max_items)
+        return -(-pending // bakes) if bakes else self.cfg.bake.max_items
 
     def _settle_items(self, bake_id: int, item_ids: list[int], missed: list) -> dict[str, list[int]]:
         """The bake is live: its items are baked, except those the gate found it did not learn

@@ -90,7 +90,10 @@ class FeedsConfig:
 class BakeConfig:
     min_pending: int = 20  # bake when this many items are pending ...
     every: str = "6h"  # ... or this long after the last bake, whichever comes first
-    max_items: int = 50  # items in one bake
+    # A bake takes at most this many items: a longer queue is shared out in bakes of equal size
+    # (60 items: 30, then 30; not 50, then a lone 10), each started as soon as the one before ends.
+    # (Two stacked bakes of 20 recalled 40 facts no better than one bake of 40: bench/results/knowledge.md.)
+    max_items: int = 50
     # A stage that fails for an infrastructure reason (trainer killed, vLLM restarting or stopped) is
     # tried again this many times, waiting `retry_wait`, then twice that, ...; a bake that still
     # fails puts its items back in the queue, and an item in `max_attempts` failed bakes goes to
@@ -100,7 +103,8 @@ class BakeConfig:
     retry_wait: str = "15s"
     max_attempts: int = 3
     # A live bake that left items unlearnt is followed at once by the next bake (those items' next
-    # try, stacked on it), not `every` later; `max_attempts` bounds the chain.
+    # try, stacked on it), not `every` later; `max_attempts` bounds the chain. So is a bake that left
+    # items in the queue (`max_items`), live or rejected.
     follow_up: bool = True
     # Training settings passed to the engine (agent_memory.engine.config.EngineConfig fields), e.g. rank, lr.
     engine: dict = field(default_factory=dict)

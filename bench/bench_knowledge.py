@@ -1,7 +1,7 @@
 """Per-item recall by batch size, leaks into neighbouring answers, hallucination on controls. Not a test.
 
     .venv/bin/python bench/bench_knowledge.py [--quick] [--seeds 1] [--first-seed 0] [--sizes 1,5,20,40] [--singles 5]
-                                              [--variant NAME=JSON ...] [--scales 1,1.2]
+                                              [--variant NAME=JSON ...] [--scales 1,1.2] [--stacked K]
 
 Data: bench/data/knowledge.json, 40 fictional news facts (so the base model knows none) with held-out
 questions of four kinds each (direct, paraphrase, reverse: from the object back to the subject,
@@ -32,7 +32,7 @@ from pathlib import Path
 from common import PREPARED_MODEL, Locality, Report, context, load_model, log, parser, wilson
 from knowledge import Evaluator, as_item, bake, by_kind, interval, load
 
-from agent_memory import hardware, prompts
+from agent_memory import adapters, hardware, prompts
 
 KINDS = ["direct", "paraphrase", "reverse", "implication"]
 REFERENCE_FACTS = 20
@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="engine settings over the defaults to compare, e.g. 'before={\"steps_per_item\":0}'")
     p.add_argument("--skip-defaults", action="store_true", help="only the --variant settings")
     p.add_argument("--name", default="knowledge", help="results file name (bench/results/NAME.md)")
+    p.add_argument("--stacked", type=int, default=0, metavar="K",
+                   help="bake each N > K as stacked bakes of K facts, each on the ones before (rows 'VARIANT stacked K'): "
+                   "what a daemon with bake.max_items K serves")
     p.add_argument("--scales", default="1", help="each bake's delta also evaluated times these, e.g. 1,1.2,1.4 "
                    "(rows 'VARIANT xS'): a stronger or weaker delta without another bake")
     args = p.parse_args(argv)
@@ -79,15 +82,15 @@ def main(argv: list[str] | None = None) -> int:
                 groups = [[e] for e in shared] if n == 1 else [entries[:n]]
                 measured, costs = {s: ([], []) for s in scales}, []  # scale -> (results, effects)
                 for g, group in enumerate(groups):
-                    out = work / f"{name}-s{seed}-n{n}-{g}"
-                    costs.append(bake([as_item(e) for e in group], out, config))
+                    deltas = stacked_bakes(group, work / f"{name}-s{seed}-n{n}-{g}", config, args.stacked, costs)
                     for s, (results, effects) in measured.items():
-                        model = load_model([out], scale=s)
+                        model = load_model(deltas, scale=s)
                         results += evaluate.recall(model, group)
                         effects.append(evaluate.side_effects(model, [as_item(e) for e in group]) | locality(model))
                         del model
                 for s, (results, effects) in measured.items():
-                    label = name if s == 1 else f"{name} x{s:g}"
+                    label = (name if s == 1 else f"{name} x{s:g}") + \
+                        (f" stacked {args.stacked}" if 0 < args.stacked < n else "")
                     rows.append({"variant": label, "seed": seed, "n": n, "results": results, "effects": effects,
                                  "costs": costs})
                     log(f"{label} seed {seed} N={n}: recall {by_kind(results)}, shared "
@@ -100,6 +103,26 @@ def main(argv: list[str] | None = None) -> int:
     references = reference_rows(evaluate, base, entries[:min(max(sizes), REFERENCE_FACTS)])
     write(report, rows, references, shared, variants, args.seeds)
     return 0
+
+
+def stacked_bakes(group: list[dict], out: Path, config: dict, size: int, costs: list) -> list[Path]:
+    """The group baked in one bake, or (0 < size < its length) in bakes of `size` facts, each on
+    the composition of the ones before (its live model), their facts its earlier items, as the
+    daemon stacks bakes. Returns the deltas, oldest first; each bake's cost goes to `costs`."""
+    if not 0 < size < len(group):
+        costs.append(bake([as_item(e) for e in group], out, config))
+        return [out]
+    deltas: list[Path] = []
+    for start in range(0, len(group), size):
+        live = None
+        if deltas:
+            live = out.with_name(f"{out.name}-live{start}")
+            adapters.compose(deltas, live, max_rank=10**6)  # no compaction: the exact sum
+        part = out.with_name(f"{out.name}-part{start}")
+        costs.append(bake([as_item(e) for e in group[start:start + size]], part, config, live_adapter=live,
+                          earlier=[as_item(e) for e in group[:start]]))
+        deltas.append(part)
+    return deltas
 
 
 def reference_rows(evaluate: Evaluator, base, entries: list[dict]) -> dict[str, list[dict]]:

@@ -283,6 +283,23 @@ def test_a_live_bake_that_left_items_unlearnt_is_followed_by_the_next_bake_at_on
     assert store.get_item(d)["status"] == "pending" and not bakery.due()  # d waits for the schedule
 
 
+def test_a_queue_longer_than_max_items_is_shared_out_in_equal_bakes_one_after_another(quick_retries, store,
+                                                                                       monkeypatch):
+    quick_retries.bake.min_pending, quick_retries.bake.every = 1000, "30d"  # the schedule alone would wait
+    quick_retries.bake.max_items = 4
+    bakery = make_bakery(quick_retries, store, FakeServing())
+    ids = [store.add_item("fact", f"Town number {n} elected a cat.")[0]["id"] for n in range(5)]
+    fake_trainer(bakery, monkeypatch, learns=set())  # rejected: the queue's rest goes next all the same
+    first = bake_now(bakery)
+    assert first["status"] == "rejected" and first["item_ids"] == ids[:3]  # 5 at 4 a bake: 3, then 2; not 4, then 1
+    assert bakery.due()
+    bakery.maybe_request()
+    second = run_queued(bakery)
+    assert second["item_ids"] == ids[3:] and not bakery.due()  # the queue is empty: the chain ends
+    more = [store.add_item("fact", f"Village number {n} opened a port.")[0]["id"] for n in range(4)]
+    assert bake_now(bakery)["item_ids"] == more and not bakery.due()  # 4 at 4: one bake
+
+
 def test_forget_drops_every_live_bake_trained_on_the_item_and_rollback_only_what_a_bake_baked(quick_retries,
                                                                                             store, monkeypatch):
     bakery = make_bakery(quick_retries, store, FakeServing())
