@@ -32,7 +32,7 @@ from pathlib import Path
 from common import PREPARED_MODEL, Locality, Report, context, load_model, log, parser, wilson
 from knowledge import Evaluator, as_item, bake, by_kind, interval, load
 
-from agent_memory import adapters, hardware, prompts
+from agent_memory import hardware, prompts
 
 KINDS = ["direct", "paraphrase", "reverse", "implication"]
 REFERENCE_FACTS = 20
@@ -107,19 +107,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def stacked_bakes(group: list[dict], out: Path, config: dict, size: int, costs: list) -> list[Path]:
     """The group baked in one bake, or (0 < size < its length) in bakes of `size` facts, each on
-    the composition of the ones before (its live model), their facts its earlier items, as the
-    daemon stacks bakes. Returns the deltas, oldest first; each bake's cost goes to `costs`."""
+    the ones before, their facts its earlier items. Returns the deltas, oldest first; each bake's cost goes to `costs`."""
     if not 0 < size < len(group):
         costs.append(bake([as_item(e) for e in group], out, config))
         return [out]
     deltas: list[Path] = []
     for start in range(0, len(group), size):
-        live = None
-        if deltas:
-            live = out.with_name(f"{out.name}-live{start}")
-            adapters.compose(deltas, live, max_rank=10**6)  # no compaction: the exact sum
         part = out.with_name(f"{out.name}-part{start}")
-        costs.append(bake([as_item(e) for e in group[start:start + size]], part, config, live_adapter=live,
+        costs.append(bake([as_item(e) for e in group[start:start + size]], part, config, on=deltas,
                           earlier=[as_item(e) for e in group[:start]]))
         deltas.append(part)
     return deltas

@@ -106,10 +106,7 @@ def grouped(args) -> int:
     for t, group in enumerate(groups, 1):
         items = [as_item(e) for e in group]
         # The live model as the daemon serves it on CPU: the base with every earlier delta merged in (exact).
-        live = work / f"live-{t}"
-        if deltas:
-            adapters.compose(deltas, live, max_rank=10**6)  # no compaction: the exact sum
-        result = bake(items, work / f"delta-{t}", config, live_adapter=live if deltas else None, earlier=baked)
+        result = bake(items, work / f"delta-{t}", config, on=deltas, earlier=baked)
         deltas.append(result["dir"])
         baked += items
         costs.append(result["wall_s"])

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 second = bake(after + mates, work / f"round2-{link}-recomposed-s{seed}", config)
                 deltas = [second["dir"]]
             else:
-                second = bake(after, work / f"round2-{link}-s{seed}", config, live_adapter=first["dir"], earlier=before)
+                second = bake(after, work / f"round2-{link}-s{seed}", config, on=[first["dir"]], earlier=before)
                 deltas = [first["dir"], second["dir"]]
             results = ask(load_model(deltas), tok, pairs)
             recomposed = ", round 1's delta dropped" if args.recompose else ""

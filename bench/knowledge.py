@@ -16,7 +16,7 @@ from pathlib import Path
 
 from common import BENCH, PREPARED_MODEL, log, wilson
 
-from agent_memory import probes
+from agent_memory import adapters, probes
 
 DATA = BENCH / "data"
 TOKENS = 48  # as the gate's item probes: a news answer takes a sentence to get to the point
@@ -32,11 +32,15 @@ def as_item(entry: dict, kind: str = "fact") -> dict:
             "title": None, "source": "bench"}
 
 
-def bake(items: list[dict], out_dir: Path, config: dict, live_adapter: Path | None = None,
-         earlier: list[dict] = ()) -> dict:
-    """One bake through `python -m agent_memory.engine JOB.json`, the daemon's trainer subprocess;
-    returns bake.json plus wall seconds and the trainer's peak RSS (GiB, from wait4)."""
+def bake(items: list[dict], out_dir: Path, config: dict, on: list[Path] = (), earlier: list[dict] = ()) -> dict:
+    """One bake through `python -m agent_memory.engine JOB.json`, the daemon's trainer subprocess,
+    on top of the deltas `on` (its live model: their exact sum, as the daemon stacks bakes); returns
+    bake.json plus wall seconds and the trainer's peak RSS (GiB, from wait4)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    live_adapter = None
+    if on:
+        live_adapter = out_dir.with_name(out_dir.name + "-live")
+        adapters.compose(list(on), live_adapter, max_rank=10**6)  # no compaction: the exact sum
     job = out_dir.with_suffix(".job.json")
     job.write_text(json.dumps({"model_dir": str(PREPARED_MODEL), "live_adapter": str(live_adapter) if live_adapter else None,
                                "items": items, "out_dir": str(out_dir), "config": config, "earlier": list(earlier)}))
