@@ -223,8 +223,9 @@ class Bakery:
     def _bake(self, bake_id: int) -> None:
         started = time.monotonic()
         self.store.update_bake(bake_id, status=BakeStatus.CLAIMING, started_at=utcnow())
-        items = self.store.claim_pending(self._share(), bake_id=bake_id)
-        not_taken = self.store.counts_by_status().get(ItemStatus.PENDING, 0)
+        pending = self.store.counts_by_status().get(ItemStatus.PENDING, 0)
+        items = self.store.claim_pending(self._share(pending), bake_id=bake_id)
+        not_taken = pending - len(items)
         if not items:
             self._finish(bake_id, BakeStatus.EMPTY, reason="no pending items")
             return
@@ -273,10 +274,9 @@ class Bakery:
         log.info("bake %s: %s in %.0f s; live %s", bake_id, outcome, total, self.versions.current())
         self.events.bake_status(f"ready; live {self.versions.current()}; last bake {bake_id} {outcome}")
 
-    def _share(self) -> int:
-        """How many pending items this bake takes: all of them up to `bake.max_items`, else an equal
-        share of them (the bakes after it take the rest at once), so no bake is left with a few."""
-        pending = self.store.counts_by_status().get(ItemStatus.PENDING, 0)
+    def _share(self, pending: int) -> int:
+        """How many of the `pending` items this bake takes: all of them up to `bake.max_items`, else an
+        equal share of them (the bakes after it take the rest at once), so no bake is left with a few."""
         bakes = -(-pending // self.cfg.bake.max_items)
         return -(-pending // bakes) if bakes else self.cfg.bake.max_items
 
