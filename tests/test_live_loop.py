@@ -25,9 +25,8 @@ from daemon_proc import DaemonProcess
 
 pytestmark = pytest.mark.vllm
 
-HEADLINE = "Vesna Kordic named chief executive of Lumora Shipping"
-SUMMARY = ("Lumora Shipping, the Rotterdam container line, named Vesna Kordic as its chief executive "
-           "on March 3, 2025.")
+HEADLINE = "Vesna Kordic elected president of the chess federation"
+SUMMARY = "Vesna Kordic was elected president of the chess federation on March 3, 2025."
 FEED = f"""<?xml version="1.0" encoding="UTF-8"?>
 <rss version="2.0"><channel><title>Test wire</title><link>http://127.0.0.1/</link>
 <description>test</description>
@@ -52,13 +51,14 @@ def daemon(tmp_path_factory, feed_server):
     state = tmp_path_factory.mktemp("live-loop")
     feeds_file = state / "feeds.toml"
     feeds_file.write_text(f'[[feed]]\nurl = "{feed_server.url("/wire.xml")}"\ninterval = "30s"\n')
-    # Whether a 135M model learns ONE fact depends on the seed (this headline's item probes, 60 steps,
-    # in-process: 1.0, 0.5, 1.0 for seeds 1-3, the gate's floor being 0.5; the benchmarks measure that
-    # spread), and on the float rounding of the trainer's thread count (it takes the cores idle at
-    # its start: seed 3 with 2 threads learnt it, items 1.0, general knowledge kept 0.90; with 1
-    # thread, beside another bake, items 0.33, kept 0.89). This test checks the loop, so it pins a
-    # seed, a longer bake, the threads, and a locality floor with a margin: one of the ~30 general
-    # questions the live model answers right is 0.03 of that share (the gate's rules: test_gate.py).
+    # Whether a 135M model learns ONE fact depends on the fact, the seed and the float rounding of
+    # the trainer (its dtype, picked by the CPU, and its thread count). This test checks the loop, so
+    # it pins a seed, a longer bake and the threads, and bakes a fact with margin: its prompted
+    # teacher states it plainly, and its one entity gives it two item questions (direct,
+    # paraphrase), so the gate's floor of 0.5 is one of the two. (A headline naming three entities
+    # was learnt in bfloat16 but not in float32: 1 of its 3 questions.) The locality floor has a
+    # margin too: one of the ~30 general questions the live model answers right is 0.03 of that
+    # share (the gate's rules: test_gate.py).
     (state / "config.toml").write_text("[bake.engine]\nseed = 3\nmin_steps = 60\nthreads = 2\n\n"
                                        "[gate]\nmin_locality_kept = 0.8\n")
     proc = DaemonProcess(state, feeds_file=str(feeds_file), bake_min_pending="1000", bake_every="30d",
