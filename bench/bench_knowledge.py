@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def stacked_bakes(group: list[dict], out: Path, config: dict, size: int, costs: list) -> list[Path]:
     """The group baked in one bake, or (0 < size < its length) in bakes of `size` facts, each on
-    the ones before, their facts its earlier items. Returns the deltas, oldest first; each bake's cost goes to `costs`."""
+    the ones before, their facts its earlier items. Returns the deltas, oldest first; each bake's
+    cost goes to `costs`."""
     if not 0 < size < len(group):
         costs.append(bake([as_item(e) for e in group], out, config))
         return [out]
