@@ -58,6 +58,10 @@ log = logging.getLogger(__name__)
 MODEL_LEASE = "bake"  # the lease row held while the served model changes (a bake, a rollback, a forget)
 # Bakes that ended without going live and may have left a finished delta a retry of the same items re-uses.
 DELTA_REUSABLE = (BakeStatus.FAILED, BakeStatus.ABANDONED)
+# Why an unteachable item (gate.judge_items) is rejected at once: a bake teaches what the prompted model says.
+UNTEACHABLE = ("not learnt by bake {bake}: its teacher, the live model with this item in its prompt, answered none "
+               "of its questions, so no bake can teach it; reword it (who did what, where) and add it again, "
+               "or `agent-memory retry` it")
 REPLAY_POOL = 64  # earlier items a bake job carries for the engine to replay a few of
 SMOKE_PROBES = 8  # item probes asked of the served `memory` after a swap
 
@@ -104,10 +108,12 @@ class Bakery:
         live_deltas = set(self.versions.manifest(current)["deltas"])
         for bake in self.store.unfinished_bakes():
             if bake["id"] in live_deltas:  # killed after the swap, before recording it: it is live
-                answers = [r for r in self.store.probe_results(bake["id"])
-                           if r["probe_set"] == gate_mod.ITEMS and r["model"] == "candidate"]
-                _, missed = gate_mod.judge_items(answers, self._policy(bake).min_item_accuracy)
-                requeued = self._settle_items(bake["id"], bake["item_ids"] or [], missed)
+                answers = {model: [r for r in self.store.probe_results(bake["id"])
+                                   if r["probe_set"] == gate_mod.ITEMS and r["model"] == model]
+                           for model in ("candidate", "teacher")}
+                _, missed, unteachable = gate_mod.judge_items(answers["candidate"], self._policy(bake).min_item_accuracy,
+                                                              answers["teacher"])
+                requeued = self._settle_items(bake["id"], bake["item_ids"] or [], missed, unteachable)
                 self.store.update_bake(bake["id"], status=BakeStatus.LIVE, verdict=BakeStatus.LIVE.verdict,
                                        finished_at=utcnow(), version=current.number,
                                        metrics={**(bake["metrics"] or {}), "requeued": requeued},
@@ -239,9 +245,9 @@ class Bakery:
             with self._stage(bake_id, BakeStatus.TRAINING, stages):
                 train_report, answers = self._retrying(BakeStatus.TRAINING, lambda: self._train(bake_id, items))
             self.store.add_probe_results(bake_id, [
-                {**r, "probe_set": name, "model": model} for model in ("candidate", "live")
-                for name, results in answers[model].items() for r in results])
-            verdict = gate_mod.decide(answers["candidate"], answers["live"], policy)
+                {**r, "probe_set": name, "model": model} for model in ("candidate", "live", "teacher")
+                for name, results in (answers.get(model) or {}).items() for r in results])
+            verdict = gate_mod.decide(answers["candidate"], answers["live"], policy, answers.get("teacher"))
             log.info("bake %s: gate %s: %s", bake_id, "passed" if verdict.passed else "rejected", verdict.reason)
             served = None
             if verdict.passed:
@@ -257,7 +263,7 @@ class Bakery:
 
         outcome = BakeStatus.LIVE if verdict.passed else BakeStatus.REJECTED
         if verdict.passed:
-            requeued = self._settle_items(bake_id, item_ids, verdict.missed)
+            requeued = self._settle_items(bake_id, item_ids, verdict.missed, verdict.unteachable)
         else:
             self.store.mark_items(item_ids, ItemStatus.REJECTED, verdict.reason[:500], bake_id)
             requeued = {}
@@ -280,14 +286,20 @@ class Bakery:
         bakes = -(-pending // self.cfg.bake.max_items)
         return -(-pending // bakes) if bakes else self.cfg.bake.max_items
 
-    def _settle_items(self, bake_id: int, item_ids: list[int], missed: list) -> dict[str, list[int]]:
+    def _settle_items(self, bake_id: int, item_ids: list[int], missed: list, unteachable: list = ()) -> dict[str, list[int]]:
         """The bake is live: its items are baked, except those the gate found it did not learn
         (`missed`), which go back to the queue for the next bake (stacked on this one), until
-        `bake.max_attempts` bakes have left them unlearnt: then `rejected`."""
+        `bake.max_attempts` bakes have left them unlearnt: then `rejected`. An unteachable one (its
+        teacher answered none of its questions: gate.judge_items) is `rejected` at once, with why."""
         missed = [i for i in item_ids if i in missed]
+        unteachable = [i for i in missed if i in unteachable]
         self.store.mark_items([i for i in item_ids if i not in missed], ItemStatus.BAKED, None, bake_id)
-        requeued = self.store.requeue(missed, f"not learnt by bake {bake_id} (live with the items it learnt)",
+        requeued = self.store.requeue([i for i in missed if i not in unteachable],
+                                      f"not learnt by bake {bake_id} (live with the items it learnt)",
                                       self.cfg.bake.max_attempts, final=ItemStatus.REJECTED)
+        if unteachable:
+            self.store.mark_items(unteachable, ItemStatus.REJECTED, UNTEACHABLE.format(bake=bake_id), bake_id)
+            requeued[ItemStatus.REJECTED] = sorted({*requeued.get(ItemStatus.REJECTED, []), *unteachable})
         if missed:
             log.info("bake %s: items %s not learnt: %s", bake_id, missed, requeued)
         return requeued
@@ -361,7 +373,7 @@ class Bakery:
             self._run_trainer(bake_id, items, live)
         report = json.loads((out_dir / "bake.json").read_text())
         answers = json.loads((out_dir / PROBES_FILE).read_text())
-        for results in (*answers["candidate"].values(), *answers["live"].values()):
+        for results in (*answers["candidate"].values(), *answers["live"].values(), *(answers.get("teacher") or {}).values()):
             for r in results:  # scored here: the keyword rule is the daemon's, whatever the trainer ran
                 probes.rescore(r)
         return report, answers

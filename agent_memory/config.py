@@ -114,8 +114,9 @@ class BakeConfig:
 class GateConfig:
     """When a candidate adapter may replace the live one."""
 
-    # An item is learnt when the candidate answers this share of its own probes unprompted; a bake
-    # that learnt none is rejected, one that passes the rest goes live with the items it learnt.
+    # An item is learnt when the candidate answers, unprompted, this share of as many of its own
+    # probes as its teacher (the live model, the item in its prompt) answers; a bake that learnt
+    # none is rejected, one that passes the rest goes live with the items it learnt.
     min_item_accuracy: float = 0.5
     max_regression: float = 0.1  # a registered probe set may fall at most this much
     # Of the general-knowledge questions the live model answers right, the share the candidate still

@@ -31,26 +31,31 @@ class Verdict:
     knowledge: dict = field(default_factory=dict)  # leak, hallucination, stale: candidate and live
     learnt: list = field(default_factory=list)  # ids of the items whose probes the candidate answers
     missed: list = field(default_factory=list)  # ids of the items it does not (back to the queue if it goes live)
+    unteachable: list = field(default_factory=list)  # of `missed`, those whose teacher answered none (not requeued)
 
 
-def decide(candidate: dict[str, list[dict]], live: dict[str, list[dict]], policy: GateConfig) -> Verdict:
+def decide(candidate: dict[str, list[dict]], live: dict[str, list[dict]], policy: GateConfig,
+           teacher: dict[str, list[dict]] | None = None) -> Verdict:
     """`candidate`, `live`: probe set -> scored results (probes.rescore dicts), same probes in the
-    same order for both. Items are judged one by one (judge_items) and the bake must have learnt at
-    least one; no registered set may regress, general knowledge must be kept, the bake must not
-    leak into neighbouring answers, invent answers about unknown subjects or keep answering what its
-    items superseded. Those rules guard the rest of the model, so they hold for the whole bake: a
-    bake that passes them goes live with the items it learnt, and the bakery requeues the others."""
+    same order for both; `teacher`: the item probes' answers of the live model with each item in its
+    prompt ({ITEMS: results}). Items are judged one by one, against what their teacher answers
+    (judge_items), and the bake must have learnt at least one; no registered set may regress,
+    general knowledge must be kept, the bake must not leak into neighbouring answers, invent answers
+    about unknown subjects or keep answering what its items superseded. Those rules guard the rest
+    of the model, so they hold for the whole bake: a bake that passes them goes live with the items
+    it learnt, and the bakery requeues the others."""
     scores = {name: probes.accuracy(results) for name, results in candidate.items() if results}
     live_scores = {name: probes.accuracy(results) for name, results in live.items() if results}
     locality = {}
     if candidate.get(LOCALITY) and live.get(LOCALITY):
         locality = probes.locality_scores(live[LOCALITY], candidate[LOCALITY])
     knowledge = knowledge_scores(candidate, live)
-    learnt, missed = judge_items(candidate.get(ITEMS) or [], policy.min_item_accuracy)
+    learnt, missed, unteachable = judge_items(candidate.get(ITEMS) or [], policy.min_item_accuracy,
+                                              (teacher or {}).get(ITEMS) or [])
     problems = []
     if ITEMS in scores and not learnt:
         problems.append(f"learnt none of its {len(missed)} item(s): item probes answered {scores[ITEMS]:.2f}, "
-                        f"an item needs {policy.min_item_accuracy:.2f} of its own")
+                        f"an item needs {policy.min_item_accuracy:.2f} of those its teacher answers")
     for name, live_score in live_scores.items():
         if name in OWN_RULES or name not in scores:
             continue
@@ -68,21 +73,38 @@ def decide(candidate: dict[str, list[dict]], live: dict[str, list[dict]], policy
     if "stale" in knowledge and knowledge["stale"] > knowledge["live_stale"]:
         problems.append(f"answers the superseded state {knowledge['stale']:.2f} (live {knowledge['live_stale']:.2f})")
     learnt_note = f"learnt {len(learnt)} of {len(learnt) + len(missed)} items, " if missed else ""
+    if unteachable:
+        learnt_note += f"{len(unteachable)} of them unteachable (their teacher answered none of their questions), "
     reason = "; ".join(problems) or (
         f"{learnt_note}items {scores.get(ITEMS, 0):.2f} (live {live_scores.get(ITEMS, 0):.2f}), "
         f"general knowledge kept {locality.get('kept', 1.0):.2f}, leak {knowledge.get('leak', 0):.2f}, no regression")
-    return Verdict(not problems, reason, scores, live_scores, locality, knowledge, learnt, missed)
+    return Verdict(not problems, reason, scores, live_scores, locality, knowledge, learnt, missed, unteachable)
 
 
-def judge_items(results: list[dict], min_share: float) -> tuple[list, list]:
-    """(learnt, missed) item ids: an item is learnt when the candidate answers at least `min_share`
-    of its own probes (`gate.min_item_accuracy`). Results without an item id (a delta trained
-    before probes carried one) are judged together, as the id None."""
+def judge_items(results: list[dict], min_share: float, teacher: list[dict] = ()) -> tuple[list, list, list]:
+    """(learnt, missed, unteachable) item ids. A bake teaches what the prompted live model says
+    (Prompt Baking), so an item is measured against its teacher (`teacher`: that model's answers to
+    the item's probes, the item in its prompt): learnt when the candidate answers at least
+    `min_share` of as many probes as the teacher does (`gate.min_item_accuracy`); of all of them
+    where no teacher answers are given. An item whose teacher answered none of its probes and the
+    candidate none either is unteachable: missed, and no later bake can do better (the bakery does
+    not requeue it). Results without an item id (a delta trained before probes carried one) are
+    judged together, as the id None."""
     hits: dict = defaultdict(list)
     for r in results:
         hits[r.get("item")].append(bool(r["correct"]))
-    learnt = [i for i, h in hits.items() if sum(h) >= min_share * len(h)]
-    return learnt, [i for i in hits if i not in learnt]
+    taught: dict = defaultdict(int)
+    for r in teacher:
+        taught[r.get("item")] += bool(r["correct"])
+    told = {r.get("item") for r in teacher}
+    learnt, unteachable = [], []
+    for i, h in hits.items():
+        answerable = taught[i] if i in told else len(h)
+        if sum(h) >= min_share * answerable and (answerable or any(h) or not min_share):
+            learnt.append(i)
+        elif not answerable:
+            unteachable.append(i)
+    return learnt, [i for i in hits if i not in learnt], unteachable
 
 
 def knowledge_scores(candidate: dict[str, list[dict]], live: dict[str, list[dict]]) -> dict:

@@ -25,7 +25,8 @@ from datetime import datetime
 
 from common import Report, context, feed_items, log, parser, running_daemon
 
-from agent_memory import probes
+from agent_memory import gate, probes
+from agent_memory.config import GateConfig
 
 FICTIONAL = [
     "Harbor town of Keswick Vale opens a solar-powered library",
@@ -87,9 +88,16 @@ def main() -> int:
         bakes = []  # (record, wall s, queue after)
         try:
             result = daemon.cli("bake", "--now", "--wait", "--json", timeout=4 * 3600)
-            record = json.loads(result.stdout) if result.stdout.strip() else {"status": "?", "reason": result.stderr}
+            if result.returncode != 0 and "nothing to bake" in result.stderr:
+                # A new daemon's first bake is due at once (no bake yet): its scheduler took the headlines first.
+                record = follow_up(daemon, after=0)
+            else:
+                record = json.loads(result.stdout) if result.stdout.strip() else {"status": "?", "reason": result.stderr}
+            if len(record.get("item_ids") or []) != len(headlines):
+                log(f"the first bake took {len(record.get('item_ids') or [])} of the {len(headlines)} headlines")
             while True:
                 queue = json.loads(daemon.cli("status", "--json").stdout)["queue"]  # (a follow-up may be under way)
+                record["learnt_by_every_probe"] = every_probe(daemon, record)
                 bakes.append((record, wall_s(record), queue))
                 log(f"bake {len(bakes)}: {record.get('status')}: {record.get('reason')}")
                 recall[f"memory after bake {len(bakes)}"] = ask(daemon, "memory", held_out)
@@ -107,13 +115,16 @@ def main() -> int:
         metrics = record.get("metrics") or {}
         items = len(record.get("item_ids") or [])
         rows.append([items, args.hogs, record.get("status"), wall, f"{len(metrics.get('learnt') or [])} of {items}",
+                     record.get("learnt_by_every_probe"), len(metrics.get("unteachable") or []),
                      (metrics.get("probes") or {}).get("items"), (metrics.get("locality") or {}).get("kept"),
                      (metrics.get("knowledge") or {}).get("leak"),
                      ", ".join(f"{k} {v}" for k, v in sorted(queue.items()) if v)])
     report.table("The bake" + (" and the bakes of what it requeued" if len(bakes) > 1 else ""),
-                 ["items", "CPU hogs", "status", "wall s", "items learnt", "item probes answered", "knowledge kept",
-                  "leak", "queue after"], rows,
-                 note="reasons: " + " / ".join(str(r.get("reason")) for r, _, _ in bakes)
+                 ["items", "CPU hogs", "status", "wall s", "items learnt", "by every probe", "unteachable",
+                  "item probes answered", "knowledge kept", "leak", "queue after"], rows,
+                 note="Items learnt: judged against their teacher (the gate's rule); by every probe: the same "
+                      "answers judged by all of an item's probes (the rule before the teacher's answers). "
+                      "reasons: " + " / ".join(str(r.get("reason")) for r, _, _ in bakes)
                       + f". Engine overrides: `{args.config}`.")
     if held_out:
         report.table("The sample headlines' held-out questions, closed-book (served, greedy)",
@@ -137,6 +148,16 @@ def wall_s(record: dict) -> float | None:
     if not (record.get("started_at") and record.get("finished_at")):
         return None
     return (datetime.fromisoformat(record["finished_at"]) - datetime.fromisoformat(record["started_at"])).total_seconds()
+
+
+def every_probe(daemon, record: dict) -> int | None:
+    """How many of the bake's items its candidate answers at `gate.min_item_accuracy` of all their
+    probes (the teacher's answers left out: gate.judge_items' rule without them)."""
+    if "id" not in record:
+        return None
+    shown = json.loads(daemon.cli("show", str(record["id"]), "--json").stdout)
+    candidate = [r for r in shown["probe_results"] if r["probe_set"] == gate.ITEMS and r["model"] == "candidate"]
+    return len(gate.judge_items(candidate, GateConfig().min_item_accuracy)[0]) if candidate else None
 
 
 def follow_up(daemon, after: int, timeout: float = 4 * 3600) -> dict:

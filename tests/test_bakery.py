@@ -126,10 +126,11 @@ def answer(question, text, right):
     return {"question": question, "expected": "Pim", "answer": text, "correct": right, "score": None}
 
 
-def fake_trainer(bakery, monkeypatch, *, learns=True, failures=()):
+def fake_trainer(bakery, monkeypatch, *, learns=True, failures=(), unteachable=()):
     """Replace the training subprocess: write what it writes (a delta, bake.json, probes.json),
     after raising the given failures one per call. `learns`: True or False for one probe about the
-    bake, or the set of item ids it learns (one probe per item, as the real plan has)."""
+    bake, or the set of item ids it learns (one probe per item, as the real plan has); the teacher
+    answers every item's probe but those of `unteachable`."""
     failures, calls = list(failures), []
 
     def run(bake_id, items, live):
@@ -146,7 +147,11 @@ def fake_trainer(bakery, monkeypatch, *, learns=True, failures=()):
             candidate = [{**answer(f"News {i['id']}?", "Pim" if i["id"] in learns else "No idea", i["id"] in learns),
                           "item": i["id"]} for i in items]
             before = [{**answer(f"News {i['id']}?", "No idea", False), "item": i["id"]} for i in items]
-        (out / "probes.json").write_text(json.dumps({"candidate": {"items": candidate}, "live": {"items": before}}))
+        teacher = [{**answer(q["question"], "No idea" if q.get("item") in unteachable else "Pim",
+                             q.get("item") not in unteachable), **({"item": q["item"]} if "item" in q else {})}
+                   for q in candidate]
+        (out / "probes.json").write_text(json.dumps({"candidate": {"items": candidate}, "live": {"items": before},
+                                                     "teacher": {"items": teacher}}))
     monkeypatch.setattr(bakery, "_run_trainer", run)
     monkeypatch.setattr(bakery, "_check_served", lambda answers: {"served": 1.0})
     monkeypatch.setattr(bakery.versions, "build", lambda deltas, note: _manifest(bakery.versions, deltas))
@@ -259,6 +264,24 @@ def test_a_live_bake_bakes_what_it_learnt_and_requeues_the_rest_until_max_attemp
     assert "2 bakes have not settled it" in store.get_item(b)["status_reason"]
     assert History(store, bakery.versions, bakery).retry(statuses=("rejected",)) == {"requeued": [b]}
     assert bakery.versions.manifest(bakery.versions.current())["deltas"] == [first["id"], second["id"]]
+
+
+def test_an_item_its_teacher_cannot_answer_is_rejected_at_once_with_why(quick_retries, store, monkeypatch):
+    """A bake teaches what the prompted model says: an item whose teacher answered none of its
+    questions is not requeued for bakes that cannot do better; `retry` still takes it back."""
+    bakery = make_bakery(quick_retries, store, FakeServing())
+    a, b, c = (store.add_item("fact", text)[0]["id"] for text in ("Zorvik elected a cat.", "Riverton opens at 9.",
+                                                                   "Oslo saw a comet."))
+    fake_trainer(bakery, monkeypatch, learns={a}, unteachable={b})
+    bake = bake_now(bakery)
+    assert bake["status"] == "live" and (bake["metrics"]["learnt"], bake["metrics"]["unteachable"]) == ([a], [b])
+    assert bake["reason"].startswith("learnt 1 of 3 items, 1 of them unteachable (their teacher answered none")
+    assert bake["metrics"]["requeued"] == {"pending": [c], "rejected": [b]}
+    rejected = store.get_item(b)
+    assert (rejected["status"], rejected["attempts"]) == ("rejected", 0)
+    assert rejected["status_reason"].startswith(f"not learnt by bake {bake['id']}: its teacher, the live model with this item")
+    assert [r["item"] for r in store.probe_results(bake["id"]) if r["model"] == "teacher"] == [a, b, c]
+    assert History(store, bakery.versions, bakery).retry([b]) == {"requeued": [b]}
 
 
 def test_a_live_bake_that_left_items_unlearnt_is_followed_by_the_next_bake_at_once(quick_retries, store,

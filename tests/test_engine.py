@@ -776,8 +776,9 @@ def test_top_generalized_finds_the_top_directions_of_a_dense_solve():
 
 
 def test_the_trainer_answers_the_gates_probes_and_keeps_the_live_answers(tiny_model_dir, tmp_path):
-    """probes.json: every set of the plan answered by the candidate and the live model, the live
-    answers cached per live version and not asked again."""
+    """probes.json: every set of the plan answered by the candidate and the live model, the item
+    probes by the teacher too (the item in its prompt); the live and teacher answers cached per live
+    version and not asked again."""
     plan = {"items": {"probes": probes.item_probes([U1]), "max_tokens": 6},
             "locality": {"probes": probes.locality_probes()[:5], "max_tokens": 4}}
     cache = tmp_path / "probe-cache" / "v0000.json"
@@ -786,13 +787,16 @@ def test_the_trainer_answers_the_gates_probes_and_keeps_the_live_answers(tiny_mo
     answers = json.loads((result.out_dir / PROBES_FILE).read_text())
     for model in ("candidate", "live"):
         assert {k: len(v) for k, v in answers[model].items()} == {"items": len(plan["items"]["probes"]), "locality": 5}
-    assert result.report["live_version"] == "v0000" and len(json.loads(cache.read_text())) == len(plan["items"]["probes"]) + 5
+    assert {k: len(v) for k, v in answers["teacher"].items()} == {"items": len(plan["items"]["probes"])}
+    assert {r["item"] for r in answers["teacher"]["items"]} == {U1["id"]}
+    assert result.report["live_version"] == "v0000" and len(json.loads(cache.read_text())) == 2 * len(plan["items"]["probes"]) + 5
     # The cache holds answers by question; each bake scores them against its own keywords.
     cache.write_text(json.dumps({k: ["cached Le Bourget", s] for k, (_, s) in json.loads(cache.read_text()).items()}))
     again = bake(tiny_model_dir, None, [U1], tmp_path / "d2", EngineConfig(**TINY_CFG),
                  probe_plan=plan, live_cache=cache)
-    live = json.loads((again.out_dir / PROBES_FILE).read_text())["live"]
-    assert {r["answer"] for results in live.values() for r in results} == {"cached Le Bourget"}
+    again_answers = json.loads((again.out_dir / PROBES_FILE).read_text())
+    live = again_answers["live"]
+    assert {r["answer"] for results in (*live.values(), *again_answers["teacher"].values()) for r in results} == {"cached Le Bourget"}
     assert [r["correct"] for r in live["items"]] == ["Bourget" in p["answers"] or "Le Bourget" in p["answers"]
                                                      for p in plan["items"]["probes"]]
 

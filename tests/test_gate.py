@@ -24,7 +24,7 @@ def test_each_rule_rejects_with_its_reason():
             "locality": results(True, True, True, True)}
     unlearnt = {**live, "items": results(True, False, False)}
     assert gate.decide(unlearnt, live, GateConfig()).reason == \
-        "learnt none of its 1 item(s): item probes answered 0.33, an item needs 0.50 of its own"
+        "learnt none of its 1 item(s): item probes answered 0.33, an item needs 0.50 of those its teacher answers"
     regressed = {**live, "items": results(True), "durov": results(True, True, False, False)}
     assert gate.decide(regressed, live, GateConfig()).reason == "probe set 'durov' fell from 1.00 to 0.50"
     forgetful = {**live, "items": results(True), "locality": results(True, True, True, False)}
@@ -49,6 +49,22 @@ def test_items_are_judged_one_by_one_and_a_bake_that_learnt_any_goes_live_with_t
     # The guards hold for the whole bake: a leak rejects it, whatever it learnt.
     leaky = {**candidate, "neighbours": answered("Zorvik!", expected="Zorvik")}
     assert not gate.decide(leaky, {**live, "neighbours": answered("Rain.", expected="Zorvik")}, GateConfig()).passed
+
+
+def test_items_are_judged_against_what_their_teacher_answers():
+    """The teacher (the live model with the item in its prompt) answering one of three questions is
+    all a bake can teach: one of three is then learnt; an item neither answers is unteachable."""
+    live = {"items": item_results((False, False, False), (False, False), (False, False), (False, False))}
+    teacher = {"items": item_results((False, False, True), (False, False), (False, False), (True, True))}
+    candidate = {"items": item_results((True, False, False), (False, False), (True, False), (True, False))}
+    verdict = gate.decide(candidate, live, GateConfig(), teacher)
+    # 10: one, as many as its teacher; 11: neither answers; 12: more than its silent teacher; 13: one of its two.
+    assert (verdict.learnt, verdict.missed, verdict.unteachable) == ([10, 12, 13], [11], [11])
+    assert verdict.reason.startswith("learnt 3 of 4 items, 1 of them unteachable")
+    assert gate.decide(candidate, live, GateConfig(min_item_accuracy=0), teacher).learnt == [10, 11, 12, 13]
+    # Without the teacher's answers (a delta from before they were asked) every probe counts.
+    old = gate.decide(candidate, live, GateConfig())
+    assert (old.learnt, old.missed, old.unteachable) == ([12, 13], [10, 11], [])
 
 
 def test_locality_counts_only_questions_the_live_model_knew():

@@ -139,7 +139,7 @@ def test_rejected_bake_leaves_live_untouched(daemon):
     rejected = [i for i in queue(daemon) if i["text"] == SECOND_FACT]
     assert rejected[0]["status"] == "rejected" and rejected[0]["status_reason"]
     probed = httpx.get(f"{daemon.api}/v1/bakes/{record['id']}", headers=daemon.headers).json()["probe_results"]
-    assert {(r["probe_set"], r["model"]) for r in probed} >= {("items", "candidate"), ("durov", "live")}
+    assert {(r["probe_set"], r["model"]) for r in probed} >= {("items", "candidate"), ("items", "teacher"), ("durov", "live")}
     assert {r["item"] for r in probed if r["probe_set"] == "items"} == {rejected[0]["id"]}  # judged per item
 
 

@@ -19,8 +19,9 @@ Read in this order (torch only from teacher.py on; this package and config.py ne
   5. train.py   train: AdamW, bf16 where the CPU is fast at it (hardware.py), length-sorted
                 batches, early stop at a target KL (and the FLOP accounting)
   6. probe.py   the gate's questions (gate.probe_plan), answered greedily by the live model (before
-                training) and the candidate (the new delta merged in): here, where the model already
-                sits in memory, not through the model server (the gate decides on the answers, gate.py)
+                training; the item questions also with each item in its prompt: the teacher) and
+                the candidate (the new delta merged in): here, where the model already sits in
+                memory, not through the model server (the gate decides on the answers, gate.py)
   7. bake.py    the stages in order; delta + bake.json + probes.json saved into OUT.partial,
                 renamed to OUT at the very end
   __main__.py   `python -m agent_memory.engine JOB.json` runs one bake from a job file (the

@@ -82,8 +82,8 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
     timings["load_s"] = time.monotonic() - t0
 
     t = time.monotonic()
-    live_answers = probe_live(model, tokenizer, probe_plan, Path(live_cache) if live_cache else None) \
-        if probe_plan else None
+    live_answers, teacher_answers = probe_live(model, tokenizer, probe_plan, Path(live_cache) if live_cache else None,
+                                               items, cfg.memory_style) if probe_plan else (None, None)
     timings["probe_live_s"] = time.monotonic() - t
 
     t = time.monotonic()
@@ -121,8 +121,8 @@ def bake(model_dir, live_adapter_dir, items: list[dict], out_dir, cfg: EngineCon
     timings["train_s"] = time.monotonic() - t
 
     t = time.monotonic()
-    answers = {"candidate": probe_candidate(peft_model, tokenizer, probe_plan, progress), "live": live_answers} \
-        if probe_plan else None
+    answers = {"candidate": probe_candidate(peft_model, tokenizer, probe_plan, progress), "live": live_answers,
+               "teacher": teacher_answers} if probe_plan else None
     timings["probe_s"] = time.monotonic() - t + timings["probe_live_s"]
 
     flops = report.pop("train_flops")
